@@ -1,0 +1,5 @@
+import sys
+
+from vodpush.cli import main
+
+sys.exit(main())

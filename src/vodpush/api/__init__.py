@@ -1,0 +1,1 @@
+"""The HTTP side: the ScaleEngine-compatible endpoint, health and metrics."""

@@ -1,0 +1,105 @@
+"""The Starlette application."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vodpush.api.dispatch import Unreadable, handle
+from vodpush.protocol.envelope import Code, failure
+from vodpush.service import Service
+
+API_PATHS = ("/stable/", "/dev/", "/", "/stable", "/dev")
+
+
+class _Refusal(Exception):
+    def __init__(self, http_status: int, message: str) -> None:
+        self.http_status = http_status
+        self.message = message
+
+
+class _Json(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Refusal(413, f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Refusal(413, f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # let request.form() re-read what we consumed
+    return body
+
+
+async def _json_field(request: Request, limit: int) -> str:
+    body = await _read_body(request, limit)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        text = _decode(body)
+    elif content_type == "multipart/form-data":
+        form = await request.form(max_files=0, max_fields=100)
+        values = form.getlist("json")
+        await form.close()
+        if len(values) != 1 or not isinstance(values[0], str):
+            raise _Refusal(400, "send exactly one form field named 'json'")
+        text = values[0]
+    else:
+        # application/x-www-form-urlencoded, and clients that send no content type.
+        fields = parse_qs(_decode(body), keep_blank_values=True, max_num_fields=100)
+        values = fields.get("json", [])
+        if len(values) != 1:
+            raise _Refusal(400, "send exactly one form field named 'json'")
+        text = values[0]
+    if not text.strip():
+        raise _Refusal(400, "the json field is empty")
+    return text
+
+
+def _decode(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Refusal(400, "the request body is not UTF-8") from exc
+
+
+def create_app(service: Service) -> Starlette:
+    limit = service.settings.max_body_bytes
+
+    async def api(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            raw = await _json_field(request, limit)
+            envelope = await run_in_threadpool(handle, service, raw, started)
+        except (_Refusal, Unreadable, ValueError) as exc:
+            status = exc.http_status if isinstance(exc, _Refusal) else 400
+            message = exc.message if isinstance(exc, _Refusal) else str(exc)
+            return _Json(
+                failure(Code.MISSING_FIELDS, message, time.perf_counter() - started),
+                status_code=status,
+            )
+        return _Json(envelope)
+
+    async def healthz(request: Request) -> Response:
+        return _Json({"status": "ok"})
+
+    routes = [Route(path, api, methods=["POST"]) for path in API_PATHS]
+    routes.append(Route("/healthz", healthz, methods=["GET"]))
+    app = Starlette(routes=routes)
+    app.state.service = service
+    return app

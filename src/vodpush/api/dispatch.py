@@ -1,0 +1,79 @@
+"""From the text of the ``json`` field to the response envelope: parse, authenticate, run
+the command. Runs in a worker thread (it does blocking database I/O)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from vodpush.commands import COMMANDS, CommandContext
+from vodpush.protocol.auth import authenticate
+from vodpush.protocol.envelope import ApiError, Code, failure, success
+from vodpush.protocol.fields import require
+from vodpush.protocol.signing import MissingSignature, SignedRequest, split_signed_request
+from vodpush.service import Service
+
+log = logging.getLogger(__name__)
+
+
+class Unreadable(Exception):
+    """No command could be read at all: answered with HTTP 400."""
+
+
+def parse(raw: str) -> SignedRequest:
+    try:
+        return split_signed_request(raw)
+    except MissingSignature:
+        raise
+    except ValueError as exc:
+        raise Unreadable(str(exc)) from exc
+
+
+def handle(service: Service, raw: str, started: float) -> dict[str, Any]:
+    command = None
+    account_id = None
+    try:
+        try:
+            signed = parse(raw)
+        except MissingSignature as exc:
+            raise ApiError(Code.MISSING_FIELDS, "missing required field(s): signature") from exc
+        command = signed.payload.get("command")
+        require(signed.payload, ("command",))
+        handler = COMMANDS.get(command) if isinstance(command, str) else None
+        if handler is None:
+            raise ApiError(Code.UNKNOWN_COMMAND, f"unrecognized API command: {command!r}")
+        account = authenticate(signed, service.accounts, window=service.settings.timestamp_window)
+        account_id = account.id
+        ctx = CommandContext(
+            account=account,
+            signature=signed.signature,
+            settings=service.settings,
+            requests=service.requests,
+        )
+        message, data = handler(ctx, signed.payload)
+        return success(message, data, time.perf_counter() - started)
+    except ApiError as exc:
+        log.info(
+            "command refused",
+            extra={
+                "action": "api.refused",
+                "command": command,
+                "account_id": account_id,
+                "code": exc.code.value,
+                "reason": exc.message,
+            },
+        )
+        return failure(exc.code, exc.message, time.perf_counter() - started)
+    except Unreadable:
+        raise
+    except Exception:
+        log.exception(
+            "command failed",
+            extra={"action": "api.error", "command": command, "account_id": account_id},
+        )
+        return failure(
+            Code.SERVER_ERROR,
+            "unexpected server error; the request was not processed",
+            time.perf_counter() - started,
+        )

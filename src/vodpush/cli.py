@@ -1,0 +1,250 @@
+"""The ``vodpush`` command: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from vodpush import logs
+from vodpush.config import Settings, load_settings
+from vodpush.persistence.accounts import AccountError, S3Settings
+from vodpush.service import Service
+
+
+class UserError(click.ClickException):
+    """Shown as ``error: ...`` on stderr with exit code 1, no traceback."""
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"VODPUSH_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise UserError(f"bad configuration: {problems}") from exc
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _open_service() -> Service:
+    try:
+        return Service.open(_settings())
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's user-facing errors into clean CLI errors."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AccountError as exc:
+            raise UserError(str(exc)) from exc
+
+    return wrapper
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """vodpush: a ScaleEngine-compatible service that pushes VOD files to S3."""
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on [VODPUSH_HOST, 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port to listen on [VODPUSH_PORT, 8080].")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the API until interrupted."""
+    from vodpush.server import run_server
+
+    settings = _settings()
+    logs.configure(settings.log_level)
+    service = _open_service()
+    run_server(
+        service,
+        host=host or settings.host,
+        port=port or settings.port,
+    )
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply database migrations (serve and worker do this on start too)."""
+    service = _open_service()
+    service.close()
+    click.echo("database is up to date")
+
+
+@cli.command()
+def keygen() -> None:
+    """Print a new key for VODPUSH_SECRET_KEY."""
+    from vodpush.crypto import generate_key
+
+    click.echo(generate_key())
+
+
+@cli.command("config")
+def show_config() -> None:
+    """Print the effective settings (secrets masked)."""
+    _print_json(_settings().public_dict())
+
+
+# -- accounts ----------------------------------------------------------------------------
+
+
+@cli.group()
+def account() -> None:
+    """Manage API accounts (operator)."""
+
+
+def _s3_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--s3-endpoint", help="S3 endpoint URL (default: boto3's own)."),
+        click.option("--s3-region", help="S3 region."),
+        click.option("--s3-access-key-id", help="S3 access key id."),
+        click.option(
+            "--s3-secret-access-key",
+            envvar="VODPUSH_S3_SECRET_ACCESS_KEY",
+            help="S3 secret key (or VODPUSH_S3_SECRET_ACCESS_KEY, to keep it out of history).",
+        ),
+        click.option(
+            "--s3-sse", type=click.Choice(["AES256", "aws:kms"]), help="Server-side encryption."
+        ),
+        click.option("--s3-sse-kms-key-id", help="KMS key id, with --s3-sse aws:kms."),
+        click.option(
+            "--s3-checksums/--no-s3-checksums",
+            default=True,
+            help="Send S3 checksums (turn off for stores that reject the headers).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _s3_from(kwargs: dict[str, Any]) -> S3Settings:
+    return S3Settings(
+        endpoint_url=kwargs["s3_endpoint"],
+        region=kwargs["s3_region"],
+        access_key_id=kwargs["s3_access_key_id"],
+        secret_access_key=kwargs["s3_secret_access_key"],
+        sse=kwargs["s3_sse"],
+        sse_kms_key_id=kwargs["s3_sse_kms_key_id"],
+        checksums=kwargs["s3_checksums"],
+    )
+
+
+@account.command("create")
+@click.option("--cdn", type=click.IntRange(min=1), required=True, help="ScaleEngine CDN id.")
+@click.option("--username", required=True, help="User whose sestore directories it reads.")
+@_s3_options
+@user_errors
+def account_create(cdn: int, username: str, **kwargs: Any) -> None:
+    """Create an account; prints its api_key and api_secret (shown only now)."""
+    service = _open_service()
+    _print_json(service.accounts.create(cdn=cdn, username=username, s3=_s3_from(kwargs)))
+
+
+@account.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def account_list(as_json: bool) -> None:
+    """List accounts (never their secrets)."""
+    service = _open_service()
+    accounts = [a.public() for a in service.accounts.list()]
+    if as_json:
+        _print_json(accounts)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "cdn", "username", "api_key", "enabled", "s3 endpoint", "sse")
+    for a in accounts:
+        table.add_row(
+            str(a["id"]),
+            str(a["cdn"]),
+            a["username"],
+            a["api_key"],
+            "yes" if a["enabled"] else "no",
+            a["s3_endpoint_url"] or "(default)",
+            a["s3_sse"] or "",
+        )
+    Console().print(table)
+
+
+@account.command("disable")
+@click.argument("ref")
+@user_errors
+def account_disable(ref: str) -> None:
+    """Disable an account (REF: api_key, id or cdn/username); its calls get code 0005."""
+    _print_json(_open_service().accounts.set_enabled(ref, False).public())
+
+
+@account.command("enable")
+@click.argument("ref")
+@user_errors
+def account_enable(ref: str) -> None:
+    """Enable a disabled account."""
+    _print_json(_open_service().accounts.set_enabled(ref, True).public())
+
+
+@account.command("rotate-secret")
+@click.argument("ref")
+@user_errors
+def account_rotate(ref: str) -> None:
+    """Give an account a new api_secret (printed once); the old one stops working."""
+    _print_json(_open_service().accounts.rotate_secret(ref))
+
+
+@account.command("set-s3")
+@click.argument("ref")
+@_s3_options
+@user_errors
+def account_set_s3(ref: str, **kwargs: Any) -> None:
+    """Replace an account's S3 settings (options left out are cleared)."""
+    _print_json(_open_service().accounts.set_s3(ref, _s3_from(kwargs)).public())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code instead of exiting, for tests."""
+    try:
+        cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="vodpush",
+            standalone_mode=False,
+        )
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""API commands. Each takes the authenticated context and the signed payload, and returns
+(message, data) or raises ApiError."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vodpush.commands.context import CommandContext
+from vodpush.commands.status import aws_status
+from vodpush.commands.upload import aws_upload
+
+Handler = Callable[[CommandContext, dict[str, Any]], tuple[str, Any]]
+
+COMMANDS: dict[str, Handler] = {
+    "aws.upload": aws_upload,
+    "aws.status": aws_status,
+}
+
+__all__ = ["COMMANDS", "CommandContext", "Handler"]

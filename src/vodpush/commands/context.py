@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vodpush.config import Settings
+from vodpush.persistence.accounts import AccountRecord
+from vodpush.persistence.requests import RequestStore
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """What a command may use: the caller's account, the request's signature, the stores."""
+
+    account: AccountRecord
+    signature: str
+    settings: Settings
+    requests: RequestStore

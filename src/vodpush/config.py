@@ -1,0 +1,98 @@
+"""One typed settings object: environment (``VODPUSH_*``) over an optional TOML file over
+defaults. S3 credentials are not here: boto3 reads its own ``AWS_*`` variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from sqlalchemy.engine import make_url
+
+CONFIG_FILE_ENV = "VODPUSH_CONFIG"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VODPUSH_", extra="forbid")
+
+    database_url: str = "sqlite:///./vodpush.db"
+    sestore_root: Path = Path("./sestore")
+    # Fernet key (urlsafe base64, 32 bytes) that encrypts secrets at rest. When unset, one
+    # is generated into ``secret_key_file`` on first run.
+    secret_key: SecretStr | None = None
+    secret_key_file: Path = Path("./vodpush.key")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    timestamp_window: int = Field(default=300, ge=1, description="allowed clock skew, seconds")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    status_max_limit: int = Field(default=1000, ge=1)
+    log_level: str = "info"
+
+    # Worker
+    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    lease_seconds: int = Field(default=60, ge=5)
+    poll_interval: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_delay: float = Field(default=2.0, ge=0)
+    retry_max_delay: float = Field(default=300.0, ge=0)
+    multipart_threshold: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_chunksize: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    part_concurrency: int = Field(default=8, ge=1, le=64)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+
+    # Callbacks
+    callback_timeout: float = Field(default=10.0, gt=0)
+    callback_allow_private: bool = False
+    # Delays (seconds) before each retry of a failed delivery: hours, not seconds.
+    callback_schedule: list[float] = Field(
+        default_factory=lambda: [10, 60, 300, 1800, 3600, 7200, 14400, 28800]
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        if value.startswith("postgresql://"):
+            # Use psycopg 3, the driver we ship, rather than SQLAlchemy's psycopg2 default.
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings for display: secrets masked."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as "**********"
+        data["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,104 @@
+"""The database schema. Alembic migrations in ``migrations/versions`` must produce exactly
+this (a test compares them)."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# BIGINT on PostgreSQL, but INTEGER on SQLite, where only INTEGER PRIMARY KEY auto-increments.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class State(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (UniqueConstraint("cdn", "username"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cdn: Mapped[int] = mapped_column(Integer, nullable=False)
+    username: Mapped[str] = mapped_column(String(64), nullable=False)
+    api_key: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    api_secret_enc: Mapped[str] = mapped_column(Text, nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    # Per-account S3 settings; NULL means boto3's own defaults (AWS_* environment).
+    s3_endpoint_url: Mapped[str | None] = mapped_column(Text)
+    s3_region: Mapped[str | None] = mapped_column(String(64))
+    s3_access_key_id: Mapped[str | None] = mapped_column(String(256))
+    s3_secret_access_key_enc: Mapped[str | None] = mapped_column(Text)
+    s3_sse: Mapped[str | None] = mapped_column(String(16))
+    s3_sse_kms_key_id: Mapped[str | None] = mapped_column(String(2048))
+    s3_checksums: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+class UploadRequest(Base):
+    __tablename__ = "upload_requests"
+    __table_args__ = (
+        # aws.status: an account's requests, newest first.
+        Index("ix_upload_requests_account_id_id", "account_id", "id"),
+        # Claiming: queued requests in order of when they may run.
+        Index("ix_upload_requests_state_not_before", "state", "not_before"),
+        # Replay protection: one request per accepted signature.
+        UniqueConstraint("account_id", "signature"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), nullable=False)
+    cdn_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    destination_path: Mapped[str] = mapped_column(Text, nullable=False)
+    bucket: Mapped[str] = mapped_column(String(255), nullable=False)
+    acl: Mapped[str] = mapped_column(String(32), nullable=False)
+    metadata_json: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
+    callback: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    signature: Mapped[str] = mapped_column(String(128), nullable=False)
+
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default=State.QUEUED)
+    message: Mapped[str] = mapped_column(Text, nullable=False, default="Queued")
+    results_json: Mapped[str | None] = mapped_column(Text)
+    http_status: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+    # Queue bookkeeping
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    not_before: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64))

@@ -1,0 +1,125 @@
+"""Upload requests as the API sees them: queue one, read an account's requests back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, Row, select, text
+from sqlalchemy.exc import IntegrityError
+
+from vodpush.persistence.accounts import utcnow
+from vodpush.persistence.db import write_transaction
+from vodpush.persistence.models import State, UploadRequest
+
+# Workers LISTEN on this channel (PostgreSQL) to pick new requests up at once.
+QUEUE_CHANNEL = "vodpush_queue"
+
+_T = UploadRequest.__table__
+
+# The columns aws.status shows; selected explicitly so listing stays a narrow index scan.
+STATUS_COLUMNS = (
+    _T.c.id,
+    _T.c.cdn_id,
+    _T.c.path,
+    _T.c.destination_path,
+    _T.c.bucket,
+    _T.c.metadata_json,
+    _T.c.acl,
+    _T.c.callback,
+    _T.c.message,
+    _T.c.results_json,
+    _T.c.created_at,
+    _T.c.updated_at,
+    _T.c.http_status,
+    _T.c.state,
+    _T.c.attempts,
+    _T.c.bytes_done,
+    _T.c.bytes_total,
+    _T.c.sha256,
+    _T.c.error_code,
+)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    account_id: int
+    cdn_id: int
+    path: str
+    destination_path: str
+    bucket: str
+    acl: str
+    metadata: dict[str, str]
+    callback: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    id: int
+    replayed: bool  # True when this exact signed request had been queued before
+
+
+class RequestStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._is_postgres = engine.dialect.name == "postgresql"
+
+    def enqueue(self, new: NewRequest) -> Enqueued:
+        """Queue a request once per signature: a replay returns the first request's id."""
+        now = utcnow()
+        values = {
+            "account_id": new.account_id,
+            "cdn_id": new.cdn_id,
+            "path": new.path,
+            "destination_path": new.destination_path,
+            "bucket": new.bucket,
+            "acl": new.acl,
+            "metadata_json": json.dumps(new.metadata, ensure_ascii=False),
+            "callback": new.callback,
+            "signature": new.signature,
+            "state": State.QUEUED.value,
+            "message": "Queued",
+            "http_status": 0,
+            "attempts": 0,
+            "bytes_done": 0,
+            "created_at": now,
+            "updated_at": now,
+            "not_before": now,
+        }
+        try:
+            with write_transaction(self._engine) as conn:
+                request_id = conn.execute(
+                    _T.insert().values(**values).returning(_T.c.id)
+                ).scalar_one()
+                if self._is_postgres:
+                    conn.execute(text(f"NOTIFY {QUEUE_CHANNEL}"))
+        except IntegrityError:
+            existing = self._by_signature(new.account_id, new.signature)
+            if existing is None:
+                raise
+            return Enqueued(id=existing, replayed=True)
+        return Enqueued(id=request_id, replayed=False)
+
+    def _by_signature(self, account_id: int, signature: str) -> int | None:
+        with self._engine.connect() as conn:
+            return conn.execute(
+                select(_T.c.id).where(_T.c.account_id == account_id, _T.c.signature == signature)
+            ).scalar()
+
+    def list_for_account(
+        self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
+    ) -> Sequence[Row[Any]]:
+        """An account's requests, newest first; never another account's."""
+        query = select(*STATUS_COLUMNS).where(_T.c.account_id == account_id)
+        if request_id is not None:
+            query = query.where(_T.c.id == request_id)
+        query = query.order_by(_T.c.id.desc()).limit(limit).offset(offset)
+        with self._engine.connect() as conn:
+            return conn.execute(query).all()
+
+    def get(self, request_id: int) -> Row[Any] | None:
+        with self._engine.connect() as conn:
+            return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()

@@ -1,0 +1,1 @@
+"""The wire protocol: request parsing, signing and the response envelope."""

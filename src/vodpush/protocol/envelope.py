@@ -1,0 +1,47 @@
+"""The response envelope shared by every command, and the API's failure codes."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class Code(enum.StrEnum):
+    """Stable failure codes of the ScaleEngine API."""
+
+    UNKNOWN_COMMAND = "0000"
+    CDN_AUTH_FAILED = "0001"
+    BAD_TIMESTAMP = "0002"
+    BAD_SIGNATURE = "0003"
+    SERVER_ERROR = "0004"
+    UNAUTHORIZED = "0005"
+    MISSING_FIELDS = "0006"
+    INVALID_FIELD = "0007"
+    BUSY = "1000"
+
+
+class ApiError(Exception):
+    """A command failed in a way the client should be told about."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def success(message: str, data: Any, handle_time: float) -> dict[str, Any]:
+    return {
+        "status": "success",
+        "message": message,
+        "handle_time": round(handle_time, 6),
+        "data": data,
+    }
+
+
+def failure(code: Code, message: str, handle_time: float) -> dict[str, Any]:
+    return {
+        "status": "failure",
+        "code": code.value,
+        "message": message,
+        "handle_time": round(handle_time, 6),
+    }

@@ -1,0 +1,55 @@
+"""The public record of an upload request: one entry of aws.status, and the body of its
+callback. Documented fields keep their names and types; extras are added after them."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+RESULT_KEYS = (
+    "Bucket",
+    "ETag",
+    "Expiration",
+    "Key",
+    "Location",
+    "ObjectURL",
+    "RequestCharged",
+    "SSEKMSKeyId",
+    "ServerSideEncryption",
+    "VersionId",
+)
+_EMPTY_RESULTS = dict.fromkeys(RESULT_KEYS, "")
+
+
+def format_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
+
+
+def render(row: Any) -> dict[str, Any]:
+    """A request row (see persistence.requests.STATUS_COLUMNS) as an aws.status entry."""
+    results = dict(_EMPTY_RESULTS)
+    if row.results_json:
+        results.update(json.loads(row.results_json))
+    return {
+        "id": row.id,
+        "cdn_id": row.cdn_id,
+        "path": row.path,
+        "destination_path": row.destination_path,
+        "metadata": json.loads(row.metadata_json) if row.metadata_json else {},
+        "acl": row.acl,
+        "callback": row.callback,
+        "message": row.message,
+        "results": results,
+        "created": format_time(row.created_at),
+        "last_updated": format_time(row.updated_at),
+        "status": row.http_status or 0,
+        # Extras beyond the reference page.
+        "bucket": row.bucket,
+        "state": row.state,
+        "attempts": row.attempts,
+        "bytes_done": row.bytes_done,
+        "bytes_total": row.bytes_total,
+        "sha256": row.sha256,
+        "error_code": row.error_code,
+    }

@@ -1,0 +1,187 @@
+"""Shared fixtures: databases (SQLite and a fresh PostgreSQL database per test), a live
+vodpush API on a loopback port, accounts and a sestore tree."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import create_engine, text
+
+from vodpush.api.app import create_app
+from vodpush.config import Settings
+from vodpush.crypto import generate_key
+from vodpush.persistence import db
+from vodpush.service import Service
+
+PG_ADMIN_URL = os.environ.get(
+    "VODPUSH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+_TEMPLATE_DB = f"vodpush_template_{os.getpid()}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+def _pg_available() -> str | None:
+    """None when PostgreSQL answers, else the reason it does not."""
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:
+        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {type(exc).__name__}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated template database; each test copies it (CREATE DATABASE ... TEMPLATE)."""
+    reason = _pg_available()
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"{reason} (required under CI=true)")
+        pytest.skip(reason)
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{_TEMPLATE_DB}"'))
+        conn.execute(text(f'CREATE DATABASE "{_TEMPLATE_DB}"'))
+    url = _pg_url(_TEMPLATE_DB)
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    engine.dispose()
+    yield _TEMPLATE_DB
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{_TEMPLATE_DB}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _pg_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    name = f"vodpush_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"'))
+    yield _pg_url(name)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every test that takes this runs on both backends."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'vodpush.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+# -- settings, service, sestore -----------------------------------------------------------
+
+
+@pytest.fixture
+def sestore_root(tmp_path: Path) -> Path:
+    root = tmp_path / "stores"
+    (root / "sestore1").mkdir(parents=True)
+    (root / "sestore2").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def settings(database_url: str, sestore_root: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        sestore_root=sestore_root,
+        secret_key=generate_key(),
+        secret_key_file=tmp_path / "unused.key",
+    )
+
+
+@pytest.fixture
+def service(settings: Settings) -> Iterator[Service]:
+    svc = Service.open(settings)
+    yield svc
+    svc.close()
+
+
+@dataclass
+class Creds:
+    cdn: int
+    username: str
+    api_key: str
+    api_secret: str
+    id: int
+
+
+@pytest.fixture
+def make_account(service: Service, sestore_root: Path) -> Any:
+    def make(cdn: int = 158, username: str = "jb") -> Creds:
+        created = service.accounts.create(cdn=cdn, username=username)
+        (sestore_root / "sestore1" / username).mkdir(exist_ok=True)
+        return Creds(**created)
+
+    return make
+
+
+@pytest.fixture
+def account(make_account: Any) -> Creds:
+    return make_account()
+
+
+# -- live server --------------------------------------------------------------------------
+
+
+class LiveServer:
+    """uvicorn serving the app on a free loopback port, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/healthz", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(service: Service) -> Iterator[LiveServer]:
+    server = LiveServer(create_app(service))
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,166 @@
+"""The operator CLI for accounts, driven through main(argv), and secrets at rest."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from vodpush.cli import main
+from vodpush.persistence.models import Base
+
+
+@pytest.fixture
+def cli_env(monkeypatch, settings):
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("VODPUSH_SECRET_KEY", settings.secret_key.get_secret_value())
+    monkeypatch.setenv("VODPUSH_SESTORE_ROOT", str(settings.sestore_root))
+    return settings
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_account_lifecycle(cli_env, capsys, service, caplog):
+    caplog.set_level(logging.DEBUG)
+    code, out, err = run(capsys, "account", "create", "--cdn", "158", "--username", "jb")
+    assert code == 0, err
+    created = json.loads(out)
+    assert set(created) >= {"cdn", "username", "api_key", "api_secret"}
+    assert created["cdn"] == 158 and created["username"] == "jb"
+    assert len(created["api_key"]) == 32 and created["api_key"].isalnum()
+    assert len(created["api_secret"]) == 64
+
+    code, out, _ = run(capsys, "account", "list", "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert listed[0]["api_key"] == created["api_key"]
+    assert created["api_secret"] not in out
+
+    code, out, _ = run(capsys, "account", "list")
+    assert code == 0 and "jb" in out and created["api_secret"] not in out
+
+    code, out, _ = run(capsys, "account", "disable", created["api_key"])
+    assert code == 0 and json.loads(out)["enabled"] is False
+    assert service.accounts.find(created["api_key"]).enabled is False
+    code, out, _ = run(capsys, "account", "enable", "158/jb")
+    assert code == 0 and json.loads(out)["enabled"] is True
+
+    code, out, _ = run(capsys, "account", "rotate-secret", created["api_key"])
+    rotated = json.loads(out)
+    assert rotated["api_secret"] != created["api_secret"]
+    account = service.accounts.find(created["api_key"])
+    assert service.accounts.api_secret(account) == rotated["api_secret"]
+
+    # No secret ever reaches the logs.
+    for secret in (created["api_secret"], rotated["api_secret"]):
+        assert secret not in caplog.text
+
+
+def test_secrets_are_encrypted_at_rest(cli_env, capsys, service):
+    code, out, _ = run(
+        capsys,
+        "account",
+        "create",
+        "--cdn",
+        "7",
+        "--username",
+        "s3user",
+        "--s3-endpoint",
+        "http://127.0.0.1:9000",
+        "--s3-access-key-id",
+        "AKIAEXAMPLE",
+        "--s3-secret-access-key",
+        "very-secret-s3-key",
+        "--s3-sse",
+        "aws:kms",
+        "--s3-sse-kms-key-id",
+        "kms-key-1",
+    )
+    assert code == 0
+    created = json.loads(out)
+    with service.engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM accounts")).mappings().one()
+    dumped = json.dumps({k: str(v) for k, v in row.items()})
+    assert created["api_secret"] not in dumped
+    assert "very-secret-s3-key" not in dumped
+    record = service.accounts.find("7/s3user")
+    assert record.s3.secret_access_key == "very-secret-s3-key"
+    assert "very-secret-s3-key" not in repr(record)
+    code, out, _ = run(capsys, "account", "list", "--json")
+    assert "very-secret-s3-key" not in out and "**********" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["account", "create", "--cdn", "1", "--username", "../x"], "username"),
+        (["account", "disable", "NOPE"], "no such account"),
+        (
+            ["account", "create", "--cdn", "1", "--username", "a", "--s3-sse-kms-key-id", "k"],
+            "aws:kms",
+        ),
+        (["account", "create", "--cdn", "1", "--username", "a", "--s3-endpoint", "x"], "http"),
+    ],
+)
+def test_user_errors_are_one_line_exit_1(cli_env, capsys, argv, needle):
+    code, _, err = run(capsys, *argv)
+    assert code == 1
+    assert err.startswith("error: ") and needle in err
+    assert "Traceback" not in err
+
+
+def test_duplicate_account_is_refused(cli_env, capsys):
+    assert run(capsys, "account", "create", "--cdn", "1", "--username", "a")[0] == 0
+    code, _, err = run(capsys, "account", "create", "--cdn", "1", "--username", "a")
+    assert code == 1 and "exists" in err
+
+
+def test_bad_configuration_is_reported(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", "mysql://nope")
+    code, _, err = run(capsys, "account", "list")
+    assert code == 1 and "VODPUSH_DATABASE_URL" in err
+
+
+def test_secret_key_generated_on_first_run(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VODPUSH_SECRET_KEY", raising=False)
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    code, _, err = run(capsys, "account", "create", "--cdn", "1", "--username", "a")
+    assert code == 0, err
+    key = tmp_path / "vodpush.key"
+    assert key.exists() and oct(key.stat().st_mode & 0o777) == "0o600"
+    # The same key decrypts on the next run.
+    assert run(capsys, "account", "rotate-secret", "1/a")[0] == 0
+
+
+def test_config_masks_secrets(cli_env, capsys, monkeypatch):
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", "postgresql://user:hunter2@db.example/vodpush")
+    code, out, _ = run(capsys, "config")
+    assert code == 0
+    assert "hunter2" not in out
+    assert cli_env.secret_key.get_secret_value() not in out
+
+
+def test_toml_config_file(monkeypatch, capsys, tmp_path: Path):
+    config = tmp_path / "vodpush.toml"
+    config.write_text("timestamp_window = 60\nport = 9999\n")
+    monkeypatch.setenv("VODPUSH_CONFIG", str(config))
+    monkeypatch.setenv("VODPUSH_PORT", "8081")  # environment wins over the file
+    code, out, _ = run(capsys, "config")
+    shown = json.loads(out)
+    assert code == 0 and shown["timestamp_window"] == 60 and shown["port"] == 8081
+
+
+def test_migrations_match_models(service):
+    with service.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
