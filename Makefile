@@ -30,6 +30,7 @@ format: $(STAMP)
 bench: bench-status
 
 bench-status: $(STAMP)
+	command -v wrk >/dev/null || apt-get install -y -qq wrk
 	$(BIN)/python bench/status_bench.py
 
 clean:

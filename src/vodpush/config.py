@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     timestamp_window: int = Field(default=300, ge=1, description="allowed clock skew, seconds")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     status_max_limit: int = Field(default=1000, ge=1)
+    api_threads: int = Field(default=2, ge=1, le=256, description="threads running commands")
     log_level: str = "info"
 
     # Worker

@@ -3,9 +3,10 @@ callback. Documented fields keep their names and types; extras are added after t
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 RESULT_KEYS = (
     "Bucket",
@@ -22,21 +23,27 @@ RESULT_KEYS = (
 _EMPTY_RESULTS = dict.fromkeys(RESULT_KEYS, "")
 
 
-def format_time(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
+def format_time(value: datetime | str | None) -> str:
+    """``YYYY-MM-DD HH:MM:SS``; SQLite hands datetimes back as ISO text."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value[:19].replace("T", " ")
+    return value.isoformat(sep=" ", timespec="seconds")
 
 
 def render(row: Any) -> dict[str, Any]:
     """A request row (see persistence.requests.STATUS_COLUMNS) as an aws.status entry."""
     results = dict(_EMPTY_RESULTS)
     if row.results_json:
-        results.update(json.loads(row.results_json))
+        results.update(orjson.loads(row.results_json))
+    metadata = row.metadata_json
     return {
         "id": row.id,
         "cdn_id": row.cdn_id,
         "path": row.path,
         "destination_path": row.destination_path,
-        "metadata": json.loads(row.metadata_json) if row.metadata_json else {},
+        "metadata": orjson.loads(metadata) if metadata and metadata != "{}" else {},
         "acl": row.acl,
         "callback": row.callback,
         "message": row.message,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 from urllib.parse import parse_qs
 
+import anyio
+import anyio.to_thread
+import orjson
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -28,7 +29,8 @@ class _Refusal(Exception):
 
 class _Json(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        # orjson: the envelope of a 1000-record aws.status page is the largest thing we encode.
+        return orjson.dumps(content)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -80,12 +82,17 @@ def _decode(body: bytes) -> str:
 
 def create_app(service: Service) -> Starlette:
     limit = service.settings.max_body_bytes
+    # Commands do blocking database I/O, so they run in threads; but a few threads serve
+    # best: more only contend for the GIL (measured in bench/status_bench.py).
+    threads = anyio.CapacityLimiter(service.settings.api_threads)
 
     async def api(request: Request) -> Response:
         started = time.perf_counter()
         try:
             raw = await _json_field(request, limit)
-            envelope = await run_in_threadpool(handle, service, raw, started)
+            envelope = await anyio.to_thread.run_sync(
+                handle, service, raw, started, limiter=threads
+            )
         except (_Refusal, Unreadable, ValueError) as exc:
             status = exc.http_status if isinstance(exc, _Refusal) else 400
             message = exc.message if isinstance(exc, _Refusal) else str(exc)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from vodpush.crypto import SecretBox, new_api_key, new_api_secret
-from vodpush.persistence.db import write_transaction
+from vodpush.persistence.db import PreparedQuery, write_transaction
 from vodpush.persistence.models import Account
+from vodpush.records import format_time
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SSE_CHOICES = ("AES256", "aws:kms")
@@ -56,7 +58,7 @@ class AccountRecord:
     enabled: bool
     api_secret_enc: str
     s3: S3Settings
-    created_at: datetime
+    created_at: datetime | str
 
     def public(self) -> dict[str, Any]:
         """What an operator may see: no secrets."""
@@ -73,7 +75,7 @@ class AccountRecord:
             "s3_sse": self.s3.sse,
             "s3_sse_kms_key_id": self.s3.sse_kms_key_id,
             "s3_checksums": self.s3.checksums,
-            "created": self.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            "created": format_time(self.created_at),
         }
 
 
@@ -81,12 +83,15 @@ class AccountStore:
     def __init__(self, engine: Engine, box: SecretBox) -> None:
         self._engine = engine
         self._box = box
+        self._by_key = PreparedQuery(
+            engine, select(*Account.__table__.c).where(Account.api_key == bindparam("key"))
+        )
 
     # -- reading -------------------------------------------------------------------------
 
     def _record(self, row: Any) -> AccountRecord:
         s3_secret = (
-            self._box.decrypt(row.s3_secret_access_key_enc)
+            _decrypt_cached(self._box, row.s3_secret_access_key_enc)
             if row.s3_secret_access_key_enc
             else None
         )
@@ -110,12 +115,11 @@ class AccountStore:
         )
 
     def api_secret(self, account: AccountRecord) -> str:
-        return self._box.decrypt(account.api_secret_enc)
+        return _decrypt_cached(self._box, account.api_secret_enc)
 
     def by_api_key(self, api_key: str) -> AccountRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(select(Account).where(Account.api_key == api_key)).first()
-        return self._from_row(row)
+        """The lookup behind every API call (a prepared query)."""
+        return self._from_row(self._by_key.first(key=api_key))
 
     def by_id(self, account_id: int) -> AccountRecord | None:
         with self._engine.connect() as conn:
@@ -236,6 +240,12 @@ class AccountStore:
         account = self.find(ref)
         self._update(account.id, **self._s3_columns(s3))
         return self.find(str(account.id))
+
+
+@lru_cache(maxsize=4096)
+def _decrypt_cached(box: SecretBox, token: str) -> str:
+    # Keyed by the ciphertext, so a rotated secret (a new token) is never served stale.
+    return box.decrypt(token)
 
 
 def _check_s3(s3: S3Settings) -> None:

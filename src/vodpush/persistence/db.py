@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Select, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,40 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         conn = conn.execution_options(sqlite_immediate=True)
         with conn.begin():
             yield conn
+
+
+class PreparedQuery:
+    """A Core SELECT compiled once for the engine's dialect and run on a pooled DBAPI cursor.
+
+    Every API call runs two reads (the account, then its requests); SQLAlchemy's per-call
+    execution machinery costs more than the queries themselves, so the hot paths skip it.
+    Values come back as the driver gives them (SQLite: datetimes as ISO text).
+    """
+
+    def __init__(self, engine: Engine, statement: Select[Any]) -> None:
+        compiled = statement.compile(dialect=engine.dialect)
+        self._engine = engine
+        self._sql = str(compiled)
+        # qmark (SQLite) wants a sequence in order; pyformat (psycopg) a mapping.
+        self._order = compiled.positiontup
+        self.row = namedtuple("Row", [c.key for c in statement.selected_columns])  # type: ignore[misc]
+
+    def all(self, **params: Any) -> list[Any]:
+        args: Any = [params[name] for name in self._order] if self._order else params
+        conn = self._engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            cursor.execute(self._sql, args)
+            rows = cursor.fetchall()
+            cursor.close()
+        finally:
+            conn.close()
+        make = self.row._make
+        return [make(row) for row in rows]
+
+    def first(self, **params: Any) -> Any | None:
+        rows = self.all(**params)
+        return rows[0] if rows else None
 
 
 def alembic_config(engine: Engine) -> Config:

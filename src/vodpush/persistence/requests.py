@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Row, select, text
+from sqlalchemy import Engine, Row, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
 from vodpush.persistence.accounts import utcnow
-from vodpush.persistence.db import write_transaction
+from vodpush.persistence.db import PreparedQuery, write_transaction
 from vodpush.persistence.models import State, UploadRequest
 
 # Workers LISTEN on this channel (PostgreSQL) to pick new requests up at once.
@@ -66,6 +66,13 @@ class RequestStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._is_postgres = engine.dialect.name == "postgresql"
+        # The aws.status reads, compiled once (see PreparedQuery).
+        mine = select(*STATUS_COLUMNS).where(_T.c.account_id == bindparam("account_id"))
+        self._page = PreparedQuery(
+            engine,
+            mine.order_by(_T.c.id.desc()).limit(bindparam("limit")).offset(bindparam("offset")),
+        )
+        self._one = PreparedQuery(engine, mine.where(_T.c.id == bindparam("id")))
 
     def enqueue(self, new: NewRequest) -> Enqueued:
         """Queue a request once per signature: a replay returns the first request's id."""
@@ -111,14 +118,11 @@ class RequestStore:
 
     def list_for_account(
         self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
-    ) -> Sequence[Row[Any]]:
+    ) -> Sequence[Any]:
         """An account's requests, newest first; never another account's."""
-        query = select(*STATUS_COLUMNS).where(_T.c.account_id == account_id)
-        if request_id is not None:
-            query = query.where(_T.c.id == request_id)
-        query = query.order_by(_T.c.id.desc()).limit(limit).offset(offset)
-        with self._engine.connect() as conn:
-            return conn.execute(query).all()
+        if request_id is None:
+            return self._page.all(account_id=account_id, limit=limit, offset=offset)
+        return self._one.all(account_id=account_id, id=request_id)
 
     def get(self, request_id: int) -> Row[Any] | None:
         with self._engine.connect() as conn:

@@ -85,7 +85,14 @@ class SignedRequest:
 
     payload: dict[str, Any]  # the parsed signed text (without the signature)
     signature: str  # as sent by the client
-    candidates: tuple[str, ...]  # texts that may be the bytes that were signed, best first
+    signed_text: str | None  # the raw text minus its trailing signature member, if found
+
+    def candidates(self) -> Iterator[str]:
+        """Texts that may be the bytes that were signed, best first; the re-encodings are
+        only computed when the raw text did not verify."""
+        if self.signed_text is not None:
+            yield self.signed_text
+        yield from _reencodings(self.payload)
 
 
 class MalformedRequest(ValueError):
@@ -125,12 +132,8 @@ def split_signed_request(raw: str) -> SignedRequest:
         # The stripped text must be the same object as the full one minus its signature;
         # otherwise the regex matched something else and we must not act on that text.
         if isinstance(payload, dict) and payload == full:
-            return SignedRequest(
-                payload=payload,
-                signature=signature,
-                candidates=(signed_text, *_reencodings(full)),
-            )
-    return SignedRequest(payload=full, signature=signature, candidates=tuple(_reencodings(full)))
+            return SignedRequest(payload=payload, signature=signature, signed_text=signed_text)
+    return SignedRequest(payload=full, signature=signature, signed_text=None)
 
 
 def verify(signed: SignedRequest, secret: str) -> bool:
@@ -141,15 +144,17 @@ def verify(signed: SignedRequest, secret: str) -> bool:
     # taken does not tell a malformed signature from a wrong one.
     probe = expected if expected is not None else b"\0" * hashlib.sha256().digest_size
     key = secret.encode("utf-8")
-    ok = False
     seen: set[str] = set()
-    for text in signed.candidates:
+    for text in signed.candidates():
         if text in seen:
             continue
         seen.add(text)
         digest = hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()
-        ok |= hmac.compare_digest(digest, probe)
-    return ok and expected is not None
+        # Each comparison is constant-time; stopping at a match only tells which encoding
+        # the client used, nothing about the secret.
+        if hmac.compare_digest(digest, probe) and expected is not None:
+            return True
+    return False
 
 
 def sign_request(payload: dict[str, Any], secret: str) -> str:

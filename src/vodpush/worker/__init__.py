@@ -1,0 +1,1 @@
+"""The upload worker: S3 client construction and the upload engine."""
