@@ -106,7 +106,7 @@ def test_0001_unknown_api_key_and_wrong_cdn(live_server, account, make_account):
     assert answer["code"] == "0001"
 
 
-@pytest.mark.parametrize("skew", [-301, 301, -100000])
+@pytest.mark.parametrize("skew", [-330, 330, -100000])
 def test_0002_timestamp_outside_window(live_server, account, skew):
     payload = envelope(account, "aws.status")
     payload["timestamp"] = int(time.time()) + skew
@@ -139,7 +139,7 @@ def test_0003_wrong_secret_and_tampering(live_server, account):
 
 def test_0004_unexpected_error_leaks_nothing(live_server, account, service):
     with service.engine.begin() as conn:
-        conn.execute(text("DROP TABLE upload_requests"))
+        conn.execute(text("ALTER TABLE upload_requests RENAME TO gone_requests"))
     answer = call(live_server.url, account, "aws.status")
     assert answer["status"] == "failure"
     assert answer["code"] == "0004"

@@ -75,8 +75,14 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", default=None, help="Address to listen on [VODPUSH_HOST, 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port to listen on [VODPUSH_PORT, 8080].")
-def serve(host: str | None, port: int | None) -> None:
-    """Run the API until interrupted."""
+@click.option(
+    "--worker/--no-worker",
+    "embedded_worker",
+    default=True,
+    help="Run an upload worker in this process (default) or only the API.",
+)
+def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
+    """Run the API (and, by default, an upload worker) until interrupted."""
     from vodpush.server import run_server
 
     settings = _settings()
@@ -86,7 +92,60 @@ def serve(host: str | None, port: int | None) -> None:
         service,
         host=host or settings.host,
         port=port or settings.port,
+        embedded_worker=embedded_worker,
     )
+
+
+@cli.command()
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Uploads at once [VODPUSH_WORKER_CONCURRENCY, 4].",
+)
+@click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit.")
+@click.option("--metrics-port", type=int, default=None, help="Serve /metrics on this port.")
+def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> None:
+    """Run an upload worker until SIGTERM/SIGINT (running uploads get a grace period)."""
+    import signal
+
+    from vodpush.worker.runner import Worker
+
+    settings = _settings()
+    logs.configure(settings.log_level)
+    service = _open_service()
+    runner = Worker(service, concurrency=concurrency)
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=settings.host)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    signal.signal(signal.SIGINT, lambda *_: runner.stop())
+    try:
+        runner.run(burst=burst)
+    finally:
+        service.close()
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def queue_status(as_json: bool) -> None:
+    """Queue depth by state (operator view, all accounts)."""
+    from vodpush.persistence.queue import QueueStore
+
+    service = _open_service()
+    depth = QueueStore(service.engine).depth()
+    service.close()
+    if as_json:
+        _print_json(depth)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("state", "requests")
+    for state, count in depth.items():
+        table.add_row(state, str(count))
+    Console().print(table)
 
 
 @cli.command()

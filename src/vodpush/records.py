@@ -59,4 +59,7 @@ def render(row: Any) -> dict[str, Any]:
         "bytes_total": row.bytes_total,
         "sha256": row.sha256,
         "error_code": row.error_code,
+        "callback_state": row.callback_state,
+        "callback_attempts": row.callback_attempts,
+        "callback_error": row.callback_last_error,
     }

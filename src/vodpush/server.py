@@ -1,19 +1,29 @@
-"""Running the API under uvicorn."""
+"""Running the API under uvicorn, with an upload worker in the same process by default."""
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import uvicorn
 
 from vodpush.api.app import create_app
 from vodpush.service import Service
+from vodpush.worker.runner import Worker
 
 log = logging.getLogger(__name__)
 
 
-def run_server(service: Service, *, host: str, port: int) -> None:
+def run_server(service: Service, *, host: str, port: int, embedded_worker: bool = True) -> None:
     app = create_app(service)
+    worker: Worker | None = None
+    thread: threading.Thread | None = None
+    if embedded_worker:
+        worker = Worker(service)
+        # In one process the API can wake the worker directly when it queues a request.
+        service.requests.on_enqueue = worker.wake
+        thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+        thread.start()
     config = uvicorn.Config(
         app,
         host=host,
@@ -24,8 +34,14 @@ def run_server(service: Service, *, host: str, port: int) -> None:
         timeout_graceful_shutdown=int(service.settings.shutdown_grace),
     )
     server = uvicorn.Server(config)
-    log.info("listening", extra={"action": "api.listen", "host": host, "port": port})
+    log.info(
+        "listening",
+        extra={"action": "api.listen", "host": host, "port": port, "worker": embedded_worker},
+    )
     try:
-        server.run()
+        server.run()  # returns on SIGINT/SIGTERM
     finally:
+        if worker is not None and thread is not None:
+            worker.stop()
+            thread.join()
         service.close()

@@ -9,14 +9,17 @@ from urllib.parse import parse_qs
 import anyio
 import anyio.to_thread
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vodpush.api.dispatch import Unreadable, handle
+from vodpush.persistence.queue import QueueStore
 from vodpush.protocol.envelope import Code, failure
 from vodpush.service import Service
+from vodpush.worker import metrics as worker_metrics
 
 API_PATHS = ("/stable/", "/dev/", "/", "/stable", "/dev")
 
@@ -105,8 +108,15 @@ def create_app(service: Service) -> Starlette:
     async def healthz(request: Request) -> Response:
         return _Json({"status": "ok"})
 
+    queue = QueueStore(service.engine)
+
+    async def metrics(request: Request) -> Response:
+        body = await anyio.to_thread.run_sync(worker_metrics.render, queue, limiter=threads)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     routes = [Route(path, api, methods=["POST"]) for path in API_PATHS]
     routes.append(Route("/healthz", healthz, methods=["GET"]))
+    routes.append(Route("/metrics", metrics, methods=["GET"]))
     app = Starlette(routes=routes)
     app.state.service = service
     return app

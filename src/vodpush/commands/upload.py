@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from vodpush import metadata as s3_metadata
 from vodpush import sestore
 from vodpush.commands.context import CommandContext
 from vodpush.persistence.requests import NewRequest
 from vodpush.protocol.fields import as_str, invalid, require
+from vodpush.worker.callbacks import CallbackURLError, normalize_callback_url
 
 REQUIRED = ("path", "destination_path", "bucket", "acl")
 ACLS = ("private", "public-read")
@@ -45,27 +45,16 @@ def validate_bucket(value: Any) -> str:
 
 
 def validate_callback(value: Any) -> str:
+    """The callback as sent ("" for none); refused unless it is a usable http(s) URL. A URL
+    without scheme means http:// (resolved and checked again at delivery)."""
     if value is None or value == "":
         return ""
-    url = as_str(value, "callback", max_length=2048).strip()
-    if _CONTROL.search(url) or " " in url:
-        raise invalid("callback", "must not contain spaces or control characters")
-    normalized = normalize_callback(url)
-    parts = urlsplit(normalized)
-    if parts.scheme not in ("http", "https"):
-        raise invalid("callback", "must be an http:// or https:// URL")
-    if not parts.hostname:
-        raise invalid("callback", "must name a host")
+    url = as_str(value, "callback", max_length=2048)
     try:
-        _ = parts.port
-    except ValueError as exc:
-        raise invalid("callback", "has an invalid port") from exc
+        normalize_callback_url(url)
+    except CallbackURLError as exc:
+        raise invalid("callback", str(exc)) from exc
     return url
-
-
-def normalize_callback(url: str) -> str:
-    """A callback URL given without a scheme means http:// (www.example.com/hook)."""
-    return url if "://" in url else "http://" + url
 
 
 def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -102,3 +103,55 @@ class UploadRequest(Base):
     bytes_total: Mapped[int | None] = mapped_column(BigInteger)
     bytes_done: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    # The multipart checkpoint header (uploader.MultipartCheckpoint without its parts, as
+    # JSON); the parts are rows of upload_parts.
+    multipart_json: Mapped[str | None] = mapped_column(Text)
+
+    # Callback delivery: none (no URL), pending, delivered, failed (schedule exhausted).
+    callback_state: Mapped[str] = mapped_column(
+        String(16), nullable=False, default="none", server_default="none"
+    )
+    callback_attempts: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+    callback_next_at: Mapped[datetime | None] = mapped_column(DateTime)
+    callback_msg_id: Mapped[str | None] = mapped_column(String(64))
+    callback_last_error: Mapped[str | None] = mapped_column(Text)
+
+
+Index(
+    "ix_upload_requests_callback_state_callback_next_at",
+    UploadRequest.callback_state,
+    UploadRequest.callback_next_at,
+)
+
+
+class UploadPart(Base):
+    """A part of a multipart upload that S3 has stored: what a resumed upload skips."""
+
+    __tablename__ = "upload_parts"
+
+    request_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("upload_requests.id", ondelete="CASCADE"), primary_key=True
+    )
+    part_number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    etag: Mapped[str] = mapped_column(String(128), nullable=False)
+    checksum_sha256: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class CallbackAttempt(Base):
+    """One delivery attempt of a request's callback."""
+
+    __tablename__ = "callback_attempts"
+    __table_args__ = (Index("ix_callback_attempts_request_id", "request_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("upload_requests.id", ondelete="CASCADE"), nullable=False
+    )
+    at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[float] = mapped_column(Float, nullable=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,9 @@ STATUS_COLUMNS = (
     _T.c.bytes_total,
     _T.c.sha256,
     _T.c.error_code,
+    _T.c.callback_state,
+    _T.c.callback_attempts,
+    _T.c.callback_last_error,
 )
 
 
@@ -66,6 +69,8 @@ class RequestStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._is_postgres = engine.dialect.name == "postgresql"
+        # Called after a request is queued (an embedded worker wakes up at once).
+        self.on_enqueue: Callable[[], None] | None = None
         # The aws.status reads, compiled once (see PreparedQuery).
         mine = select(*STATUS_COLUMNS).where(_T.c.account_id == bindparam("account_id"))
         self._page = PreparedQuery(
@@ -108,6 +113,8 @@ class RequestStore:
             if existing is None:
                 raise
             return Enqueued(id=existing, replayed=True)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
         return Enqueued(id=request_id, replayed=False)
 
     def _by_signature(self, account_id: int, signature: str) -> int | None:

@@ -1,0 +1,441 @@
+"""The queue as workers see it: claim with a lease, renew, finish, retry, release; the
+multipart ledger; due callbacks. Every state change names the state and the lease it
+expects to find, and "no row updated" raises LeaseLost instead of passing silently."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from vodpush.persistence.accounts import utcnow
+from vodpush.persistence.db import write_transaction
+from vodpush.persistence.models import CallbackAttempt, State, UploadPart, UploadRequest
+from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
+
+_T = UploadRequest.__table__
+_P = UploadPart.__table__
+_A = CallbackAttempt.__table__
+
+
+class LeaseLost(RuntimeError):
+    """The request is no longer ours (lease expired and another worker took it)."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A request a worker holds the lease of."""
+
+    id: int
+    account_id: int
+    path: str
+    destination_path: str
+    bucket: str
+    acl: str
+    metadata: dict[str, str]
+    callback: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DueCallback:
+    id: int
+    account_id: int
+    callback: str
+    attempts: int
+    msg_id: str | None
+
+
+class QueueStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._is_postgres = engine.dialect.name == "postgresql"
+
+    # -- claiming --------------------------------------------------------------------------
+
+    def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
+        """Take the oldest runnable request (queued and due, or running with an expired
+        lease) in one statement; None when there is none."""
+        now = utcnow()
+        runnable = or_(
+            and_(_T.c.state == State.QUEUED.value, _T.c.not_before <= now),
+            and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
+        )
+        pick = select(_T.c.id).where(runnable).order_by(_T.c.id).limit(1)
+        if self._is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        statement = (
+            update(_T)
+            .where(_T.c.id == pick.scalar_subquery())
+            .values(
+                state=State.RUNNING.value,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=_T.c.attempts + 1,
+                message="Uploading",
+                updated_at=now,
+            )
+            .returning(
+                _T.c.id,
+                _T.c.account_id,
+                _T.c.path,
+                _T.c.destination_path,
+                _T.c.bucket,
+                _T.c.acl,
+                _T.c.metadata_json,
+                _T.c.callback,
+                _T.c.attempts,
+            )
+        )
+        with write_transaction(self._engine) as conn:
+            row = conn.execute(statement).first()
+        if row is None:
+            return None
+        return Claimed(
+            id=row.id,
+            account_id=row.account_id,
+            path=row.path,
+            destination_path=row.destination_path,
+            bucket=row.bucket,
+            acl=row.acl,
+            metadata=json.loads(row.metadata_json or "{}"),
+            callback=row.callback,
+            attempts=row.attempts,
+        )
+
+    def _owned(self, request_id: int, owner: str) -> Any:
+        return and_(
+            _T.c.id == request_id,
+            _T.c.state == State.RUNNING.value,
+            _T.c.lease_owner == owner,
+        )
+
+    def _change(self, request_id: int, owner: str, **values: Any) -> None:
+        with write_transaction(self._engine) as conn:
+            result = conn.execute(update(_T).where(self._owned(request_id, owner)).values(**values))
+        if result.rowcount != 1:
+            raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
+
+    def heartbeat(
+        self,
+        request_id: int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+    ) -> None:
+        """Extend the lease, and record progress when given."""
+        now = utcnow()
+        values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds)}
+        if bytes_done is not None:
+            values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=now)
+        self._change(request_id, owner, **values)
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def succeed(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        results: dict[str, str],
+        http_status: int,
+        sha256: str,
+        size: int,
+        has_callback: bool,
+    ) -> None:
+        now = utcnow()
+        self._change(
+            request_id,
+            owner,
+            state=State.SUCCEEDED.value,
+            message="Successfully Uploaded to AWS",
+            results_json=json.dumps(results),
+            http_status=http_status,
+            error_code=None,
+            sha256=sha256,
+            bytes_done=size,
+            bytes_total=size,
+            multipart_json=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            **self._callback_due(has_callback, now),
+        )
+        self._drop_parts(request_id)
+
+    def fail(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        message: str,
+        http_status: int | None,
+        code: str | None,
+        has_callback: bool,
+    ) -> None:
+        now = utcnow()
+        self._change(
+            request_id,
+            owner,
+            state=State.FAILED.value,
+            message=message,
+            http_status=http_status or 0,
+            error_code=code,
+            multipart_json=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            **self._callback_due(has_callback, now),
+        )
+        self._drop_parts(request_id)
+
+    @staticmethod
+    def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
+        if not has_callback:
+            return {}
+        return {"callback_state": "pending", "callback_next_at": now, "callback_attempts": 0}
+
+    def retry_later(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        at: datetime,
+        message: str,
+        http_status: int | None,
+        code: str | None,
+    ) -> None:
+        self._change(
+            request_id,
+            owner,
+            state=State.QUEUED.value,
+            not_before=at,
+            message=message,
+            http_status=http_status or 0,
+            error_code=code,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+        )
+
+    def release(self, request_id: int, owner: str) -> None:
+        """Give a request back untouched (shutdown): it does not count as an attempt."""
+        now = utcnow()
+        self._change(
+            request_id,
+            owner,
+            state=State.QUEUED.value,
+            not_before=now,
+            attempts=_T.c.attempts - 1,
+            message="Queued",
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+
+    def _drop_parts(self, request_id: int) -> None:
+        with write_transaction(self._engine) as conn:
+            conn.execute(delete(_P).where(_P.c.request_id == request_id))
+
+    # -- callbacks -------------------------------------------------------------------------
+
+    def claim_callback(self, lease_seconds: float) -> DueCallback | None:
+        """Take a due callback by pushing its next time past the lease: a crashed deliverer's
+        callback becomes due again when the lease runs out."""
+        now = utcnow()
+        pick = (
+            select(_T.c.id)
+            .where(_T.c.callback_state == "pending", _T.c.callback_next_at <= now)
+            .order_by(_T.c.callback_next_at)
+            .limit(1)
+        )
+        if self._is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        statement = (
+            update(_T)
+            .where(_T.c.id == pick.scalar_subquery())
+            .values(callback_next_at=now + timedelta(seconds=lease_seconds))
+            .returning(
+                _T.c.id,
+                _T.c.account_id,
+                _T.c.callback,
+                _T.c.callback_attempts,
+                _T.c.callback_msg_id,
+            )
+        )
+        with write_transaction(self._engine) as conn:
+            row = conn.execute(statement).first()
+        if row is None:
+            return None
+        return DueCallback(
+            id=row.id,
+            account_id=row.account_id,
+            callback=row.callback,
+            attempts=row.callback_attempts,
+            msg_id=row.callback_msg_id,
+        )
+
+    def record_callback(
+        self,
+        request_id: int,
+        *,
+        msg_id: str,
+        at: datetime,
+        ok: bool,
+        http_status: int | None,
+        error: str | None,
+        duration: float,
+        next_at: datetime | None,
+        permanent: bool = False,
+    ) -> str:
+        """Record one attempt and move the callback on; returns its new state."""
+        state = "delivered" if ok else ("pending" if next_at and not permanent else "failed")
+        with write_transaction(self._engine) as conn:
+            conn.execute(
+                insert(_A).values(
+                    request_id=request_id,
+                    at=at,
+                    ok=ok,
+                    http_status=http_status,
+                    error=error,
+                    duration=duration,
+                )
+            )
+            result = conn.execute(
+                update(_T)
+                .where(_T.c.id == request_id, _T.c.callback_state == "pending")
+                .values(
+                    callback_state=state,
+                    callback_attempts=_T.c.callback_attempts + 1,
+                    callback_next_at=next_at if state == "pending" else None,
+                    callback_msg_id=msg_id,
+                    callback_last_error=None if ok else error,
+                )
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(f"callback of request {request_id} is no longer pending")
+        return state
+
+    def callback_attempts(self, request_id: int) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(_A).where(_A.c.request_id == request_id).order_by(_A.c.id)
+            ).mappings()
+            return [dict(row) for row in rows]
+
+    # -- operator views --------------------------------------------------------------------
+
+    def depth(self) -> dict[str, int]:
+        """Requests by state (and pending callbacks)."""
+        with self._engine.connect() as conn:
+            counts = {
+                state: count
+                for state, count in conn.execute(
+                    select(_T.c.state, func.count()).group_by(_T.c.state)
+                )
+            }
+            pending = conn.execute(
+                select(func.count()).where(_T.c.callback_state == "pending")
+            ).scalar_one()
+        result = {state.value: counts.get(state.value, 0) for state in State}
+        result["callbacks_pending"] = pending
+        return result
+
+    def has_work(self) -> bool:
+        """Anything a burst worker should still wait for: queued requests (retries
+        included), leased ones, or callbacks due now."""
+        now = utcnow()
+        with self._engine.connect() as conn:
+            busy = conn.execute(
+                select(_T.c.id)
+                .where(
+                    or_(
+                        _T.c.state.in_((State.QUEUED.value, State.RUNNING.value)),
+                        and_(_T.c.callback_state == "pending", _T.c.callback_next_at <= now),
+                    )
+                )
+                .limit(1)
+            ).first()
+        return busy is not None
+
+
+class DbLedger:
+    """The uploader's PartLedger on the database: the checkpoint header on the request row,
+    one upload_parts row per stored part. Thread-safe (each call is its own transaction)."""
+
+    def __init__(self, engine: Engine, request_id: int, owner: str) -> None:
+        self._engine = engine
+        self._request_id = request_id
+        self._owner = owner
+        self._is_postgres = engine.dialect.name == "postgresql"
+        self._lock = threading.Lock()  # SQLite: one writer at a time anyway
+
+    def load(self) -> MultipartCheckpoint | None:
+        with self._engine.connect() as conn:
+            header = conn.execute(
+                select(_T.c.multipart_json).where(_T.c.id == self._request_id)
+            ).scalar()
+            if not header:
+                return None
+            parts = conn.execute(select(_P).where(_P.c.request_id == self._request_id)).all()
+        data = json.loads(header)
+        data["parts"] = {
+            str(p.part_number): {
+                "etag": p.etag,
+                "checksum_sha256": p.checksum_sha256,
+                "size": p.size,
+            }
+            for p in parts
+        }
+        return MultipartCheckpoint.from_dict(data)
+
+    def begin(self, checkpoint: MultipartCheckpoint) -> None:
+        header = checkpoint.to_dict()
+        parts = header.pop("parts")
+        with write_transaction(self._engine) as conn:
+            result = conn.execute(
+                update(_T)
+                .where(
+                    _T.c.id == self._request_id,
+                    _T.c.state == State.RUNNING.value,
+                    _T.c.lease_owner == self._owner,
+                )
+                .values(multipart_json=json.dumps(header))
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(f"request {self._request_id} is no longer leased")
+            conn.execute(delete(_P).where(_P.c.request_id == self._request_id))
+            for number, part in parts.items():
+                conn.execute(
+                    insert(_P).values(request_id=self._request_id, part_number=int(number), **part)
+                )
+
+    def part_done(self, part_number: int, record: PartRecord) -> None:
+        values = {
+            "request_id": self._request_id,
+            "part_number": part_number,
+            "etag": record.etag,
+            "checksum_sha256": record.checksum_sha256,
+            "size": record.size,
+        }
+        dialect_insert = pg_insert if self._is_postgres else sqlite_insert
+        statement = dialect_insert(_P).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[_P.c.request_id, _P.c.part_number],
+            set_={k: statement.excluded[k] for k in ("etag", "checksum_sha256", "size")},
+        )
+        with self._lock, write_transaction(self._engine) as conn:
+            conn.execute(statement)
+
+    def clear(self) -> None:
+        with write_transaction(self._engine) as conn:
+            conn.execute(update(_T).where(_T.c.id == self._request_id).values(multipart_json=None))
+            conn.execute(delete(_P).where(_P.c.request_id == self._request_id))

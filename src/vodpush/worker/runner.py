@@ -1,0 +1,484 @@
+"""The worker: claims queued requests with a lease, uploads them, records the outcome, and
+delivers callbacks.
+
+Threads: the main loop claims work and hands it to an upload pool; a heartbeat thread
+renews the leases of running uploads and writes their progress about once a second; a
+callback pool delivers callbacks so a slow receiver never holds an upload slot; on
+PostgreSQL a listener thread wakes the loop on NOTIFY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from botocore.client import BaseClient
+
+from vodpush import records, sestore
+from vodpush.persistence.accounts import AccountRecord, S3Settings, utcnow
+from vodpush.persistence.queue import Claimed, DbLedger, DueCallback, LeaseLost, QueueStore
+from vodpush.persistence.requests import QUEUE_CHANNEL
+from vodpush.service import Service
+from vodpush.webhooks import new_message_id
+from vodpush.worker import metrics, retry
+from vodpush.worker.callbacks import build_delivery, deliver, next_delivery
+from vodpush.worker.s3client import make_s3_client
+from vodpush.worker.uploader import (
+    UploadError,
+    UploadInterrupted,
+    UploadJob,
+    abandon,
+    upload,
+)
+
+log = logging.getLogger(__name__)
+
+CALLBACK_THREADS = 4
+HEARTBEAT_SECONDS = 1.0
+
+
+@dataclass
+class _Active:
+    """A running upload, as the heartbeat thread sees it."""
+
+    request: Claimed
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    reported: tuple[int, int | None] = (-1, None)
+    lost: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def progress(self, done: int, total: int) -> None:
+        self.bytes_done, self.bytes_total = done, total
+
+
+class Worker:
+    def __init__(self, service: Service, *, concurrency: int | None = None) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.queue = QueueStore(service.engine)
+        self.concurrency = concurrency or self.settings.worker_concurrency
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stopping = threading.Event()
+        self._deadline = float("inf")  # monotonic time after which uploads are interrupted
+        self._wakeup = threading.Event()
+        self._slots = threading.Semaphore(self.concurrency)
+        self._callback_slots = threading.Semaphore(CALLBACK_THREADS)
+        self._active: dict[int, _Active] = {}
+        self._callbacks_inflight = 0
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work may be there (an API in this process just queued a request)."""
+        self._wakeup.set()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop claiming; running uploads get ``grace`` seconds to finish, then are
+        interrupted and released for another worker (they resume from their parts)."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self._deadline = time.monotonic() + grace
+        self._stopping.set()
+        self._wakeup.set()
+        log.info("worker stopping", extra={"action": "worker.stop", "grace": grace})
+
+    def run(self, *, burst: bool = False) -> None:
+        """Work until stop() (or, with ``burst``, until the queue is empty)."""
+        log.info(
+            "worker started",
+            extra={
+                "action": "worker.start",
+                "owner": self.owner,
+                "concurrency": self.concurrency,
+                "burst": burst,
+            },
+        )
+        uploads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="upload")
+        callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix="callback")
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        if self.service.engine.dialect.name == "postgresql":
+            threading.Thread(target=self._listen, name="listen", daemon=True).start()
+        try:
+            while not self._stopping.is_set():
+                claimed = self._claim_uploads(uploads)
+                self._claim_callbacks(callbacks)
+                if (
+                    burst
+                    and not self._active
+                    and not self._callbacks_running()
+                    and (not self.queue.has_work())
+                ):
+                    break
+                if not claimed:
+                    self._wakeup.wait(self.settings.poll_interval)
+                    self._wakeup.clear()
+        finally:
+            self._stopping.set()
+            uploads.shutdown(wait=True)
+            callbacks.shutdown(wait=True)
+            log.info("worker stopped", extra={"action": "worker.stopped", "owner": self.owner})
+
+    def _claim_uploads(self, pool: ThreadPoolExecutor) -> bool:
+        claimed = False
+        while not self._stopping.is_set() and self._slots.acquire(blocking=False):
+            try:
+                request = self.queue.claim(self.owner, self.settings.lease_seconds)
+            except Exception:
+                self._slots.release()
+                log.exception("claim failed", extra={"action": "worker.claim_error"})
+                return claimed
+            if request is None:
+                self._slots.release()
+                return claimed
+            claimed = True
+            active = _Active(request)
+            with self._lock:
+                self._active[request.id] = active
+            log.info(
+                "upload claimed",
+                extra={
+                    "action": "upload.claimed",
+                    "request_id": request.id,
+                    "account_id": request.account_id,
+                    "attempt": request.attempts,
+                },
+            )
+            pool.submit(self._run_upload, active)
+        return claimed
+
+    def _callbacks_running(self) -> bool:
+        with self._lock:
+            return self._callbacks_inflight > 0
+
+    def _claim_callbacks(self, pool: ThreadPoolExecutor) -> None:
+        while self._callback_slots.acquire(blocking=False):
+            try:
+                due = self.queue.claim_callback(lease_seconds=self.settings.callback_timeout * 3)
+            except Exception:
+                self._callback_slots.release()
+                log.exception("callback claim failed", extra={"action": "callback.claim_error"})
+                return
+            if due is None:
+                self._callback_slots.release()
+                return
+            with self._lock:
+                self._callbacks_inflight += 1
+            pool.submit(self._run_callback, due)
+
+    # -- uploads ---------------------------------------------------------------------------
+
+    def _should_stop(self, active: _Active) -> bool:
+        return active.lost or time.monotonic() > self._deadline
+
+    def _client(self, account: AccountRecord) -> BaseClient:
+        key = (account.id, account.s3)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = make_s3_client(
+                    account.s3, max_pool_connections=max(16, self.settings.part_concurrency * 2)
+                )
+                self._clients[key] = client
+            return client
+
+    def _run_upload(self, active: _Active) -> None:
+        request = active.request
+        extra = {"request_id": request.id, "account_id": request.account_id}
+        try:
+            self._upload(active, extra)
+        except LeaseLost:
+            log.warning(
+                "lease lost; another worker has the request",
+                extra={"action": "upload.lease_lost", **extra},
+            )
+        except Exception:
+            # Never let an unexpected error leave the request leased forever: record it.
+            log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
+            with contextlib.suppress(LeaseLost):
+                self.queue.fail(
+                    request.id,
+                    self.owner,
+                    message="Upload failed: internal error (see the server log)",
+                    http_status=None,
+                    code="InternalError",
+                    has_callback=bool(request.callback),
+                )
+            metrics.UPLOADS.labels("error").inc()
+        finally:
+            with self._lock:
+                self._active.pop(request.id, None)
+            self._slots.release()
+            self._wakeup.set()
+
+    def _upload(self, active: _Active, extra: dict[str, Any]) -> None:
+        request = active.request
+        account = self.service.accounts.by_id(request.account_id)
+        if account is None:
+            self._fail(
+                request, "Upload failed: the account no longer exists", None, "NoSuchAccount", extra
+            )
+            return
+        try:
+            source = sestore.resolve(self.settings.sestore_root, request.path, account.username)
+        except sestore.PathRefused as exc:
+            self._fail(
+                request,
+                f"Upload failed: source file unavailable: {exc}",
+                None,
+                "SourceUnavailable",
+                extra,
+            )
+            return
+        job = UploadJob(
+            source=source,
+            bucket=request.bucket,
+            key=request.destination_path,
+            acl=request.acl,
+            metadata=request.metadata,
+            sse=account.s3.sse,
+            sse_kms_key_id=account.s3.sse_kms_key_id,
+            checksums=account.s3.checksums,
+        )
+        client = self._client(account)
+        ledger = DbLedger(self.service.engine, request.id, self.owner)
+        log.info("upload started", extra={"action": "upload.started", **extra})
+        try:
+            result = upload(
+                client,
+                job,
+                ledger,
+                threshold=self.settings.multipart_threshold,
+                chunksize=self.settings.multipart_chunksize,
+                concurrency=self.settings.part_concurrency,
+                progress=active.progress,
+                should_stop=lambda: self._should_stop(active),
+            )
+        except UploadInterrupted:
+            if active.lost:
+                raise LeaseLost(f"request {request.id}") from None
+            self.queue.release(request.id, self.owner)
+            log.info(
+                "upload released for another worker", extra={"action": "upload.released", **extra}
+            )
+            return
+        except UploadError as err:
+            self._upload_failed(request, err, client, job, ledger, extra)
+            return
+        self.queue.succeed(
+            request.id,
+            self.owner,
+            results=result.results,
+            http_status=result.http_status,
+            sha256=result.sha256,
+            size=result.size,
+            has_callback=bool(request.callback),
+        )
+        elapsed = time.monotonic() - active.started
+        metrics.UPLOADS.labels("success").inc()
+        metrics.UPLOADED_BYTES.inc(result.size)
+        metrics.UPLOAD_SECONDS.observe(elapsed)
+        log.info(
+            "upload succeeded",
+            extra={
+                "action": "upload.succeeded",
+                **extra,
+                "bytes": result.size,
+                "seconds": round(elapsed, 3),
+                "parts_sent": result.parts_sent,
+                "parts_total": result.parts_total,
+            },
+        )
+        if request.callback:
+            self._wakeup.set()
+
+    def _upload_failed(
+        self,
+        request: Claimed,
+        err: UploadError,
+        client: BaseClient,
+        job: UploadJob,
+        ledger: DbLedger,
+        extra: dict[str, Any],
+    ) -> None:
+        decision = retry.decide(
+            transient=err.transient,
+            attempts_made=request.attempts,
+            max_attempts=self.settings.max_attempts,
+            base_delay=self.settings.retry_base_delay,
+            max_delay=self.settings.retry_max_delay,
+            now=utcnow(),
+        )
+        if decision.retry:
+            self.queue.retry_later(
+                request.id,
+                self.owner,
+                at=decision.at,  # type: ignore[arg-type]
+                message=(
+                    f"Retrying in {decision.delay:.0f} s after attempt {request.attempts} of "
+                    f"{self.settings.max_attempts}: {err.message}"
+                ),
+                http_status=err.http_status,
+                code=err.code,
+            )
+            metrics.UPLOADS.labels("retry").inc()
+            log.warning(
+                "upload will be retried",
+                extra={
+                    "action": "upload.retry",
+                    **extra,
+                    "error": err.message,
+                    "delay": round(decision.delay, 3),
+                    "attempt": request.attempts,
+                },
+            )
+            return
+        if err.transient:
+            # Out of attempts: the multipart upload will never resume, so abort it now
+            # rather than leave its parts in the bucket.
+            abandon(client, job, ledger)
+        self._fail(request, f"Upload failed: {err.message}", err.http_status, err.code, extra)
+
+    def _fail(
+        self,
+        request: Claimed,
+        message: str,
+        http_status: int | None,
+        code: str | None,
+        extra: dict[str, Any],
+    ) -> None:
+        self.queue.fail(
+            request.id,
+            self.owner,
+            message=message,
+            http_status=http_status,
+            code=code,
+            has_callback=bool(request.callback),
+        )
+        metrics.UPLOADS.labels("failure").inc()
+        log.warning(
+            "upload failed",
+            extra={"action": "upload.failed", **extra, "error": message, "code": code},
+        )
+        if request.callback:
+            self._wakeup.set()
+
+    # -- heartbeats ------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not (self._stopping.is_set() and not self._active):
+            time.sleep(HEARTBEAT_SECONDS)
+            with self._lock:
+                running = list(self._active.values())
+            for active in running:
+                self._beat(active)
+
+    def _beat(self, active: _Active) -> None:
+        progress = (active.bytes_done, active.bytes_total)
+        changed = progress != active.reported
+        try:
+            self.queue.heartbeat(
+                active.request.id,
+                self.owner,
+                self.settings.lease_seconds,
+                bytes_done=progress[0] if changed else None,
+                bytes_total=progress[1] if changed else None,
+            )
+            active.reported = progress
+        except LeaseLost:
+            active.lost = True
+        except Exception:
+            # A database hiccup: the lease is long enough to try again next beat.
+            log.exception(
+                "heartbeat failed",
+                extra={"action": "worker.heartbeat_error", "request_id": active.request.id},
+            )
+
+    # -- callbacks -------------------------------------------------------------------------
+
+    def _run_callback(self, due: DueCallback) -> None:
+        extra = {"request_id": due.id, "account_id": due.account_id}
+        try:
+            self._deliver(due, extra)
+        except LeaseLost:
+            pass
+        except Exception:
+            log.exception("callback crashed", extra={"action": "callback.crashed", **extra})
+        finally:
+            with self._lock:
+                self._callbacks_inflight -= 1
+            self._callback_slots.release()
+
+    def _deliver(self, due: DueCallback, extra: dict[str, Any]) -> None:
+        account = self.service.accounts.by_id(due.account_id)
+        row = self.service.requests.get(due.id)
+        if account is None or row is None:
+            return
+        msg_id = due.msg_id or new_message_id()
+        delivery = build_delivery(
+            records.render(row), self.service.accounts.api_secret(account), msg_id, time.time()
+        )
+        attempt = deliver(
+            delivery,
+            due.callback,
+            timeout=self.settings.callback_timeout,
+            allow_private=self.settings.callback_allow_private,
+        )
+        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, utcnow())
+        state = self.queue.record_callback(
+            due.id,
+            msg_id=msg_id,
+            at=attempt.at.replace(tzinfo=None),
+            ok=attempt.ok,
+            http_status=attempt.http_status,
+            error=attempt.error,
+            duration=attempt.duration,
+            next_at=decision.at.replace(tzinfo=None) if decision.retry and decision.at else None,
+            permanent=attempt.permanent,
+        )
+        metrics.CALLBACKS.labels("delivered" if attempt.ok else "failed").inc()
+        log.info(
+            "callback attempt",
+            extra={
+                "action": f"callback.{state}",
+                **extra,
+                "http_status": attempt.http_status,
+                "error": attempt.error,
+                "attempt": due.attempts + 1,
+            },
+        )
+
+    # -- PostgreSQL notifications ----------------------------------------------------------
+
+    def _listen(self) -> None:
+        """Wake the loop as soon as a request is queued anywhere (LISTEN/NOTIFY); polling
+        remains the fallback, so errors here only cost latency."""
+        import psycopg
+
+        url = self.service.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    while not self._stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self._wakeup.set()
+            except Exception as exc:
+                log.warning(
+                    "LISTEN connection lost: %s",
+                    type(exc).__name__,
+                    extra={"action": "worker.listen_error"},
+                )
+                self._stopping.wait(5)

@@ -1,0 +1,65 @@
+"""Building a botocore S3 client from an account's S3 settings.
+
+A new boto3 Session is made on every call: sessions are not thread-safe, clients are. Nothing
+here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import boto3
+from botocore.client import BaseClient
+from botocore.config import Config
+
+from vodpush.persistence.accounts import S3Settings
+
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 60
+
+
+def make_s3_client(
+    s3: S3Settings, *, max_pool_connections: int = 16, max_attempts: int = 3
+) -> BaseClient:
+    """A botocore S3 client for ``s3``; fields left as None follow boto3's own conventions
+    (``AWS_*`` environment variables, ``AWS_ENDPOINT_URL_S3``, ``~/.aws``).
+
+    ``max_pool_connections`` should be at least the upload concurrency, or parts queue for a
+    connection. ``max_attempts`` counts botocore's own quick retries of one request (standard
+    mode: throttling, 5xx, connection errors); the worker's backoff retries come on top.
+    """
+    if max_pool_connections < 1:
+        raise ValueError("max_pool_connections must be at least 1")
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    session = boto3.session.Session(
+        aws_access_key_id=s3.access_key_id,
+        aws_secret_access_key=s3.secret_access_key,
+        region_name=s3.region,
+    )
+    options: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+        "max_pool_connections": max_pool_connections,
+        "retries": {"mode": "standard", "max_attempts": max_attempts},
+    }
+    if _has_custom_endpoint(s3):
+        # S3-compatible stores (MinIO, Ceph, moto, IP addresses) rarely have wildcard DNS
+        # for virtual-hosted buckets; path style works everywhere.
+        options["s3"] = {"addressing_style": "path"}
+    if not s3.checksums:
+        # Some S3-compatible stores reject the CRC headers botocore adds by default since
+        # 1.36; only send checksums an operation strictly requires.
+        options["request_checksum_calculation"] = "when_required"
+        options["response_checksum_validation"] = "when_required"
+    return session.client("s3", endpoint_url=s3.endpoint_url, config=Config(**options))
+
+
+def _has_custom_endpoint(s3: S3Settings) -> bool:
+    # Endpoints from ~/.aws/config are not seen here; they keep botocore's automatic style.
+    return bool(
+        s3.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
