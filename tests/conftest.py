@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 import uvicorn
 from sqlalchemy import create_engine, text
 
+from tests.s3server import MotoServer
 from vodpush.api.app import create_app
 from vodpush.config import Settings
 from vodpush.crypto import generate_key
@@ -109,13 +111,28 @@ def sestore_root(tmp_path: Path) -> Path:
     return root
 
 
+MiB = 1024 * 1024
+
+
 @pytest.fixture
 def settings(database_url: str, sestore_root: Path, tmp_path: Path) -> Settings:
+    # Fast worker settings for tests: S3's minimum part size, short polls and backoffs.
     return Settings(
         database_url=database_url,
         sestore_root=sestore_root,
         secret_key=generate_key(),
         secret_key_file=tmp_path / "unused.key",
+        poll_interval=0.1,
+        retry_base_delay=0.2,
+        retry_max_delay=1.0,
+        max_attempts=3,
+        multipart_threshold=5 * MiB,
+        multipart_chunksize=5 * MiB,
+        part_concurrency=4,
+        lease_seconds=10,
+        callback_timeout=2.0,
+        callback_allow_private=True,
+        callback_schedule=[0.3] * 10,
     )
 
 
@@ -148,6 +165,41 @@ def make_account(service: Service, sestore_root: Path) -> Any:
 @pytest.fixture
 def account(make_account: Any) -> Creds:
     return make_account()
+
+
+# -- S3 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """One moto S3 server process for the session; tests use their own buckets."""
+    server = MotoServer(log_dir=tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+def s3_client(server: Any) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=server.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def bucket(s3: MotoServer) -> str:
+    name = f"bucket-{uuid.uuid4().hex[:16]}"
+    s3_client(s3).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_account(service: Service, account: Creds, s3: MotoServer) -> Creds:
+    """The default account, uploading to the moto server with AES256 encryption."""
+    service.accounts.set_s3(account.api_key, s3.settings(sse="AES256"))
+    return account
 
 
 # -- live server --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -24,8 +25,15 @@ def _free_port() -> int:
 class MotoServer:
     """``python -m moto.server`` on 127.0.0.1; ``start()`` returns once it answers HTTP."""
 
-    def __init__(self, *, env: Mapping[str, str] | None = None, log_dir: Path | None = None):
-        self.port = _free_port()
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        log_dir: Path | None = None,
+        port: int | None = None,
+    ):
+        # A fixed port lets a test stop the server and start a new one at the same address.
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = dict(env or {})
         self._log_dir = log_dir
@@ -89,3 +97,72 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in front of a server. ``stop()`` closes the listener and
+    every open connection, so clients see the endpoint vanish (connection refused/reset);
+    ``start()`` brings it back at the same address while the server behind keeps its state.
+    """
+
+    def __init__(self, target_port: int, port: int | None = None) -> None:
+        import threading
+
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._target = ("127.0.0.1", target_port)
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    def start(self) -> TcpProxy:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # listener closed
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

@@ -12,79 +12,20 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 from botocore.exceptions import ClientError
 from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import free_port
-from tests.s3server import MotoServer
+from tests.conftest import MiB, free_port, s3_client
 from tests.wire import call
 from vodpush.cli import main
-from vodpush.config import Settings
 from vodpush.metadata import decode_value
 from vodpush.persistence.accounts import S3Settings
 from vodpush.persistence.queue import QueueStore
 from vodpush.service import Service
 from vodpush.webhooks import standard_webhooks_secret
 from vodpush.worker.runner import Worker
-
-MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> MotoServer:
-    server = MotoServer(log_dir=tmp_path_factory.mktemp("moto")).start()
-    yield server
-    server.stop()
-
-
-def s3_client(server: MotoServer):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
-@pytest.fixture
-def settings(database_url, sestore_root, tmp_path) -> Settings:
-    # Fast worker settings for tests: S3's minimum part size, short polls and backoffs.
-    from vodpush.crypto import generate_key
-
-    return Settings(
-        database_url=database_url,
-        sestore_root=sestore_root,
-        secret_key=generate_key(),
-        secret_key_file=tmp_path / "unused.key",
-        poll_interval=0.1,
-        retry_base_delay=0.2,
-        retry_max_delay=1.0,
-        max_attempts=3,
-        multipart_threshold=5 * MiB,
-        multipart_chunksize=5 * MiB,
-        part_concurrency=4,
-        lease_seconds=10,
-        callback_timeout=2.0,
-        callback_allow_private=True,
-        callback_schedule=[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3],
-    )
-
-
-@pytest.fixture
-def bucket(s3: MotoServer, request) -> str:
-    name = f"b-{abs(hash(request.node.nodeid)) % 10**10}-{int(time.time() * 1000) % 10**6}"
-    s3_client(s3).create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def s3_account(service: Service, account, s3: MotoServer):
-    service.accounts.set_s3(account.api_key, s3.settings(sse="AES256"))
-    return account
 
 
 class Receiver:

@@ -1,0 +1,254 @@
+"""Fault tests with real processes: a worker killed mid-upload, a worker stopped with
+SIGTERM, the S3 server going away and coming back, and four workers on PostgreSQL sharing
+one queue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.conftest import MiB, s3_client
+from tests.s3server import TcpProxy
+from vodpush.persistence.models import UploadPart, UploadRequest
+from vodpush.persistence.requests import NewRequest
+from vodpush.service import Service
+from vodpush.worker.runner import Worker
+
+pytestmark = pytest.mark.slow
+
+
+def worker_env(service: Service, **extra: str) -> dict[str, str]:
+    s = service.settings
+    env = {
+        **os.environ,
+        "VODPUSH_DATABASE_URL": s.database_url,
+        "VODPUSH_SECRET_KEY": s.secret_key.get_secret_value(),
+        "VODPUSH_SESTORE_ROOT": str(s.sestore_root),
+        "VODPUSH_POLL_INTERVAL": "0.1",
+        "VODPUSH_LEASE_SECONDS": "5",
+        "VODPUSH_MULTIPART_THRESHOLD": str(5 * MiB),
+        "VODPUSH_MULTIPART_CHUNKSIZE": str(5 * MiB),
+        "VODPUSH_PART_CONCURRENCY": "1",
+        "VODPUSH_RETRY_BASE_DELAY": "0.2",
+        "VODPUSH_LOG_LEVEL": "info",
+    }
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vodpush", "worker", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+
+
+def log_events(log: Path, action: str) -> list[dict]:
+    events = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("action") == action:
+            events.append(entry)
+    return events
+
+
+def queue_file(service: Service, account, root: Path, name: str, size: int, bucket: str):
+    path = root / "sestore1" / account.username / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(size)
+    path.write_bytes(data)
+    queued = service.requests.enqueue(
+        NewRequest(
+            account_id=account.id,
+            cdn_id=account.cdn,
+            path=f"sestore1/{account.username}/{name}",
+            destination_path=name,
+            bucket=bucket,
+            acl="private",
+            metadata={},
+            callback="",
+            signature=f"test-{name}-{time.time()}",
+        )
+    )
+    return queued.id, data
+
+
+def parts_stored(service: Service, request_id: int) -> int:
+    with service.engine.connect() as conn:
+        return conn.execute(
+            select(func.count()).where(UploadPart.request_id == request_id)
+        ).scalar_one()
+
+
+def request_row(service: Service, request_id: int):
+    with service.engine.connect() as conn:
+        return conn.execute(
+            select(UploadRequest.__table__).where(UploadRequest.id == request_id)
+        ).first()
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_upload_resumes_from_completed_parts(
+    service, s3_account, s3, bucket, sestore_root, tmp_path
+):
+    request_id, data = queue_file(service, s3_account, sestore_root, "big.mp4", 100 * MiB, bucket)
+    env = worker_env(service)
+    first = start_worker(env, tmp_path / "w1.log")
+    try:
+        wait_for(lambda: parts_stored(service, request_id) >= 3, 60, "three stored parts")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    row = request_row(service, request_id)
+    assert row.state == "running" and row.multipart_json  # left behind, lease still held
+
+    second = start_worker(env, tmp_path / "w2.log", "--burst")
+    assert second.wait(120) == 0
+    row = request_row(service, request_id)
+    assert row.state == "succeeded", row.message
+    assert row.attempts == 2
+    (done,) = log_events(tmp_path / "w2.log", "upload.succeeded")
+    assert done["parts_total"] == 20
+    assert done["parts_sent"] < done["parts_total"]
+    body = s3_client(s3).get_object(Bucket=bucket, Key="big.mp4")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(data).hexdigest()
+    uploads = s3_client(s3).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert uploads == []  # nothing orphaned
+
+
+def test_sigterm_releases_running_upload_for_resume(
+    service, s3_account, s3, bucket, sestore_root, tmp_path
+):
+    request_id, data = queue_file(service, s3_account, sestore_root, "term.mp4", 60 * MiB, bucket)
+    env = worker_env(service, VODPUSH_SHUTDOWN_GRACE="0")
+    worker = start_worker(env, tmp_path / "w1.log")
+    wait_for(lambda: parts_stored(service, request_id) >= 2, 60, "two stored parts")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    row = request_row(service, request_id)
+    assert row.state == "queued"
+    assert row.attempts == 0  # a release is not an attempt
+    assert row.lease_owner is None
+    assert log_events(tmp_path / "w1.log", "upload.released")
+
+    again = start_worker(env, tmp_path / "w2.log", "--burst")
+    assert again.wait(120) == 0
+    (done,) = log_events(tmp_path / "w2.log", "upload.succeeded")
+    assert done["parts_sent"] < done["parts_total"]
+    body = s3_client(s3).get_object(Bucket=bucket, Key="term.mp4")["Body"].read()
+    assert body == data
+
+
+def test_s3_outage_mid_run_recovers_after_retries(service, account, sestore_root, tmp_path, s3):
+    """The S3 endpoint goes away mid-upload (every connection cut, new ones refused) and
+    comes back at the same address: requests complete after retries, the multipart upload
+    resumes. The outage is a proxy in front of the moto process, because a restarted moto
+    forgets every bucket, which no real S3 does."""
+    endpoint = TcpProxy(s3.port).start()
+    worker = Worker(service)
+    try:
+        service.accounts.set_s3(account.api_key, s3.settings(endpoint_url=endpoint.url))
+        service.settings.max_attempts = 8
+        service.settings.part_concurrency = 1
+        name = f"outage-{int(time.time() * 1000)}"
+        s3_client(s3).create_bucket(Bucket=name)
+        big_id, big = queue_file(service, account, sestore_root, "big.mp4", 40 * MiB, name)
+        small = [
+            queue_file(service, account, sestore_root, f"s{i}.mp4", 100_000, name) for i in range(3)
+        ]
+        thread = threading.Thread(target=worker.run, kwargs={"burst": True})
+        thread.start()
+        wait_for(lambda: parts_stored(service, big_id) >= 2, 60, "two stored parts")
+        endpoint.stop()
+        wait_for(lambda: request_row(service, big_id).attempts >= 2, 30, "a retry")
+        time.sleep(1)
+        endpoint.start()
+        thread.join(120)
+        assert not thread.is_alive()
+
+        row = request_row(service, big_id)
+        assert row.state == "succeeded", row.message
+        assert row.attempts >= 2
+        client = s3_client(s3)
+        assert client.get_object(Bucket=name, Key="big.mp4")["Body"].read() == big
+        for request_id, data in small:
+            assert request_row(service, request_id).state == "succeeded"
+            key = f"s{small.index((request_id, data))}.mp4"
+            assert client.get_object(Bucket=name, Key=key)["Body"].read() == data
+    finally:
+        worker.stop(grace=0)
+        endpoint.stop()
+
+
+@pytest.mark.postgres
+def test_four_worker_processes_upload_each_request_exactly_once(pg_url, sestore_root, tmp_path, s3):
+    from vodpush.config import Settings
+    from vodpush.crypto import generate_key
+
+    service = Service.open(
+        Settings(database_url=pg_url, sestore_root=sestore_root, secret_key=generate_key())
+    )
+    try:
+        created = service.accounts.create(cdn=1, username="multi", s3=s3.settings())
+        name = f"exactly-once-{int(time.time() * 1000)}"
+        client = s3_client(s3)
+        client.create_bucket(Bucket=name)
+        # With versioning on, every PUT of a key adds a version: the server counts uploads.
+        client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+
+        class Creds:
+            id = created["id"]
+            cdn = 1
+            username = "multi"
+
+        ids = [
+            queue_file(service, Creds, sestore_root, f"f{i:03}.mp4", 1024, name)[0]
+            for i in range(500)
+        ]
+        env = worker_env(service)
+        workers = [
+            start_worker(env, tmp_path / f"w{i}.log", "--burst", "--concurrency", "4")
+            for i in range(4)
+        ]
+        for proc in workers:
+            assert proc.wait(240) == 0
+        versions: dict[str, int] = {}
+        paginator = client.get_paginator("list_object_versions")
+        for page in paginator.paginate(Bucket=name):
+            for version in page.get("Versions", []):
+                versions[version["Key"]] = versions.get(version["Key"], 0) + 1
+        assert len(versions) == 500
+        assert set(versions.values()) == {1}
+        with service.engine.connect() as conn:
+            rows = conn.execute(
+                select(UploadRequest.state, UploadRequest.attempts).where(UploadRequest.id.in_(ids))
+            ).all()
+        assert {(r.state, r.attempts) for r in rows} == {("succeeded", 1)}
+        claims = [len(log_events(tmp_path / f"w{i}.log", "upload.claimed")) for i in range(4)]
+        assert sum(claims) == 500
+        assert all(count > 0 for count in claims), claims  # the work was shared
+    finally:
+        service.close()
