@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +26,7 @@ from vodpush.cli import main
 from vodpush.metadata import decode_value
 from vodpush.persistence.accounts import S3Settings
 from vodpush.persistence.queue import QueueStore
+from vodpush.persistence.requests import NewRequest
 from vodpush.service import Service
 from vodpush.webhooks import standard_webhooks_secret
 from vodpush.worker.runner import Worker
@@ -330,3 +334,92 @@ def test_operator_status_and_metrics(
     assert 'vodpush_queue_depth{state="succeeded"} 1.0' in text
     assert 'vodpush_uploads_total{outcome="success"}' in text
     assert "vodpush_upload_duration_seconds_bucket" in text
+
+
+def test_new_requests_are_picked_up_within_a_second(service, s3_account, sestore_root, bucket):
+    worker = Worker(service)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        time.sleep(0.3)  # idle, waiting
+        path, _ = write_file(sestore_root, "quick.mp4", 1000)
+        queued_at = time.monotonic()
+        answer = service.requests.enqueue(
+            NewRequest(
+                account_id=s3_account.id,
+                cdn_id=s3_account.cdn,
+                path=path,
+                destination_path="quick.mp4",
+                bucket=bucket,
+                acl="private",
+                metadata={},
+                callback="",
+                signature="quick",
+            )
+        )
+        store = QueueStore(service.engine)
+        while store.depth()["queued"] and time.monotonic() - queued_at < 5:
+            time.sleep(0.02)
+        picked_up = time.monotonic() - queued_at
+        assert answer.id and picked_up < 1.0, picked_up
+    finally:
+        worker.stop(grace=5)
+        thread.join(15)
+
+
+def test_serve_runs_api_and_worker_and_stops_on_sigterm(
+    service, s3_account, sestore_root, bucket, tmp_path
+):
+    """The real `vodpush serve` in a subprocess: a client queues over HTTP, the embedded
+    worker uploads, SIGTERM stops both cleanly."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "VODPUSH_DATABASE_URL": service.settings.database_url,
+        "VODPUSH_SECRET_KEY": service.settings.secret_key.get_secret_value(),
+        "VODPUSH_SESTORE_ROOT": str(sestore_root),
+        "VODPUSH_POLL_INTERVAL": "0.2",
+    }
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vodpush", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        path, _ = write_file(sestore_root, "served.mp4", 50_000)
+        answer = call(
+            url,
+            s3_account,
+            "aws.upload",
+            path=path,
+            destination_path="served.mp4",
+            bucket=bucket,
+            acl="private",
+        )
+        request_id = answer["data"]["id"]
+        while time.monotonic() < deadline:
+            record = status_of(url, s3_account, request_id)
+            if record["state"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.1)
+        assert record["state"] == "succeeded", record["message"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0, log.read_text()[-2000:]
+    actions = [
+        json.loads(line).get("action")
+        for line in log.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    assert "worker.stopped" in actions and "upload.succeeded" in actions

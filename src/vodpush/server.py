@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -38,6 +39,17 @@ def run_server(service: Service, *, host: str, port: int, embedded_worker: bool 
         "listening",
         extra={"action": "api.listen", "host": host, "port": port, "worker": embedded_worker},
     )
+
+    # uvicorn re-raises the signal that stopped it once it is done; with these handlers in
+    # place that re-raise lands here instead of killing the process before the worker has
+    # released its uploads.
+    def _stopping(signum: int, frame: object) -> None:
+        if worker is not None:
+            worker.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stopping)
+        signal.signal(signal.SIGINT, _stopping)
     try:
         server.run()  # returns on SIGINT/SIGTERM
     finally:
