@@ -54,6 +54,7 @@ from botocore.exceptions import (
 )
 
 from vodpush.metadata import for_s3
+from vodpush.records import RESULT_KEYS
 
 __all__ = [
     "CANNED_ACLS",
@@ -99,18 +100,6 @@ CANNED_ACLS = (
     "bucket-owner-full-control",
 )
 SSE_CHOICES = ("AES256", "aws:kms")
-RESULT_KEYS = (
-    "Bucket",
-    "ETag",
-    "Expiration",
-    "Key",
-    "Location",
-    "ObjectURL",
-    "RequestCharged",
-    "SSEKMSKeyId",
-    "ServerSideEncryption",
-    "VersionId",
-)
 
 # Codes of our own, beside S3's.
 SOURCE_CHANGED = "SourceChanged"
