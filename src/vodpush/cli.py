@@ -12,6 +12,7 @@ import click
 from pydantic import ValidationError
 
 from vodpush import logs
+from vodpush.client_cli import client as client_group
 from vodpush.config import Settings, load_settings
 from vodpush.persistence.accounts import AccountError, S3Settings
 from vodpush.service import Service
@@ -286,10 +287,14 @@ def account_set_s3(ref: str, **kwargs: Any) -> None:
     _print_json(_open_service().accounts.set_s3(ref, _s3_from(kwargs)).public())
 
 
+cli.add_command(client_group)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code instead of exiting, for tests."""
     try:
-        cli.main(
+        # Without standalone mode click returns ctx.exit(n)'s code instead of exiting.
+        code = cli.main(
             args=list(argv) if argv is not None else None,
             prog_name="vodpush",
             standalone_mode=False,
@@ -302,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
