@@ -27,11 +27,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-bench: bench-status
+bench: bench-status bench-upload
 
 bench-status: $(STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk
 	$(BIN)/python bench/status_bench.py
+
+bench-upload: $(STAMP)
+	$(BIN)/python bench/upload_bench.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
