@@ -37,6 +37,8 @@ from vodpush.worker.uploader import (
     UploadError,
     UploadInterrupted,
     UploadJob,
+    _Source,
+    _verify,
     abandon,
     classify,
     guess_content_type,
@@ -175,17 +177,124 @@ def test_empty_file(s3: Any, bucket: str, tmp_path: Path) -> None:
     assert result.size == 0 and get_bytes(s3, bucket, "empty.mp4") == b""
 
 
-def test_single_put_sends_md5_and_sha256(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+def test_single_put_sends_sha256_not_md5(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     client = make_s3_client(moto.settings())
     seen = capture_headers(client)
     data = make_file(tmp_path / "x.mp4", 1000)
     run(client, UploadJob(source=tmp_path / "x.mp4", bucket=bucket, key="x.mp4"))
     puts = [h for op, h in seen if op == "PutObject"]
     assert len(puts) == 1
-    assert puts[0]["content-md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert "content-md5" not in puts[0]  # the SHA-256 checksum guards the body
     assert (
         puts[0]["x-amz-checksum-sha256"] == base64.b64encode(hashlib.sha256(data).digest()).decode()
     )
+
+
+def test_checksum_echo_verifies_without_head(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    # S3 answers a write with the SHA-256 it computed over what it stored: when that is ours,
+    # no HeadObject is needed. Bodies go unsigned (the checksum, a signed header, guards them).
+    client = make_s3_client(moto.settings())
+    seen = capture_headers(client)
+    make_file(tmp_path / "one.mp4", 1000)
+    make_file(tmp_path / "parts.mp4", 11 * MiB)
+    run(client, UploadJob(source=tmp_path / "one.mp4", bucket=bucket, key="one.mp4"))
+    assert [op for op, _ in seen] == ["PutObject"]
+    run(client, UploadJob(source=tmp_path / "parts.mp4", bucket=bucket, key="parts.mp4"))
+    # moto's CompleteMultipartUpload answer leaves the checksum out (S3's has it): HEAD then.
+    assert [op for op, _ in seen][-2:] == ["CompleteMultipartUpload", "HeadObject"]
+    bodies = [h for op, h in seen if op in ("PutObject", "UploadPart")]
+    assert len(bodies) == 4
+    assert {h["x-amz-content-sha256"] for h in bodies} == {"UNSIGNED-PAYLOAD"}
+
+
+class NoCallsClient:
+    """A client that must not be called (verification settled by the write response)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"unexpected S3 call: {name}")
+
+
+def test_composite_checksum_echo_settles_multipart(tmp_path: Path) -> None:
+    job = UploadJob(source=tmp_path / "x.mp4", bucket="b", key="x.mp4")
+    digests = [hashlib.sha256(bytes([n])).digest() for n in range(3)]
+    composite = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode() + "-3"
+    whole = base64.b64encode(hashlib.sha256(b"whole").digest()).decode()
+    checks = {
+        "size": 3,
+        "sha256": whole,
+        "sha256_composite": composite,
+        "etag": lambda: "0" * 32 + "-3",
+    }
+    _verify(NoCallsClient(), job, {"ChecksumSHA256": composite}, **checks)  # type: ignore[arg-type]
+    # A different echo is not taken on trust: S3 is asked (here, the client refuses).
+    wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode() + "-3"
+    with pytest.raises(AssertionError, match="head_object"):
+        _verify(NoCallsClient(), job, {"ChecksumSHA256": wrong}, **checks)  # type: ignore[arg-type]
+
+
+def test_without_checksums_head_object_verifies(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    client = make_s3_client(moto.settings(checksums=False))
+    seen = capture_headers(client)
+    make_file(tmp_path / "one.mp4", 1000)
+    make_file(tmp_path / "parts.mp4", 11 * MiB)
+    run(
+        client,
+        UploadJob(source=tmp_path / "one.mp4", bucket=bucket, key="one.mp4", checksums=False),
+    )
+    run(
+        client,
+        UploadJob(source=tmp_path / "parts.mp4", bucket=bucket, key="parts.mp4", checksums=False),
+    )
+    assert [op for op, _ in seen].count("HeadObject") == 2
+
+
+class ChecksumBlindClient:
+    """A fake store that ignores checksum headers: HeadObject reports only size and ETag."""
+
+    def __init__(self, head: dict[str, Any]) -> None:
+        self.head = head
+        self.deleted: list[dict[str, Any]] = []
+
+    def head_object(self, **_: Any) -> dict[str, Any]:
+        return self.head
+
+    def delete_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.deleted.append(kwargs)
+        return {}
+
+
+@pytest.mark.parametrize("parts", [None, PART])
+def test_store_without_checksums_is_verified_by_md5_etag(tmp_path: Path, parts: int | None) -> None:
+    # No SHA-256 comes back: the file is read again for the MD5 ETag, and compared.
+    data = make_file(tmp_path / "x.mp4", 2 * PART + 10)
+    if parts is None:
+        good = hashlib.md5(data).hexdigest()
+    else:
+        digests = [hashlib.md5(data[i : i + PART]).digest() for i in range(0, len(data), PART)]
+        good = f"{hashlib.md5(b''.join(digests)).hexdigest()}-3"
+    job = UploadJob(source=tmp_path / "x.mp4", bucket="b", key="x.mp4")
+    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    source = _Source(job.source)
+    try:
+        checks = {
+            "size": len(data),
+            "sha256": sha,
+            "sha256_composite": None,
+            "etag": lambda: source.md5_etag(parts),
+        }
+        written = {"ETag": f'"{good}"'}
+        _verify(
+            ChecksumBlindClient({"ContentLength": len(data), **written}), job, written, **checks
+        )
+        bad = "0" * 32 + ("" if parts is None else "-3")
+        client = ChecksumBlindClient({"ContentLength": len(data), "ETag": f'"{bad}"'})
+        with pytest.raises(UploadError, match=f"expected {good}; the object was deleted"):
+            _verify(client, job, {"ETag": f'"{bad}"'}, **checks)  # type: ignore[arg-type]
+        assert client.deleted == [{"Bucket": "b", "Key": "x.mp4"}]
+    finally:
+        source.close()
 
 
 def test_sse_kms(s3: Any, bucket: str, tmp_path: Path) -> None:
@@ -243,7 +352,7 @@ def test_multipart_parallel_parts(moto: MotoServer, bucket: str, tmp_path: Path)
 
     parts = [h for op, h in seen if op == "UploadPart"]
     assert len(parts) == 4
-    assert all("content-md5" in h and "x-amz-checksum-sha256" in h for h in parts)
+    assert all("content-md5" not in h and "x-amz-checksum-sha256" in h for h in parts)
     created = [h for op, h in seen if op == "CreateMultipartUpload"]
     assert created[0]["x-amz-checksum-algorithm"] == "SHA256"
 
@@ -693,6 +802,7 @@ def test_make_s3_client_config(moto: MotoServer) -> None:
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"
     assert config.s3["addressing_style"] == "path"
+    assert config.s3["payload_signing_enabled"] is False
     assert (config.connect_timeout, config.read_timeout) == (10, 60)
     default = make_s3_client(moto.settings()).meta.config
     assert default.request_checksum_calculation == "when_supported"

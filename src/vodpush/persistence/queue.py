@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -56,13 +56,20 @@ class QueueStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._is_postgres = engine.dialect.name == "postgresql"
+        # Built once: constructing these costs more than running them, and the worker runs
+        # them after every upload.
+        self._claim = self._claim_statement()
+        self._due_callback = (
+            select(_T.c.id)
+            .where(_T.c.callback_state == "pending", _T.c.callback_next_at <= bindparam("now"))
+            .order_by(_T.c.callback_next_at)
+            .limit(1)
+        )
 
     # -- claiming --------------------------------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
-        """Take the oldest runnable request (queued and due, or running with an expired
-        lease) in one statement; None when there is none."""
-        now = utcnow()
+    def _claim_statement(self) -> Any:
+        now = bindparam("now")
         runnable = or_(
             and_(_T.c.state == State.QUEUED.value, _T.c.not_before <= now),
             and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
@@ -70,13 +77,13 @@ class QueueStore:
         pick = select(_T.c.id).where(runnable).order_by(_T.c.id).limit(1)
         if self._is_postgres:
             pick = pick.with_for_update(skip_locked=True)
-        statement = (
+        return (
             update(_T)
             .where(_T.c.id == pick.scalar_subquery())
             .values(
                 state=State.RUNNING.value,
-                lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                lease_owner=bindparam("owner"),
+                lease_expires_at=bindparam("lease_until"),
                 attempts=_T.c.attempts + 1,
                 message="Uploading",
                 updated_at=now,
@@ -93,8 +100,18 @@ class QueueStore:
                 _T.c.attempts,
             )
         )
+
+    def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
+        """Take the oldest runnable request (queued and due, or running with an expired
+        lease) in one statement; None when there is none."""
+        now = utcnow()
+        params = {
+            "now": now,
+            "owner": owner,
+            "lease_until": now + timedelta(seconds=lease_seconds),
+        }
         with write_transaction(self._engine) as conn:
-            row = conn.execute(statement).first()
+            row = conn.execute(self._claim, params).first()
         if row is None:
             return None
         return Claimed(
@@ -116,11 +133,17 @@ class QueueStore:
             _T.c.lease_owner == owner,
         )
 
-    def _change(self, request_id: int, owner: str, **values: Any) -> None:
+    def _change(
+        self, request_id: int, owner: str, *, drop_parts: bool = False, **values: Any
+    ) -> None:
+        """Update our leased request; with ``drop_parts`` also forget its multipart ledger,
+        in the same transaction."""
         with write_transaction(self._engine) as conn:
             result = conn.execute(update(_T).where(self._owned(request_id, owner)).values(**values))
-        if result.rowcount != 1:
-            raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
+            if result.rowcount != 1:
+                raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
+            if drop_parts:
+                conn.execute(delete(_P).where(_P.c.request_id == request_id))
 
     def heartbeat(
         self,
@@ -167,9 +190,9 @@ class QueueStore:
             lease_owner=None,
             lease_expires_at=None,
             updated_at=now,
+            drop_parts=True,
             **self._callback_due(has_callback, now),
         )
-        self._drop_parts(request_id)
 
     def fail(
         self,
@@ -193,9 +216,9 @@ class QueueStore:
             lease_owner=None,
             lease_expires_at=None,
             updated_at=now,
+            drop_parts=True,
             **self._callback_due(has_callback, now),
         )
-        self._drop_parts(request_id)
 
     @staticmethod
     def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
@@ -241,22 +264,18 @@ class QueueStore:
             updated_at=now,
         )
 
-    def _drop_parts(self, request_id: int) -> None:
-        with write_transaction(self._engine) as conn:
-            conn.execute(delete(_P).where(_P.c.request_id == request_id))
-
     # -- callbacks -------------------------------------------------------------------------
 
     def claim_callback(self, lease_seconds: float) -> DueCallback | None:
         """Take a due callback by pushing its next time past the lease: a crashed deliverer's
         callback becomes due again when the lease runs out."""
         now = utcnow()
-        pick = (
-            select(_T.c.id)
-            .where(_T.c.callback_state == "pending", _T.c.callback_next_at <= now)
-            .order_by(_T.c.callback_next_at)
-            .limit(1)
-        )
+        # The worker asks after every upload: a read first spares it a write lock (SQLite)
+        # or a row lock (PostgreSQL) when, as usual, nothing is due.
+        with self._engine.connect() as conn:
+            if conn.execute(self._due_callback, {"now": now}).first() is None:
+                return None
+        pick = self._due_callback.params(now=now)
         if self._is_postgres:
             pick = pick.with_for_update(skip_locked=True)
         statement = (

@@ -38,16 +38,22 @@ def make_s3_client(
         aws_secret_access_key=s3.secret_access_key,
         region_name=s3.region,
     )
+    # botocore hashes every body once more to sign it on plain-HTTP endpoints. The uploader
+    # sends a SHA-256 checksum (or, with checksums off, a Content-MD5) with every body, in a
+    # signed header that S3 checks against the bytes: botocore's own reason to skip that
+    # over HTTPS. What S3 stored is verified after every upload anyway.
+    s3_options: dict[str, Any] = {"payload_signing_enabled": False}
+    if _has_custom_endpoint(s3):
+        # S3-compatible stores (MinIO, Ceph, moto, IP addresses) rarely have wildcard DNS
+        # for virtual-hosted buckets; path style works everywhere.
+        s3_options["addressing_style"] = "path"
     options: dict[str, Any] = {
         "connect_timeout": CONNECT_TIMEOUT,
         "read_timeout": READ_TIMEOUT,
         "max_pool_connections": max_pool_connections,
         "retries": {"mode": "standard", "max_attempts": max_attempts},
+        "s3": s3_options,
     }
-    if _has_custom_endpoint(s3):
-        # S3-compatible stores (MinIO, Ceph, moto, IP addresses) rarely have wildcard DNS
-        # for virtual-hosted buckets; path style works everywhere.
-        options["s3"] = {"addressing_style": "path"}
     if not s3.checksums:
         # Some S3-compatible stores reject the CRC headers botocore adds by default since
         # 1.36; only send checksums an operation strictly requires.

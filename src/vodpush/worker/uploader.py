@@ -520,6 +520,13 @@ def _md5(data: bytes) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
 
 
+def _md5_or_none(data: bytes, job: UploadJob) -> bytes | None:
+    """The Content-MD5 digest, needed only without SHA-256 checksums: with them S3 checks
+    the body against the (signed) checksum header, as AWS's own SDKs now rely on, and
+    hashing every byte once more would cost about a third of the worker's CPU."""
+    return None if job.checksums else _md5(data)
+
+
 def _part_size(size: int, chunksize: int) -> int:
     """``chunksize``, grown (to whole MiB) when the file would need more than 10,000 parts."""
     if size > MAX_OBJECT_SIZE:
@@ -592,6 +599,30 @@ class _Source:
         except OSError as exc:
             raise classify(exc) from exc
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def md5_etag(self, part_size: int | None) -> str:
+        """The MD5 ETag of the file read again: of the whole, or with ``part_size`` the
+        multipart ``md5(part md5s)-N``. Only for stores that report no SHA-256 to compare."""
+        try:
+            self.file.seek(0)
+        except OSError as exc:
+            raise classify(exc) from exc
+        if part_size is None:
+            return self._md5_of_next(self.size).hex()
+        digests = [
+            self._md5_of_next(min(part_size, self.size - offset))
+            for offset in range(0, self.size, part_size)
+        ]
+        whole = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+        return f"{whole}-{len(digests)}"
+
+    def _md5_of_next(self, length: int) -> bytes:
+        md5 = hashlib.md5(usedforsecurity=False)
+        while length:
+            step = min(length, 8 * MiB)  # bounded memory, whatever the length
+            md5.update(self.read_exact(step))
+            length -= step
+        return md5.digest()
 
     def check_unchanged(self) -> None:
         """After the last byte: nothing was appended, size and mtime are as when opened."""
@@ -683,9 +714,9 @@ def abandon(client: BaseClient, job: UploadJob, ledger: PartLedger) -> bool:
     the upload id is not lost and a later call can try again.
     """
     checkpoint = ledger.load()
-    if checkpoint is not None and not abort_multipart(
-        client, job.bucket, job.key, checkpoint.upload_id
-    ):
+    if checkpoint is None:
+        return True  # nothing to abort, nothing to clear (and no write)
+    if not abort_multipart(client, job.bucket, job.key, checkpoint.upload_id):
         return False
     ledger.clear()
     return True
@@ -738,8 +769,10 @@ def _put_single(
     data = source.read_exact(source.size)
     source.check_unchanged()
     sha = hashlib.sha256(data).digest()
-    md5 = _md5(data)
-    args = _object_args(job) | {"Body": data, "ContentMD5": _b64(md5)}
+    md5 = _md5_or_none(data, job)
+    args = _object_args(job) | {"Body": data}
+    if md5 is not None:
+        args["ContentMD5"] = _b64(md5)
     if job.checksums:
         args |= {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": _b64(sha)}
     response = _s3_call(client.put_object, **args)
@@ -752,7 +785,7 @@ def _put_single(
         size=source.size,
         sha256=_b64(sha) if job.checksums else None,
         sha256_composite=None,
-        etag=md5.hex(),
+        etag=(lambda: md5.hex()) if md5 is not None else (lambda: source.md5_etag(None)),
     )
     return _result(client, job, response, sha=sha, size=source.size, sent=1, total=1)
 
@@ -765,9 +798,19 @@ def _verify(
     size: int,
     sha256: str | None,
     sha256_composite: str | None,
-    etag: str,
+    etag: Callable[[], str],
 ) -> None:
-    """HeadObject and compare; on a mismatch delete the object (see below) and raise."""
+    """Check what S3 stored; on a mismatch delete the object (see below) and raise.
+
+    When the write response itself carries the SHA-256 we sent (S3 computed it over the
+    bytes it stored: the whole object, or the parts it assembled), that settles it;
+    otherwise HeadObject tells, by its SHA-256 or else by its MD5 ETag (``etag()`` gives
+    the expected one, computed only then).
+    """
+    if written.get("ChecksumSHA256") and (sha256 or sha256_composite):
+        proven = verify_stored(written, size=size, sha256=sha256, sha256_composite=sha256_composite)
+        if proven is None:
+            return
     args: dict[str, Any] = {"Bucket": job.bucket, "Key": job.key}
     version = written.get("VersionId")
     if version and version != "null":  # the version we wrote, not a later writer's
@@ -796,8 +839,13 @@ def _verify(
         stored = written
     except BotoCoreError as exc:
         raise classify(exc) from exc
+    settled_by_sha = bool(stored.get("ChecksumSHA256") and (sha256 or sha256_composite))
     problem = verify_stored(
-        stored, size=size, sha256=sha256, sha256_composite=sha256_composite, etag=etag
+        stored,
+        size=size,
+        sha256=sha256,
+        sha256_composite=sha256_composite,
+        etag=None if settled_by_sha else etag(),
     )
     if problem is None:
         return
@@ -855,7 +903,7 @@ def _result(
 @dataclass(frozen=True)
 class _DonePart:
     record: PartRecord
-    md5: bytes
+    md5: bytes | None  # None with checksums on (see _md5_or_none)
     sha256: bytes | None
 
 
@@ -927,7 +975,6 @@ class _Multipart:
             raise
         digests = [self._done[n] for n in range(1, self.total + 1)]
         composite = hashlib.sha256(b"".join(d.sha256 or b"" for d in digests)).digest()
-        etag = hashlib.md5(b"".join(d.md5 for d in digests), usedforsecurity=False).hexdigest()
         _verify(
             self.client,
             self.job,
@@ -935,7 +982,7 @@ class _Multipart:
             size=self.source.size,
             sha256=_b64(sha) if self.job.checksums else None,
             sha256_composite=f"{_b64(composite)}-{self.total}" if self.job.checksums else None,
-            etag=f"{etag}-{self.total}",
+            etag=lambda: self._expected_etag(digests),
         )
         self.ledger.clear()
         self._log("multipart upload completed", "s3.multipart.complete", parts=self.total)
@@ -948,6 +995,12 @@ class _Multipart:
             sent=self._sent,
             total=self.total,
         )
+
+    def _expected_etag(self, digests: list[_DonePart]) -> str:
+        if any(d.md5 is None for d in digests):
+            return self.source.md5_etag(self.chunksize)
+        whole = hashlib.md5(b"".join(d.md5 or b"" for d in digests), usedforsecurity=False)
+        return f"{whole.hexdigest()}-{self.total}"
 
     def _resume(self) -> MultipartCheckpoint | None:
         """The checkpoint to continue, with only parts S3 still holds; None to start over."""
@@ -1098,10 +1151,10 @@ class _Multipart:
         """The part, when S3 already holds exactly ``data`` for it; else None (send it)."""
         if record is None or record.size != len(data):
             return None
-        md5 = _md5(data)
         if self.job.checksums:
             sha = hashlib.sha256(data).digest()
-            return _DonePart(record, md5, sha) if record.checksum_sha256 == _b64(sha) else None
+            return _DonePart(record, None, sha) if record.checksum_sha256 == _b64(sha) else None
+        md5 = _md5(data)
         etag = record.etag.strip('"')
         if _MD5_ETAG.match(etag) and etag != md5.hex():
             return None
@@ -1112,7 +1165,7 @@ class _Multipart:
         try:
             if self._failed.is_set():
                 return
-            md5 = _md5(data)
+            md5 = _md5_or_none(data, self.job)
             sha = hashlib.sha256(data).digest() if self.job.checksums else None
             args: dict[str, Any] = {
                 "Bucket": self.job.bucket,
@@ -1120,8 +1173,10 @@ class _Multipart:
                 "UploadId": self.upload_id,
                 "PartNumber": number,
                 "Body": data,
-                "ContentMD5": _b64(md5),  # S3 refuses the part if the bytes differ
             }
+            # Either header makes S3 refuse the part if the bytes differ.
+            if md5 is not None:
+                args["ContentMD5"] = _b64(md5)
             if sha is not None:
                 args |= {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": _b64(sha)}
             response = _s3_call(self.client.upload_part, **args)
