@@ -823,8 +823,19 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool × workload")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="big,small")
-    parser.add_argument("--chunk-mib", type=int, default=16, help="vodpush part size")
-    parser.add_argument("--threshold-mib", type=int, default=16, help="vodpush multipart from")
+    defaults = Settings.model_fields
+    parser.add_argument(
+        "--chunk-mib",
+        type=int,
+        default=defaults["multipart_chunksize"].default // MiB,
+        help="vodpush part size",
+    )
+    parser.add_argument(
+        "--threshold-mib",
+        type=int,
+        default=defaults["multipart_threshold"].default // MiB,
+        help="vodpush multipart from",
+    )
     parser.add_argument("--part-concurrency", type=int, default=8, help="vodpush parts at once")
     parser.add_argument("--worker-concurrency", type=int, default=8, help="vodpush uploads at once")
     parser.add_argument("--log-level", default="info", help="vodpush worker log level")

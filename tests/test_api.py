@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.wire import STYLES, call, envelope, php_style, post
+from vodpush.api.dispatch import is_read_only
 
 FILE = "sestore1/jb/videos/clip.mp4"
 
@@ -386,3 +387,13 @@ def test_tenant_isolation(live_server, account, make_account, clip, sestore_root
 
 def test_healthz(live_server):
     assert httpx.get(live_server.url + "/healthz").json() == {"status": "ok"}
+
+
+def test_read_only_commands_are_recognised_without_trusting_the_text() -> None:
+    # Only where a command runs depends on this look; handle() still checks everything.
+    assert is_read_only('{"command":"aws.status","cdn":1}')
+    assert not is_read_only('{"command":"aws.upload","cdn":1}')
+    assert not is_read_only('{"command":"aws.statusx"}')
+    assert not is_read_only('["aws.status"]')
+    assert not is_read_only("json=not json")
+    assert not is_read_only('{"cdn":1}')

@@ -44,8 +44,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1)
     retry_base_delay: float = Field(default=2.0, ge=0)
     retry_max_delay: float = Field(default=300.0, ge=0)
-    multipart_threshold: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
-    multipart_chunksize: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # 8 MiB as awscli/s3transfer: (part_concurrency + 1) parts of it is the memory an upload
+    # may hold, and larger parts were not faster.
+    multipart_threshold: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_chunksize: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     part_concurrency: int = Field(default=8, ge=1, le=64)
     shutdown_grace: float = Field(default=30.0, ge=0)
 

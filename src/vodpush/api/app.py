@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vodpush.api.dispatch import Unreadable, handle
+from vodpush.api.dispatch import Unreadable, handle, is_read_only
 from vodpush.persistence.queue import QueueStore
 from vodpush.protocol.envelope import Code, failure
 from vodpush.service import Service
@@ -88,14 +88,22 @@ def create_app(service: Service) -> Starlette:
     # Commands do blocking database I/O, so they run in threads; but a few threads serve
     # best: more only contend for the GIL (measured in bench/status_bench.py).
     threads = anyio.CapacityLimiter(service.settings.api_threads)
+    # A read on SQLite is a fraction of a millisecond of CPU with nothing to wait for (WAL
+    # readers never block): a thread would only add GIL hand-overs between it and the event
+    # loop, which halved aws.status throughput (bench/status_bench.py). Writes may wait for
+    # the write lock, and PostgreSQL for the network: those keep to the threads.
+    inline_reads = service.engine.dialect.name == "sqlite"
 
     async def api(request: Request) -> Response:
         started = time.perf_counter()
         try:
             raw = await _json_field(request, limit)
-            envelope = await anyio.to_thread.run_sync(
-                handle, service, raw, started, limiter=threads
-            )
+            if inline_reads and is_read_only(raw):
+                envelope = handle(service, raw, started)
+            else:
+                envelope = await anyio.to_thread.run_sync(
+                    handle, service, raw, started, limiter=threads
+                )
         except (_Refusal, Unreadable, ValueError) as exc:
             status = exc.http_status if isinstance(exc, _Refusal) else 400
             message = exc.message if isinstance(exc, _Refusal) else str(exc)

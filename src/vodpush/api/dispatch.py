@@ -7,7 +7,9 @@ import logging
 import time
 from typing import Any
 
-from vodpush.commands import COMMANDS, CommandContext
+import orjson
+
+from vodpush.commands import COMMANDS, READ_ONLY_COMMANDS, CommandContext
 from vodpush.protocol.auth import authenticate
 from vodpush.protocol.envelope import ApiError, Code, failure, success
 from vodpush.protocol.fields import require
@@ -28,6 +30,16 @@ def parse(raw: str) -> SignedRequest:
         raise
     except ValueError as exc:
         raise Unreadable(str(exc)) from exc
+
+
+def is_read_only(raw: str) -> bool:
+    """Whether ``raw`` names a read-only command: a quick look to choose where to run it;
+    ``handle`` still parses, checks and refuses as it always does."""
+    try:
+        command = orjson.loads(raw).get("command")
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+    return command in READ_ONLY_COMMANDS
 
 
 def handle(service: Service, raw: str, started: float) -> dict[str, Any]:

@@ -16,5 +16,7 @@ COMMANDS: dict[str, Handler] = {
     "aws.upload": aws_upload,
     "aws.status": aws_status,
 }
+# Commands that only read: they never wait for a write lock.
+READ_ONLY_COMMANDS = frozenset({"aws.status"})
 
-__all__ = ["COMMANDS", "CommandContext", "Handler"]
+__all__ = ["COMMANDS", "READ_ONLY_COMMANDS", "CommandContext", "Handler"]
