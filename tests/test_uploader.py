@@ -758,6 +758,22 @@ def test_verify_stored() -> None:
     assert verify_stored(kms, size=3, sha256=None, etag=md5) is None
     # A non-MD5 ETag (some S3-compatible stores) cannot be compared.
     assert verify_stored({"ETag": '"opaque"'}, size=3, sha256=None, etag=md5) is None
+    # A function giving the ETag (it reads the file again) is called only to compare.
+    calls: list[int] = []
+
+    def expected_etag() -> str:
+        calls.append(1)
+        return md5
+
+    assert verify_stored(ok, size=3, sha256=sha, etag=expected_etag) is None
+    assert verify_stored(kms, size=3, sha256=None, etag=expected_etag) is None
+    assert calls == []
+    assert "ETag" in verify_stored(bad_etag, size=3, sha256=None, etag=expected_etag)
+    assert (
+        verify_stored(bad_etag | {"ETag": f'"{md5}"'}, size=3, sha256=None, etag=expected_etag)
+        is None
+    )
+    assert calls == [1, 1]
 
 
 # -- small pure helpers ---------------------------------------------------------------------

@@ -459,15 +459,16 @@ def verify_stored(
     size: int,
     sha256: str | None,
     sha256_composite: str | None = None,
-    etag: str | None = None,
+    etag: str | Callable[[], str] | None = None,
 ) -> str | None:
     """Why the object S3 describes in ``stored`` (a HeadObject, PutObject or
     CompleteMultipartUpload response) differs from what was read, or None.
 
     ``sha256`` is the base64 SHA-256 of the whole source and ``sha256_composite`` the
     multipart ``base64(sha256(part digests))-N`` (both None when checksums are off); ``etag``
-    the expected MD5 ETag. A SHA-256 that S3 returns settles it; otherwise an MD5-shaped
-    ETag is compared, except under SSE-KMS or SSE-C whose ETags are not the MD5.
+    the expected MD5 ETag, or a function computing it (called only when it is compared).
+    A SHA-256 that S3 returns settles it; otherwise an MD5-shaped ETag is compared, except
+    under SSE-KMS or SSE-C whose ETags are not the MD5.
     """
     length = stored.get("ContentLength")
     if length is not None and length != size:
@@ -487,13 +488,15 @@ def verify_stored(
     stored_etag = str(stored.get("ETag") or "").strip('"')
     encryption = str(stored.get("ServerSideEncryption") or "")
     if (
-        etag
-        and _MD5_ETAG.match(stored_etag)
-        and not encryption.startswith("aws:kms")
-        and not stored.get("SSECustomerAlgorithm")
-        and stored_etag != etag
+        not etag
+        or not _MD5_ETAG.match(stored_etag)
+        or encryption.startswith("aws:kms")
+        or stored.get("SSECustomerAlgorithm")
     ):
-        return f"S3 reports ETag {stored_etag}, expected {etag}"
+        return None
+    expected = etag() if callable(etag) else etag
+    if stored_etag != expected:
+        return f"S3 reports ETag {stored_etag}, expected {expected}"
     return None
 
 
@@ -839,13 +842,8 @@ def _verify(
         stored = written
     except BotoCoreError as exc:
         raise classify(exc) from exc
-    settled_by_sha = bool(stored.get("ChecksumSHA256") and (sha256 or sha256_composite))
     problem = verify_stored(
-        stored,
-        size=size,
-        sha256=sha256,
-        sha256_composite=sha256_composite,
-        etag=None if settled_by_sha else etag(),
+        stored, size=size, sha256=sha256, sha256_composite=sha256_composite, etag=etag
     )
     if problem is None:
         return
