@@ -83,9 +83,9 @@ class AccountStore:
     def __init__(self, engine: Engine, box: SecretBox) -> None:
         self._engine = engine
         self._box = box
-        self._by_key = PreparedQuery(
-            engine, select(*Account.__table__.c).where(Account.api_key == bindparam("key"))
-        )
+        columns = select(*Account.__table__.c)
+        self._by_key = PreparedQuery(engine, columns.where(Account.api_key == bindparam("key")))
+        self._by_id = PreparedQuery(engine, columns.where(Account.id == bindparam("id")))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -122,9 +122,8 @@ class AccountStore:
         return self._from_row(self._by_key.first(key=api_key))
 
     def by_id(self, account_id: int) -> AccountRecord | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(select(Account).where(Account.id == account_id)).first()
-        return self._from_row(row)
+        """The lookup behind every upload (a prepared query)."""
+        return self._from_row(self._by_id.first(id=account_id))
 
     def _from_row(self, row: Any) -> AccountRecord | None:
         return None if row is None else self._record(row)

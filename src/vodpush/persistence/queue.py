@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.sql.elements import ClauseElement
 
 from vodpush.persistence.accounts import utcnow
 from vodpush.persistence.db import write_transaction
@@ -59,6 +60,7 @@ class QueueStore:
         # Built once: constructing these costs more than running them, and the worker runs
         # them after every upload.
         self._claim = self._claim_statement()
+        self._updates: dict[tuple[str, ...], Any] = {}
         self._due_callback = (
             select(_T.c.id)
             .where(_T.c.callback_state == "pending", _T.c.callback_next_at <= bindparam("now"))
@@ -133,13 +135,37 @@ class QueueStore:
             _T.c.lease_owner == owner,
         )
 
+    def _update_of(self, columns: tuple[str, ...]) -> Any:
+        """The UPDATE of ``columns`` of a request we lease, built once per set of columns
+        (building one costs more than running it). Parameters: rid, owner, new_<column>."""
+        statement = self._updates.get(columns)
+        if statement is None:
+            statement = (
+                update(_T)
+                .where(
+                    _T.c.id == bindparam("rid"),
+                    _T.c.state == State.RUNNING.value,
+                    _T.c.lease_owner == bindparam("owner"),
+                )
+                .values({name: bindparam(f"new_{name}") for name in columns})
+            )
+            self._updates[columns] = statement
+        return statement
+
     def _change(
         self, request_id: int, owner: str, *, drop_parts: bool = False, **values: Any
     ) -> None:
         """Update our leased request; with ``drop_parts`` also forget its multipart ledger,
-        in the same transaction."""
+        in the same transaction. Values are plain values, or SQL expressions (not cached)."""
+        if any(isinstance(v, ClauseElement) for v in values.values()):
+            statement = update(_T).where(self._owned(request_id, owner)).values(**values)
+            params: dict[str, Any] = {}
+        else:
+            statement = self._update_of(tuple(sorted(values)))
+            params = {f"new_{k}": v for k, v in values.items()}
+            params |= {"rid": request_id, "owner": owner}
         with write_transaction(self._engine) as conn:
-            result = conn.execute(update(_T).where(self._owned(request_id, owner)).values(**values))
+            result = conn.execute(statement, params)
             if result.rowcount != 1:
                 raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
             if drop_parts:
@@ -386,6 +412,11 @@ class QueueStore:
         return busy is not None
 
 
+# Built once: a single-PUT upload looks for a checkpoint too.
+_LEDGER_HEADER = select(_T.c.multipart_json).where(_T.c.id == bindparam("rid"))
+_LEDGER_PARTS = select(_P).where(_P.c.request_id == bindparam("rid"))
+
+
 class DbLedger:
     """The uploader's PartLedger on the database: the checkpoint header on the request row,
     one upload_parts row per stored part. Thread-safe (each call is its own transaction)."""
@@ -399,12 +430,10 @@ class DbLedger:
 
     def load(self) -> MultipartCheckpoint | None:
         with self._engine.connect() as conn:
-            header = conn.execute(
-                select(_T.c.multipart_json).where(_T.c.id == self._request_id)
-            ).scalar()
+            header = conn.execute(_LEDGER_HEADER, {"rid": self._request_id}).scalar()
             if not header:
                 return None
-            parts = conn.execute(select(_P).where(_P.c.request_id == self._request_id)).all()
+            parts = conn.execute(_LEDGER_PARTS, {"rid": self._request_id}).all()
         data = json.loads(header)
         data["parts"] = {
             str(p.part_number): {
