@@ -423,3 +423,14 @@ def test_serve_runs_api_and_worker_and_stops_on_sigterm(
         if line.startswith("{")
     ]
     assert "worker.stopped" in actions and "upload.succeeded" in actions
+    assert actions.count("worker.stop") == 1  # the signal and the server's shutdown: once
+
+
+def test_a_second_stop_never_extends_the_grace_period(service):
+    worker = Worker(service)
+    worker.stop(grace=5)
+    first = worker._deadline
+    worker.stop(grace=60)
+    assert worker._deadline == first
+    worker.stop(grace=0)  # e.g. a second Ctrl-C: stop now
+    assert worker._deadline < first

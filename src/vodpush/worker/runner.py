@@ -87,7 +87,12 @@ class Worker:
         """Stop claiming; running uploads get ``grace`` seconds to finish, then are
         interrupted and released for another worker (they resume from their parts)."""
         grace = self.settings.shutdown_grace if grace is None else grace
-        self._deadline = time.monotonic() + grace
+        deadline = time.monotonic() + grace
+        # A second stop (a second signal, or the server's own shutdown after one) can only
+        # bring the deadline nearer, never push it away.
+        if self._stopping.is_set() and deadline >= self._deadline:
+            return
+        self._deadline = deadline
         self._stopping.set()
         self._wakeup.set()
         log.info("worker stopping", extra={"action": "worker.stop", "grace": grace})
