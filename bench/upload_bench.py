@@ -2,10 +2,11 @@
 
 Two workloads, one 1 GiB file and 500 files of 2 MiB (random bytes, written once to a temp
 directory, so every tool reads the same files from the page cache), are uploaded by each tool
-in turn to the same S3 server on 127.0.0.1: by default one moto server process
-(`python -m moto.server`) for the whole run, each tool and workload into a fresh bucket that is
-verified (object count, sizes and ETags against the MD5s of the files) and then emptied and
-deleted, so the server holds at most one copy at a time.
+in turn to the same kind of S3 server on 127.0.0.1: by default a moto server process
+(`python -m moto.server`) started afresh for every run (one that has held and freed gigabytes
+serves the next big upload up to half faster or slower; --reuse-server keeps one), each tool
+and workload into a new bucket that is verified (object count, sizes and ETags against the
+MD5s of the files) and then emptied and deleted.
 
 Every tool runs as its own process; its time is the process's wall time, start to exit, and
 its peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (that process alone). vodpush
@@ -221,7 +222,7 @@ class MotoServer(LocalServer):
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         tmp = self.work / "moto-tmp"  # where moto spools the bodies it keeps on disk
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=True)
         env = {"TMPDIR": str(tmp)}
         buffer = moto_in_memory(self.largest)
         if buffer:
@@ -511,8 +512,22 @@ class Bench:
     client: BaseClient
     workloads: dict[str, Workload]
     server_note: str
+    server: LocalServer | None = None  # ours to restart; None for --s3-url
     secret_key: str = field(default_factory=generate_key)
     runs: int = 0
+
+    def fresh_server(self) -> None:
+        """Restart moto before a run: a server that has held (and freed) gigabytes runs the
+        next big upload faster or slower by half, depending on what ran before. Each run
+        then meets the same, new process."""
+        if self.server is None or self.args.reuse_server or self.args.server != "moto":
+            return
+        with console.status(f"restarting {self.server.name}"):
+            self.server.stop()
+            self.server.start()
+        self.server_pid = self.server.pid
+        self.client = s3_client(self.url)  # the old pool's connections are dead
+        self.wait_writable()
 
     def wait_writable(self, timeout: float = 60) -> None:
         """Until a bucket can be made and written (SeaweedFS allocates volumes lazily)."""
@@ -533,6 +548,7 @@ class Bench:
         return [AWSCLI_PART, S5CMD_PART, self.args.chunk_mib * MiB]
 
     def run(self, tool: str, workload: Workload) -> Run:
+        self.fresh_server()
         self.runs += 1
         bucket = f"upload-bench-{self.runs}-{tool}-{workload.name}"
         self.client.create_bucket(Bucket=bucket)
@@ -691,6 +707,8 @@ def report(bench: Bench, results: dict[tuple[str, str], list[Run]], tools: list[
     args = bench.args
     server = bench.server_note
     how = f"median of {args.repeat} runs" if args.repeat > 1 else "one run"
+    if bench.server is not None and not args.reuse_server and args.server == "moto":
+        how += ", a fresh server for each"
     table = Table(
         title=f"Uploads to {server} on {os.cpu_count()} CPUs ({how}; MB = 10^6 bytes)",
         caption="  ".join(f"{w.name}: {w.describe()}" for w in bench.workloads.values()),
@@ -856,6 +874,11 @@ def main() -> int:
         default=None,
         help="use an S3-compatible server already running on 127.0.0.1 instead",
     )
+    parser.add_argument(
+        "--reuse-server",
+        action="store_true",
+        help="one moto process for all runs (default: a fresh one for each run)",
+    )
     parser.add_argument("--tmp-dir", default=None, help="where the temp directory goes")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
     args = parser.parse_args()
@@ -883,7 +906,7 @@ def main() -> int:
                 url, pid, note = server.url, server.pid, server.note
             else:
                 url, pid, note = args.s3_url.rstrip("/"), None, args.s3_url
-            bench = Bench(args, work, url, pid, s3_client(url), workloads, note)
+            bench = Bench(args, work, url, pid, s3_client(url), workloads, note, server)
             bench.wait_writable()
             for rep in range(args.repeat):
                 for wl in wanted:
