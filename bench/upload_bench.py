@@ -57,7 +57,7 @@ from vodpush.persistence.accounts import S3Settings
 from vodpush.persistence.requests import NewRequest
 from vodpush.service import Service
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)  # logs: no truncated cells
 MiB = 1024 * 1024
 MB = 1_000_000
 USERNAME = "bench"

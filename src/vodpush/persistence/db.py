@@ -88,16 +88,27 @@ class PreparedQuery:
         self._sql = str(compiled)
         # qmark (SQLite) wants a sequence in order; pyformat (psycopg) a mapping.
         self._order = compiled.positiontup
+        # SQLite connections here are in autocommit already (SQLAlchemy emits BEGIN itself).
+        self._autocommit = engine.dialect.name == "postgresql"
         self.row = namedtuple("Row", [c.key for c in statement.selected_columns])  # type: ignore[misc]
 
     def all(self, **params: Any) -> list[Any]:
         args: Any = [params[name] for name in self._order] if self._order else params
         conn = self._engine.raw_connection()
         try:
-            cursor = conn.cursor()
-            cursor.execute(self._sql, args)
-            rows = cursor.fetchall()
-            cursor.close()
+            if self._autocommit:
+                # A lone SELECT needs no transaction: without one, psycopg sends no BEGIN and
+                # the pool no ROLLBACK on return, two round trips of the three (a third of
+                # an aws.status call on PostgreSQL).
+                conn.driver_connection.autocommit = True  # type: ignore[union-attr]
+            try:
+                cursor = conn.cursor()
+                cursor.execute(self._sql, args)
+                rows = cursor.fetchall()
+                cursor.close()
+            finally:
+                if self._autocommit:
+                    conn.driver_connection.autocommit = False  # type: ignore[union-attr]
         finally:
             conn.close()
         make = self.row._make
