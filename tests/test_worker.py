@@ -25,11 +25,12 @@ from tests.wire import call
 from vodpush.cli import main
 from vodpush.metadata import decode_value
 from vodpush.persistence.accounts import S3Settings
-from vodpush.persistence.queue import QueueStore
+from vodpush.persistence.queue import DbLedger, LeaseLost, QueueStore
 from vodpush.persistence.requests import NewRequest
 from vodpush.service import Service
 from vodpush.webhooks import standard_webhooks_secret
 from vodpush.worker.runner import Worker
+from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
 
 
 class Receiver:
@@ -434,3 +435,45 @@ def test_a_second_stop_never_extends_the_grace_period(service):
     assert worker._deadline == first
     worker.stop(grace=0)  # e.g. a second Ctrl-C: stop now
     assert worker._deadline < first
+
+
+def test_db_ledger_and_the_claims_checkpoint_flag(service, account):
+    """The multipart ledger on the database, and the claim telling whether one exists (so a
+    single-PUT upload asks nothing)."""
+    queue = QueueStore(service.engine)
+    queued = service.requests.enqueue(
+        NewRequest(
+            account_id=account.id,
+            cdn_id=account.cdn,
+            path="sestore1/jb/x.mp4",
+            destination_path="x.mp4",
+            bucket="b",
+            acl="private",
+            metadata={},
+            callback="",
+            signature="ledger-test",
+        )
+    )
+    first = queue.claim("w1", lease_seconds=0.01)
+    assert first is not None and first.id == queued.id and not first.has_checkpoint
+    ledger = DbLedger(service.engine, first.id, "w1", empty=True)
+    assert ledger.load() is None
+    checkpoint = MultipartCheckpoint(
+        upload_id="u-1", chunksize=5 * MiB, size=11 * MiB, mtime_ns=1, checksums=True
+    )
+    ledger.begin(checkpoint)
+    ledger.part_done(2, PartRecord(etag='"e2"', checksum_sha256="c2", size=5 * MiB))
+    loaded = ledger.load()
+    assert loaded is not None and loaded.upload_id == "u-1"
+    assert loaded.parts == {2: PartRecord(etag='"e2"', checksum_sha256="c2", size=5 * MiB)}
+
+    time.sleep(0.05)  # the lease expires: another worker takes the request over
+    second = queue.claim("w2", lease_seconds=60)
+    assert second is not None and second.id == first.id and second.has_checkpoint
+    resumed = DbLedger(service.engine, second.id, "w2", empty=not second.has_checkpoint)
+    assert resumed.load() == loaded
+    with pytest.raises(LeaseLost):
+        ledger.begin(checkpoint)  # w1 lost its lease
+    resumed.clear()
+    assert resumed.load() is None
+    assert DbLedger(service.engine, second.id, "w2").load() is None

@@ -42,6 +42,7 @@ class Claimed:
     metadata: dict[str, str]
     callback: str
     attempts: int
+    has_checkpoint: bool = False  # a multipart upload of an earlier attempt may resume
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class QueueStore:
                 _T.c.metadata_json,
                 _T.c.callback,
                 _T.c.attempts,
+                # The column, not "multipart_json IS NOT NULL": SQLite 3.40 evaluates that
+                # wrongly in RETURNING (1 for a NULL column added by ALTER TABLE).
+                _T.c.multipart_json,
             )
         )
 
@@ -126,6 +130,7 @@ class QueueStore:
             metadata=json.loads(row.metadata_json or "{}"),
             callback=row.callback,
             attempts=row.attempts,
+            has_checkpoint=row.multipart_json is not None,
         )
 
     def _owned(self, request_id: int, owner: str) -> Any:
@@ -421,14 +426,19 @@ class DbLedger:
     """The uploader's PartLedger on the database: the checkpoint header on the request row,
     one upload_parts row per stored part. Thread-safe (each call is its own transaction)."""
 
-    def __init__(self, engine: Engine, request_id: int, owner: str) -> None:
+    def __init__(self, engine: Engine, request_id: int, owner: str, *, empty: bool = False) -> None:
+        """``empty``: the claim showed no checkpoint, so until ``begin`` none is looked up
+        (every single-PUT upload asks)."""
         self._engine = engine
         self._request_id = request_id
         self._owner = owner
         self._is_postgres = engine.dialect.name == "postgresql"
         self._lock = threading.Lock()  # SQLite: one writer at a time anyway
+        self._empty = empty
 
     def load(self) -> MultipartCheckpoint | None:
+        if self._empty:
+            return None
         with self._engine.connect() as conn:
             header = conn.execute(_LEDGER_HEADER, {"rid": self._request_id}).scalar()
             if not header:
@@ -465,6 +475,7 @@ class DbLedger:
                 conn.execute(
                     insert(_P).values(request_id=self._request_id, part_number=int(number), **part)
                 )
+        self._empty = False
 
     def part_done(self, part_number: int, record: PartRecord) -> None:
         values = {
@@ -487,3 +498,4 @@ class DbLedger:
         with write_transaction(self._engine) as conn:
             conn.execute(update(_T).where(_T.c.id == self._request_id).values(multipart_json=None))
             conn.execute(delete(_P).where(_P.c.request_id == self._request_id))
+        self._empty = True

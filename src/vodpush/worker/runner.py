@@ -74,6 +74,11 @@ class Worker:
         self._callback_slots = threading.Semaphore(CALLBACK_THREADS)
         self._active: dict[int, _Active] = {}
         self._callbacks_inflight = 0
+        # Due callbacks are looked for when one may just have become due (an upload with a
+        # callback ended, a delivery slot freed) and otherwise once a poll interval, not
+        # after every upload.
+        self._callback_news = threading.Event()
+        self._next_callback_poll = 0.0
         self._lock = threading.Lock()
         self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
 
@@ -117,7 +122,10 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 claimed = self._claim_uploads(uploads)
-                self._claim_callbacks(callbacks)
+                if self._callback_news.is_set() or time.monotonic() >= self._next_callback_poll:
+                    self._callback_news.clear()
+                    self._next_callback_poll = time.monotonic() + self.settings.poll_interval
+                    self._claim_callbacks(callbacks)
                 if (
                     burst
                     and not self._active
@@ -256,7 +264,9 @@ class Worker:
             checksums=account.s3.checksums,
         )
         client = self._client(account)
-        ledger = DbLedger(self.service.engine, request.id, self.owner)
+        ledger = DbLedger(
+            self.service.engine, request.id, self.owner, empty=not request.has_checkpoint
+        )
         log.info("upload started", extra={"action": "upload.started", **extra})
         try:
             result = upload(
@@ -305,7 +315,7 @@ class Worker:
             },
         )
         if request.callback:
-            self._wakeup.set()
+            self._callback_ready()
 
     def _upload_failed(
         self,
@@ -376,7 +386,7 @@ class Worker:
             extra={"action": "upload.failed", **extra, "error": message, "code": code},
         )
         if request.callback:
-            self._wakeup.set()
+            self._callback_ready()
 
     # -- heartbeats ------------------------------------------------------------------------
 
@@ -411,6 +421,10 @@ class Worker:
 
     # -- callbacks -------------------------------------------------------------------------
 
+    def _callback_ready(self) -> None:
+        self._callback_news.set()
+        self._wakeup.set()
+
     def _run_callback(self, due: DueCallback) -> None:
         extra = {"request_id": due.id, "account_id": due.account_id}
         try:
@@ -423,6 +437,7 @@ class Worker:
             with self._lock:
                 self._callbacks_inflight -= 1
             self._callback_slots.release()
+            self._callback_ready()  # the freed slot may take another due callback
 
     def _deliver(self, due: DueCallback, extra: dict[str, Any]) -> None:
         account = self.service.accounts.by_id(due.account_id)
