@@ -23,6 +23,13 @@ from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
 _T = UploadRequest.__table__
 _P = UploadPart.__table__
 _A = CallbackAttempt.__table__
+# The guard of every change a worker makes to a request: it still holds the lease.
+# Parameters: rid, owner.
+_LEASED = and_(
+    _T.c.id == bindparam("rid"),
+    _T.c.state == State.RUNNING.value,
+    _T.c.lease_owner == bindparam("owner"),
+)
 
 
 class LeaseLost(RuntimeError):
@@ -133,13 +140,6 @@ class QueueStore:
             has_checkpoint=row.multipart_json is not None,
         )
 
-    def _owned(self, request_id: int, owner: str) -> Any:
-        return and_(
-            _T.c.id == request_id,
-            _T.c.state == State.RUNNING.value,
-            _T.c.lease_owner == owner,
-        )
-
     def _update_of(self, columns: tuple[str, ...]) -> Any:
         """The UPDATE of ``columns`` of a request we lease, built once per set of columns
         (building one costs more than running it). Parameters: rid, owner, new_<column>."""
@@ -147,11 +147,7 @@ class QueueStore:
         if statement is None:
             statement = (
                 update(_T)
-                .where(
-                    _T.c.id == bindparam("rid"),
-                    _T.c.state == State.RUNNING.value,
-                    _T.c.lease_owner == bindparam("owner"),
-                )
+                .where(_LEASED)
                 .values({name: bindparam(f"new_{name}") for name in columns})
             )
             self._updates[columns] = statement
@@ -162,13 +158,12 @@ class QueueStore:
     ) -> None:
         """Update our leased request; with ``drop_parts`` also forget its multipart ledger,
         in the same transaction. Values are plain values, or SQL expressions (not cached)."""
+        params: dict[str, Any] = {"rid": request_id, "owner": owner}
         if any(isinstance(v, ClauseElement) for v in values.values()):
-            statement = update(_T).where(self._owned(request_id, owner)).values(**values)
-            params: dict[str, Any] = {}
+            statement = update(_T).where(_LEASED).values(**values)
         else:
             statement = self._update_of(tuple(sorted(values)))
-            params = {f"new_{k}": v for k, v in values.items()}
-            params |= {"rid": request_id, "owner": owner}
+            params |= {f"new_{k}": v for k, v in values.items()}
         with write_transaction(self._engine) as conn:
             result = conn.execute(statement, params)
             if result.rowcount != 1:
@@ -301,8 +296,8 @@ class QueueStore:
         """Take a due callback by pushing its next time past the lease: a crashed deliverer's
         callback becomes due again when the lease runs out."""
         now = utcnow()
-        # The worker asks after every upload: a read first spares it a write lock (SQLite)
-        # or a row lock (PostgreSQL) when, as usual, nothing is due.
+        # A read first spares a write lock (SQLite) or a row lock (PostgreSQL) when, as
+        # usual, nothing is due.
         with self._engine.connect() as conn:
             if conn.execute(self._due_callback, {"now": now}).first() is None:
                 return None
@@ -460,13 +455,8 @@ class DbLedger:
         parts = header.pop("parts")
         with write_transaction(self._engine) as conn:
             result = conn.execute(
-                update(_T)
-                .where(
-                    _T.c.id == self._request_id,
-                    _T.c.state == State.RUNNING.value,
-                    _T.c.lease_owner == self._owner,
-                )
-                .values(multipart_json=json.dumps(header))
+                update(_T).where(_LEASED).values(multipart_json=json.dumps(header)),
+                {"rid": self._request_id, "owner": self._owner},
             )
             if result.rowcount != 1:
                 raise LeaseLost(f"request {self._request_id} is no longer leased")

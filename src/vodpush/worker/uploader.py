@@ -523,6 +523,12 @@ def _md5(data: bytes) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
 
 
+def _multipart_etag(part_md5s: list[bytes]) -> str:
+    """The ETag S3 gives a multipart object: ``md5(part md5s)-N``."""
+    whole = hashlib.md5(b"".join(part_md5s), usedforsecurity=False).hexdigest()
+    return f"{whole}-{len(part_md5s)}"
+
+
 def _md5_or_none(data: bytes, job: UploadJob) -> bytes | None:
     """The Content-MD5 digest, needed only without SHA-256 checksums: with them S3 checks
     the body against the (signed) checksum header, as AWS's own SDKs now rely on, and
@@ -612,12 +618,12 @@ class _Source:
             raise classify(exc) from exc
         if part_size is None:
             return self._md5_of_next(self.size).hex()
-        digests = [
-            self._md5_of_next(min(part_size, self.size - offset))
-            for offset in range(0, self.size, part_size)
-        ]
-        whole = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
-        return f"{whole}-{len(digests)}"
+        return _multipart_etag(
+            [
+                self._md5_of_next(min(part_size, self.size - offset))
+                for offset in range(0, self.size, part_size)
+            ]
+        )
 
     def _md5_of_next(self, length: int) -> bytes:
         md5 = hashlib.md5(usedforsecurity=False)
@@ -995,10 +1001,10 @@ class _Multipart:
         )
 
     def _expected_etag(self, digests: list[_DonePart]) -> str:
-        if any(d.md5 is None for d in digests):
+        md5s = [d.md5 for d in digests if d.md5 is not None]
+        if len(md5s) < len(digests):  # checksums on: no part MD5s were computed
             return self.source.md5_etag(self.chunksize)
-        whole = hashlib.md5(b"".join(d.md5 or b"" for d in digests), usedforsecurity=False)
-        return f"{whole.hexdigest()}-{self.total}"
+        return _multipart_etag(md5s)
 
     def _resume(self) -> MultipartCheckpoint | None:
         """The checkpoint to continue, with only parts S3 still holds; None to start over."""
