@@ -156,6 +156,10 @@ class Creds:
 def make_account(service: Service, sestore_root: Path) -> Any:
     def make(cdn: int = 158, username: str = "jb") -> Creds:
         created = service.accounts.create(cdn=cdn, username=username)
+        # These accounts upload with the operator's default credentials (or are given S3
+        # settings later): the operator lets them use every bucket. Tests of the bucket
+        # rules (tests/test_tenancy.py) create their accounts without this.
+        service.accounts.allow_buckets(created["api_key"], ["*"])
         (sestore_root / "sestore1" / username).mkdir(exist_ok=True)
         return Creds(**created)
 

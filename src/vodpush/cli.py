@@ -153,8 +153,18 @@ def queue_status(as_json: bool) -> None:
 def migrate() -> None:
     """Apply database migrations (serve and worker do this on start too)."""
     service = _open_service()
-    service.close()
+    try:
+        shared = service.accounts.ensure_unique_usernames()
+    finally:
+        service.close()
     click.echo("database is up to date")
+    if shared:
+        click.echo(
+            "warning: usernames shared by several accounts: "
+            f"{', '.join(shared)}; their uploads are refused until you rename all but one "
+            "(vodpush account rename REF NEW_USERNAME)",
+            err=True,
+        )
 
 
 @cli.command()
@@ -240,18 +250,29 @@ def account_list(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "cdn", "username", "api_key", "enabled", "s3 endpoint", "sse")
+    table = Table(
+        "id", "cdn", "username", "api_key", "enabled", "s3 endpoint", "sse", "buckets", "webhook"
+    )
     for a in accounts:
         table.add_row(
             str(a["id"]),
             str(a["cdn"]),
-            a["username"],
+            a["username"] + (" (SHARED: rename)" if a["username_shared"] else ""),
             a["api_key"],
             "yes" if a["enabled"] else "no",
             a["s3_endpoint_url"] or "(default)",
             a["s3_sse"] or "",
+            _buckets_cell(a),
+            "own secret" if a["own_webhook_secret"] else "api secret",
         )
     Console().print(table)
+
+
+def _buckets_cell(account: dict[str, Any]) -> str:
+    if account["allowed_buckets"]:
+        return " ".join(account["allowed_buckets"])
+    # What an empty list means depends on whose credentials the account uses.
+    return "(any its credentials reach)" if account["s3_access_key_id"] else "(none)"
 
 
 @account.command("disable")
@@ -276,6 +297,53 @@ def account_enable(ref: str) -> None:
 def account_rotate(ref: str) -> None:
     """Give an account a new api_secret (printed once); the old one stops working."""
     _print_json(_open_service().accounts.rotate_secret(ref))
+
+
+@account.command("allow-bucket")
+@click.argument("ref")
+@click.argument("patterns", metavar="BUCKET...", nargs=-1, required=True)
+@user_errors
+def account_allow_bucket(ref: str, patterns: tuple[str, ...]) -> None:
+    """Let an account write to buckets (shell-style patterns such as 'cust-*')."""
+    record = _open_service().accounts.allow_buckets(ref, list(patterns))
+    for pattern in patterns:
+        if not pattern.strip("*?"):
+            click.echo(
+                f"warning: {pattern!r} matches every bucket the account's credentials reach",
+                err=True,
+            )
+    _print_json(record.public())
+
+
+@account.command("disallow-bucket")
+@click.argument("ref")
+@click.argument("patterns", metavar="BUCKET...", nargs=-1, required=True)
+@user_errors
+def account_disallow_bucket(ref: str, patterns: tuple[str, ...]) -> None:
+    """Remove bucket patterns (as listed) from an account; queued uploads to them fail."""
+    _print_json(_open_service().accounts.disallow_buckets(ref, list(patterns)).public())
+
+
+@account.command("rename")
+@click.argument("ref")
+@click.argument("new_username")
+@user_errors
+def account_rename(ref: str, new_username: str) -> None:
+    """Give an account a new username: it then reads sestore<N>/NEW_USERNAME/ (move its
+    files there). Usernames are unique across all CDNs."""
+    _print_json(_open_service().accounts.rename(ref, new_username).public())
+
+
+@account.command("rotate-webhook-secret")
+@click.argument("ref")
+@click.option(
+    "--clear", is_flag=True, help="Drop the webhook secret: sign with the API secret again."
+)
+@user_errors
+def account_rotate_webhook(ref: str, clear: bool) -> None:
+    """Give an account its own callback signing secret (whsec_..., printed once); its
+    callbacks are signed with it from now on, no longer with the API secret."""
+    _print_json(_open_service().accounts.rotate_webhook_secret(ref, clear=clear))
 
 
 @account.command("set-s3")

@@ -7,7 +7,10 @@ The server signs every callback with the account's API secret; receivers verify 
     Webhook(standard_webhooks_secret(api_secret)).verify(body, headers)
 
 The HMAC key is the UTF-8 encoding of the API secret string, so the receiver needs nothing
-beyond the credentials it already uses to call the API.
+beyond the credentials it already uses to call the API. An account may instead have its
+own webhook secret (``vodpush account rotate-webhook-secret``), given in the ``whsec_...``
+form: every function here taking ``api_secret`` takes that form too (its key is the
+base64-decoded part), so a webhook relay can verify callbacks without API access.
 """
 
 from __future__ import annotations
@@ -49,15 +52,28 @@ class WebhookVerificationError(Exception):
     """The webhook could not be verified; the message says why."""
 
 
+_WHSEC = "whsec_"
+
+
 def _key(api_secret: str) -> bytes:
     if not api_secret:
         raise ValueError("the API secret used as webhook key may not be empty")
+    # API secrets are hex, so a whsec_ prefix can only be a webhook secret's.
+    if api_secret.startswith(_WHSEC):
+        try:
+            key = base64.b64decode(api_secret[len(_WHSEC) :], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("a whsec_ webhook secret must be followed by base64") from exc
+        if not key:
+            raise ValueError("the webhook secret may not be empty")
+        return key
     return api_secret.encode("utf-8")
 
 
 def standard_webhooks_secret(api_secret: str) -> str:
-    """The ``whsec_...`` form of an API secret, for Standard Webhooks libraries."""
-    return "whsec_" + base64.b64encode(_key(api_secret)).decode("ascii")
+    """The ``whsec_...`` form of an API secret (a webhook secret is returned as it is), for
+    Standard Webhooks libraries."""
+    return _WHSEC + base64.b64encode(_key(api_secret)).decode("ascii")
 
 
 def new_message_id() -> str:

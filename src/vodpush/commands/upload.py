@@ -9,6 +9,7 @@ from vodpush import metadata as s3_metadata
 from vodpush import sestore
 from vodpush.commands.context import CommandContext
 from vodpush.persistence.requests import NewRequest
+from vodpush.protocol.envelope import ApiError, Code
 from vodpush.protocol.fields import as_str, invalid, require
 from vodpush.worker.callbacks import CallbackURLError, normalize_callback_url
 
@@ -62,6 +63,9 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
     path = as_str(payload["path"], "path", max_length=sestore.MAX_PATH_LENGTH)
     destination = validate_destination(payload["destination_path"])
     bucket = validate_bucket(payload["bucket"])
+    refused = ctx.account.may_use_bucket(bucket)
+    if refused is not None:
+        raise ApiError(Code.UNAUTHORIZED, f"unauthorized access: {refused}")
     acl = payload["acl"]
     if acl not in ACLS:
         raise invalid("acl", f"must be one of {', '.join(ACLS)}")
@@ -70,6 +74,9 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
     except s3_metadata.MetadataRefused as exc:
         raise invalid("metadata", str(exc)) from exc
     callback = validate_callback(payload.get("callback"))
+    refused = ctx.account.files_refused()
+    if refused is not None:
+        raise ApiError(Code.UNAUTHORIZED, f"unauthorized access: {refused}")
     try:
         sestore.resolve(ctx.settings.sestore_root, path, ctx.account.username)
     except sestore.PathRefused as exc:

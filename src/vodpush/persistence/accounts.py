@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, exists, func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 
 from vodpush.crypto import SecretBox, new_api_key, new_api_secret
@@ -16,8 +21,20 @@ from vodpush.persistence.db import PreparedQuery, write_transaction
 from vodpush.persistence.models import Account
 from vodpush.records import format_time
 
-USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+log = logging.getLogger(__name__)
+
+# Matched with fullmatch: "$" would let a trailing newline through.
+USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SSE_CHOICES = ("AES256", "aws:kms")
+# Every column holding a secret encrypted with the SecretBox: what a key rotation must
+# re-encrypt. A new encrypted column belongs here.
+ENCRYPTED_COLUMNS = ("api_secret_enc", "s3_secret_access_key_enc", "webhook_secret_enc")
+
+# Bucket patterns: bucket-name characters plus fnmatch's * ? [ ]; as long as a bucket name.
+_PATTERN_CHARS = re.compile(r"[A-Za-z0-9._\-*?\[\]]{1,255}")
+MAX_BUCKET_PATTERNS = 1000
+USERNAME_INDEX = "ix_accounts_username"
+_A = Account.__table__
 
 
 class AccountError(ValueError):
@@ -59,6 +76,44 @@ class AccountRecord:
     api_secret_enc: str
     s3: S3Settings
     created_at: datetime | str
+    allowed_buckets: tuple[str, ...] = ()
+    webhook_secret_enc: str | None = None
+    # Another account has the same username (a database from before 0003): whose
+    # sestore directory that is cannot be told, so no file is read for either.
+    username_shared: bool = False
+
+    @property
+    def has_own_s3_credentials(self) -> bool:
+        return bool(self.s3.access_key_id)
+
+    def may_use_bucket(self, bucket: str) -> str | None:
+        """None when this account may write to ``bucket``, else why not (for the customer).
+
+        The one place of the rule: a non-empty list always applies; with an empty list an
+        account with its own S3 credentials may use whatever they reach, and one without
+        (the operator's default credentials) may use no bucket at all."""
+        if self.allowed_buckets:
+            if any(fnmatchcase(bucket, pattern) for pattern in self.allowed_buckets):
+                return None
+            return (
+                f"bucket {bucket!r} is not among the buckets this account may write to; "
+                "ask the operator to allow it for your account"
+            )
+        if self.has_own_s3_credentials:
+            return None
+        return (
+            f"bucket {bucket!r} refused: this account may not write to any bucket yet; "
+            "ask the operator to allow your buckets for your account"
+        )
+
+    def files_refused(self) -> str | None:
+        """None when this account's sestore directory is its own, else why not."""
+        if self.username_shared:
+            return (
+                f"username {self.username!r} is also used by another account, so its files "
+                "cannot be read until the operator renames one of them"
+            )
+        return None
 
     def public(self) -> dict[str, Any]:
         """What an operator may see: no secrets."""
@@ -75,6 +130,9 @@ class AccountRecord:
             "s3_sse": self.s3.sse,
             "s3_sse_kms_key_id": self.s3.sse_kms_key_id,
             "s3_checksums": self.s3.checksums,
+            "allowed_buckets": list(self.allowed_buckets),
+            "own_webhook_secret": bool(self.webhook_secret_enc),
+            "username_shared": self.username_shared,
             "created": format_time(self.created_at),
         }
 
@@ -83,9 +141,16 @@ class AccountStore:
     def __init__(self, engine: Engine, box: SecretBox) -> None:
         self._engine = engine
         self._box = box
-        columns = select(*Account.__table__.c)
-        self._by_key = PreparedQuery(engine, columns.where(Account.api_key == bindparam("key")))
-        self._by_id = PreparedQuery(engine, columns.where(Account.id == bindparam("id")))
+        # Each read tells whether another account shares the username (an index probe).
+        other = _A.alias("other")
+        shared = (
+            exists()
+            .where(other.c.username == _A.c.username, other.c.id != _A.c.id)
+            .label("username_shared")
+        )
+        self._columns = select(*_A.c, shared)
+        self._by_key = PreparedQuery(engine, self._columns.where(_A.c.api_key == bindparam("key")))
+        self._by_id = PreparedQuery(engine, self._columns.where(_A.c.id == bindparam("id")))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -112,10 +177,20 @@ class AccountStore:
                 checksums=bool(row.s3_checksums),
             ),
             created_at=row.created_at,
+            allowed_buckets=_load_patterns(row.allowed_buckets),
+            webhook_secret_enc=row.webhook_secret_enc,
+            username_shared=bool(row.username_shared),
         )
 
     def api_secret(self, account: AccountRecord) -> str:
         return _decrypt_cached(self._box, account.api_secret_enc)
+
+    def webhook_secret(self, account: AccountRecord) -> str:
+        """The key callbacks of ``account`` are signed with: its own webhook secret when it
+        has one, else (the compatible default) its API secret."""
+        if account.webhook_secret_enc:
+            return _decrypt_cached(self._box, account.webhook_secret_enc)
+        return self.api_secret(account)
 
     def by_api_key(self, api_key: str) -> AccountRecord | None:
         """The lookup behind every API call (a prepared query)."""
@@ -131,16 +206,16 @@ class AccountStore:
     def find(self, ref: str) -> AccountRecord:
         """An account by api_key, id, or ``cdn/username``."""
         with self._engine.connect() as conn:
-            query = select(Account)
+            query = self._columns
             if "/" in ref:
                 cdn, _, username = ref.partition("/")
                 if not cdn.isdigit():
                     raise AccountError(f"no such account: {ref!r}")
-                query = query.where(Account.cdn == int(cdn), Account.username == username)
+                query = query.where(_A.c.cdn == int(cdn), _A.c.username == username)
             elif ref.isdigit() and len(ref) < 12:
-                query = query.where(Account.id == int(ref))
+                query = query.where(_A.c.id == int(ref))
             else:
-                query = query.where(Account.api_key == ref)
+                query = query.where(_A.c.api_key == ref)
             row = conn.execute(query).first()
         record = self._from_row(row)
         if record is None:
@@ -149,7 +224,7 @@ class AccountStore:
 
     def list(self) -> list[AccountRecord]:
         with self._engine.connect() as conn:
-            rows = conn.execute(select(Account).order_by(Account.id)).all()
+            rows = conn.execute(self._columns.order_by(_A.c.id)).all()
         return [self._record(row) for row in rows]
 
     # -- writing -------------------------------------------------------------------------
@@ -158,11 +233,7 @@ class AccountStore:
         """Create an account; returns its credentials, the only time the secret is shown."""
         if cdn <= 0:
             raise AccountError("cdn must be a positive integer")
-        if not USERNAME_RE.match(username):
-            raise AccountError(
-                "username must be 1-64 characters of letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        _check_username(username)
         s3 = s3 or S3Settings()
         _check_s3(s3)
         api_key, api_secret = new_api_key(), new_api_secret()
@@ -179,13 +250,11 @@ class AccountStore:
         }
         try:
             with write_transaction(self._engine) as conn:
-                account_id = conn.execute(
-                    Account.__table__.insert().values(**row).returning(Account.id)
-                ).scalar_one()
+                _check_username_free(conn, username)
+                account_id = conn.execute(_A.insert().values(**row).returning(_A.c.id)).scalar_one()
         except IntegrityError as exc:
-            raise AccountError(
-                f"an account for cdn {cdn} and username {username!r} exists"
-            ) from exc
+            # The unique index caught a concurrent create of the same username (or api_key).
+            raise AccountError(f"an account with username {username!r} exists") from exc
         return {
             "id": account_id,
             "cdn": cdn,
@@ -240,11 +309,184 @@ class AccountStore:
         self._update(account.id, **self._s3_columns(s3))
         return self.find(str(account.id))
 
+    # -- buckets ---------------------------------------------------------------------------
+
+    def allow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord:
+        """Add bucket patterns to an account's list."""
+        for pattern in patterns:
+            check_bucket_pattern(pattern)
+        return self._edit_buckets(ref, lambda have: have | set(patterns))
+
+    def disallow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord:
+        """Remove patterns (exactly as listed) from an account's list."""
+
+        def remove(have: set[str]) -> set[str]:
+            for pattern in patterns:
+                if pattern not in have:
+                    covering = [p for p in sorted(have) if fnmatchcase(pattern, p)]
+                    hint = (
+                        f" (it matches {', '.join(covering)}: remove that pattern and allow "
+                        "the buckets to keep one by one)"
+                        if covering
+                        else ""
+                    )
+                    raise AccountError(f"{pattern!r} is not on the account's list{hint}")
+            return have - set(patterns)
+
+        return self._edit_buckets(ref, remove)
+
+    def _edit_buckets(self, ref: str, change: Any) -> AccountRecord:
+        account = self.find(ref)
+        # Read and write in one write transaction, so two operators' edits do not race.
+        with write_transaction(self._engine) as conn:
+            current = conn.execute(
+                select(_A.c.allowed_buckets).where(_A.c.id == account.id)
+            ).scalar_one_or_none()
+            if current is None:
+                raise AccountError(f"account {account.id} vanished during the update")
+            patterns = sorted(change(set(_load_patterns(current))))
+            if len(patterns) > MAX_BUCKET_PATTERNS:
+                raise AccountError(f"an account may have at most {MAX_BUCKET_PATTERNS} patterns")
+            conn.execute(
+                update(_A)
+                .where(_A.c.id == account.id)
+                .values(allowed_buckets=json.dumps(patterns), updated_at=utcnow())
+            )
+        return self.find(str(account.id))
+
+    # -- webhook secret --------------------------------------------------------------------
+
+    def rotate_webhook_secret(self, ref: str, *, clear: bool = False) -> dict[str, Any]:
+        """Give an account its own callback signing key (returned once, ``whsec_...``), or
+        with ``clear`` go back to signing with the API secret."""
+        account = self.find(ref)
+        secret = None if clear else new_webhook_secret()
+        self._update(
+            account.id, webhook_secret_enc=None if secret is None else self._box.encrypt(secret)
+        )
+        shown: dict[str, Any] = {
+            "id": account.id,
+            "cdn": account.cdn,
+            "username": account.username,
+            "api_key": account.api_key,
+        }
+        if secret is None:
+            return shown | {"webhook_secret": "api_secret"}
+        return shown | {"webhook_secret": secret}
+
+    # -- usernames -------------------------------------------------------------------------
+
+    def rename(self, ref: str, new_username: str) -> AccountRecord:
+        """Give an account another username (the directory it reads: move its files)."""
+        _check_username(new_username)
+        account = self.find(ref)
+        try:
+            with write_transaction(self._engine) as conn:
+                _check_username_free(conn, new_username, but=account.id)
+                conn.execute(
+                    update(_A)
+                    .where(_A.c.id == account.id)
+                    .values(username=new_username, updated_at=utcnow())
+                )
+        except IntegrityError as exc:
+            raise AccountError(f"an account with username {new_username!r} exists") from exc
+        log.info(
+            "account renamed",
+            extra={
+                "action": "account.renamed",
+                "account_id": account.id,
+                "old_username": account.username,
+                "username": new_username,
+            },
+        )
+        self.ensure_unique_usernames()
+        return self.find(str(account.id))
+
+    def shared_usernames(self) -> list[str]:
+        with self._engine.connect() as conn:
+            return _shared_usernames(conn)
+
+    def ensure_unique_usernames(self) -> list[str]:
+        """Create the unique index on usernames if migration 0003 had to leave it out and
+        the duplicates are gone now; returns the usernames still shared (none: all well)."""
+        with write_transaction(self._engine) as conn:
+            shared = _shared_usernames(conn)
+            if shared:
+                return shared
+            indexes = {ix["name"] for ix in inspect(conn).get_indexes("accounts")}
+            if USERNAME_INDEX not in indexes:
+                next(ix for ix in _A.indexes if ix.name == USERNAME_INDEX).create(conn)
+                log.info(
+                    "unique index on usernames created",
+                    extra={"action": "account.username_index_created"},
+                )
+        return []
+
 
 @lru_cache(maxsize=4096)
 def _decrypt_cached(box: SecretBox, token: str) -> str:
     # Keyed by the ciphertext, so a rotated secret (a new token) is never served stale.
     return box.decrypt(token)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def check_bucket_pattern(pattern: str) -> None:
+    """Refuse a pattern that is empty, too long, or holds what no bucket name can."""
+    if not isinstance(pattern, str) or not _PATTERN_CHARS.fullmatch(pattern):
+        raise AccountError(
+            f"bucket pattern {pattern!r} must be 1-255 characters: letters, digits, '.', "
+            "'_', '-' and the wildcards * ? [ ]"
+        )
+    depth = 0
+    for char in pattern:
+        if char == "[":
+            if depth:
+                raise AccountError(f"bucket pattern {pattern!r}: '[' inside [...]")
+            depth = 1
+        elif char == "]":
+            if not depth:
+                raise AccountError(f"bucket pattern {pattern!r}: ']' without '['")
+            depth = 0
+    if depth:
+        raise AccountError(f"bucket pattern {pattern!r}: '[' without ']'")
+    if "[]" in pattern:
+        raise AccountError(f"bucket pattern {pattern!r}: empty [] matches nothing")
+
+
+def _load_patterns(text: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()
+
+
+def _check_username(username: str) -> None:
+    if not isinstance(username, str) or not USERNAME_RE.fullmatch(username):
+        raise AccountError(
+            "username must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _check_username_free(conn: Connection, username: str, *, but: int | None = None) -> None:
+    """Usernames name sestore directories: one account per username, whatever its cdn."""
+    query = select(_A.c.id, _A.c.cdn).where(_A.c.username == username)
+    if but is not None:
+        query = query.where(_A.c.id != but)
+    taken = conn.execute(query.limit(1)).first()
+    if taken is not None:
+        raise AccountError(
+            f"an account with username {username!r} exists (id {taken.id}, cdn {taken.cdn}); "
+            "a username names a sestore directory, so it may belong to one account only"
+        )
+
+
+def _shared_usernames(conn: Connection) -> list[str]:
+    rows = conn.execute(
+        select(_A.c.username).group_by(_A.c.username).having(func.count() > 1)
+    ).scalars()
+    return sorted(rows)
 
 
 def _check_s3(s3: S3Settings) -> None:

@@ -45,7 +45,13 @@ class State(enum.StrEnum):
 
 class Account(Base):
     __tablename__ = "accounts"
-    __table_args__ = (UniqueConstraint("cdn", "username"),)
+    __table_args__ = (
+        UniqueConstraint("cdn", "username"),
+        # A username names a directory (sestore<N>/<username>/): one account per username
+        # across all CDNs. Migration 0003 creates it only when existing data allows (see
+        # AccountStore.ensure_unique_usernames).
+        Index("ix_accounts_username", "username", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     cdn: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -61,6 +67,13 @@ class Account(Base):
     s3_sse: Mapped[str | None] = mapped_column(String(16))
     s3_sse_kms_key_id: Mapped[str | None] = mapped_column(String(2048))
     s3_checksums: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    # Bucket patterns (fnmatch, JSON list) the account may write to; see
+    # AccountRecord.may_use_bucket for what an empty list means.
+    allowed_buckets: Mapped[str] = mapped_column(
+        Text, nullable=False, default="[]", server_default="[]"
+    )
+    # A separate key for signing callbacks (whsec_..., encrypted); NULL: the API secret.
+    webhook_secret_enc: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 

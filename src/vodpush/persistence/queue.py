@@ -10,19 +10,41 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.elements import ClauseElement
 
 from vodpush.persistence.accounts import utcnow
 from vodpush.persistence.db import write_transaction
-from vodpush.persistence.models import CallbackAttempt, State, UploadPart, UploadRequest
+from vodpush.persistence.models import (
+    Account,
+    CallbackAttempt,
+    State,
+    UploadPart,
+    UploadRequest,
+)
 from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
 
 _T = UploadRequest.__table__
 _P = UploadPart.__table__
 _A = CallbackAttempt.__table__
+_ACCOUNTS = Account.__table__
+# A disabled account's requests and callbacks are held: not claimed, not lost; they go on
+# when it is enabled again. A primary-key probe per candidate row.
+_ACCOUNT_ENABLED = exists().where(_ACCOUNTS.c.id == _T.c.account_id, _ACCOUNTS.c.enabled.is_(True))
 # The guard of every change a worker makes to a request: it still holds the lease.
 # Parameters: rid, owner.
 _LEASED = and_(
@@ -71,7 +93,11 @@ class QueueStore:
         self._updates: dict[tuple[str, ...], Any] = {}
         self._due_callback = (
             select(_T.c.id)
-            .where(_T.c.callback_state == "pending", _T.c.callback_next_at <= bindparam("now"))
+            .where(
+                _T.c.callback_state == "pending",
+                _T.c.callback_next_at <= bindparam("now"),
+                _ACCOUNT_ENABLED,
+            )
             .order_by(_T.c.callback_next_at)
             .limit(1)
         )
@@ -84,7 +110,7 @@ class QueueStore:
             and_(_T.c.state == State.QUEUED.value, _T.c.not_before <= now),
             and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
         )
-        pick = select(_T.c.id).where(runnable).order_by(_T.c.id).limit(1)
+        pick = select(_T.c.id).where(runnable, _ACCOUNT_ENABLED).order_by(_T.c.id).limit(1)
         if self._is_postgres:
             pick = pick.with_for_update(skip_locked=True)
         return (
@@ -379,7 +405,9 @@ class QueueStore:
     # -- operator views --------------------------------------------------------------------
 
     def depth(self) -> dict[str, int]:
-        """Requests by state (and pending callbacks)."""
+        """Requests by state, pending callbacks, and how many of the queued requests and
+        pending callbacks are held because their account is disabled."""
+        held = not_(_ACCOUNT_ENABLED)
         with self._engine.connect() as conn:
             counts = {
                 state: count
@@ -390,13 +418,21 @@ class QueueStore:
             pending = conn.execute(
                 select(func.count()).where(_T.c.callback_state == "pending")
             ).scalar_one()
+            held_requests = conn.execute(
+                select(func.count()).where(_T.c.state == State.QUEUED.value, held)
+            ).scalar_one()
+            held_callbacks = conn.execute(
+                select(func.count()).where(_T.c.callback_state == "pending", held)
+            ).scalar_one()
         result = {state.value: counts.get(state.value, 0) for state in State}
         result["callbacks_pending"] = pending
+        result["queued_held_account_disabled"] = held_requests
+        result["callbacks_held_account_disabled"] = held_callbacks
         return result
 
     def has_work(self) -> bool:
         """Anything a burst worker should still wait for: queued requests (retries
-        included), leased ones, or callbacks due now."""
+        included), leased ones, or callbacks due now; not what a disabled account holds."""
         now = utcnow()
         with self._engine.connect() as conn:
             busy = conn.execute(
@@ -405,7 +441,8 @@ class QueueStore:
                     or_(
                         _T.c.state.in_((State.QUEUED.value, State.RUNNING.value)),
                         and_(_T.c.callback_state == "pending", _T.c.callback_next_at <= now),
-                    )
+                    ),
+                    _ACCOUNT_ENABLED,
                 )
                 .limit(1)
             ).first()

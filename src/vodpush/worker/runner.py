@@ -242,6 +242,8 @@ class Worker:
                 request, "Upload failed: the account no longer exists", None, "NoSuchAccount", extra
             )
             return
+        if self._refused_for_account(request, account, extra):
+            return
         try:
             source = sestore.resolve(self.settings.sestore_root, request.path, account.username)
         except sestore.PathRefused as exc:
@@ -316,6 +318,26 @@ class Worker:
         )
         if request.callback:
             self._callback_ready()
+
+    def _refused_for_account(
+        self, request: Claimed, account: AccountRecord, extra: dict[str, Any]
+    ) -> bool:
+        """Checks against the account as it is now (it may have changed since submit);
+        True when the request was handled here and must not be uploaded."""
+        if not account.enabled:
+            # Disabled between the claim and now: hold it again, it resumes on enable.
+            self.queue.release(request.id, self.owner)
+            log.info("upload held: account disabled", extra={"action": "upload.held", **extra})
+            return True
+        refused = account.may_use_bucket(request.bucket)
+        if refused is not None:
+            self._fail(request, f"Upload failed: {refused}", None, "BucketNotAllowed", extra)
+            return True
+        refused = account.files_refused()
+        if refused is not None:
+            self._fail(request, f"Upload failed: {refused}", None, "UsernameShared", extra)
+            return True
+        return False
 
     def _upload_failed(
         self,
@@ -442,11 +464,11 @@ class Worker:
     def _deliver(self, due: DueCallback, extra: dict[str, Any]) -> None:
         account = self.service.accounts.by_id(due.account_id)
         row = self.service.requests.get(due.id)
-        if account is None or row is None:
-            return
+        if account is None or row is None or not account.enabled:
+            return  # a disabled account's callback is due again after the lease, and held
         msg_id = due.msg_id or new_message_id()
         delivery = build_delivery(
-            records.render(row), self.service.accounts.api_secret(account), msg_id, time.time()
+            records.render(row), self.service.accounts.webhook_secret(account), msg_id, time.time()
         )
         attempt = deliver(
             delivery,
