@@ -12,7 +12,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from vodpush.cli import main
-from vodpush.persistence.models import Base
+from vodpush.persistence.accounts import ENCRYPTED_COLUMNS
+from vodpush.persistence.models import Account, Base
 
 
 @pytest.fixture
@@ -109,6 +110,9 @@ def test_secrets_are_encrypted_at_rest(cli_env, capsys, service):
             "aws:kms",
         ),
         (["account", "create", "--cdn", "1", "--username", "a", "--s3-endpoint", "x"], "http"),
+        (["account", "create", "--cdn", "1", "--username", "jb\n"], "username"),
+        (["account", "rename", "NOPE", "x"], "no such account"),
+        (["account", "allow-bucket", "NOPE", "b"], "no such account"),
     ],
 )
 def test_user_errors_are_one_line_exit_1(cli_env, capsys, argv, needle):
@@ -164,3 +168,92 @@ def test_migrations_match_models(service):
     with service.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_bucket_allow_list(cli_env, capsys, service):
+    assert run(capsys, "account", "create", "--cdn", "1", "--username", "a")[0] == 0
+    code, out, err = run(capsys, "account", "allow-bucket", "1/a", "cust-*", "media", "cust-*")
+    assert code == 0, err
+    assert json.loads(out)["allowed_buckets"] == ["cust-*", "media"]
+    assert service.accounts.find("1/a").may_use_bucket("cust-films") is None
+    assert service.accounts.find("1/a").may_use_bucket("other") is not None
+
+    code, out, _ = run(capsys, "account", "list", "--json")
+    assert json.loads(out)[0]["allowed_buckets"] == ["cust-*", "media"]
+    code, out, _ = run(capsys, "account", "list")
+    assert code == 0 and "cust-*" in out
+
+    code, out, _ = run(capsys, "account", "disallow-bucket", "1", "media")
+    assert code == 0 and json.loads(out)["allowed_buckets"] == ["cust-*"]
+    # Removing one bucket a wildcard covers: say which pattern covers it.
+    code, _, err = run(capsys, "account", "disallow-bucket", "1/a", "cust-films")
+    assert code == 1 and "cust-*" in err
+    assert run(capsys, "account", "disallow-bucket", "1/a", "cust-*")[0] == 0
+    # Empty list, no credentials of its own: no bucket at all.
+    reason = service.accounts.find("1/a").may_use_bucket("cust-films")
+    assert reason is not None and "cust-films" in reason
+
+    code, _, err = run(capsys, "account", "allow-bucket", "1/a", "*")
+    assert code == 0 and "warning" in err and "every bucket" in err
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["", "a/b", "b" * 256, "cust-[ab", "cust-]", "[[a]]", "x[]", "bad\n", "é", "a b", "c:d"],
+)
+def test_absurd_bucket_patterns_are_refused(cli_env, capsys, service, pattern):
+    assert run(capsys, "account", "create", "--cdn", "1", "--username", "a")[0] == 0
+    code, _, err = run(capsys, "account", "allow-bucket", "1/a", "ok-*", pattern)
+    assert code == 1 and err.startswith("error: ") and "bucket pattern" in err
+    assert service.accounts.find("1/a").allowed_buckets == ()  # nothing half-applied
+
+
+def test_rename(cli_env, capsys, service):
+    assert run(capsys, "account", "create", "--cdn", "1", "--username", "a")[0] == 0
+    assert run(capsys, "account", "create", "--cdn", "2", "--username", "b")[0] == 0
+    code, _, err = run(capsys, "account", "rename", "1/a", "b")
+    assert code == 1 and "username 'b' exists" in err
+    code, _, err = run(capsys, "account", "rename", "1/a", "../b")
+    assert code == 1 and "username" in err
+    code, out, err = run(capsys, "account", "rename", "1/a", "a2")
+    assert code == 0, err
+    assert json.loads(out)["username"] == "a2"
+    assert service.accounts.find("1/a2").id == 1
+    assert run(capsys, "account", "rename", "1/a2", "a2")[0] == 0  # its own name is fine
+
+
+def test_rotate_webhook_secret(cli_env, capsys, service, caplog):
+    created = json.loads(run(capsys, "account", "create", "--cdn", "1", "--username", "a")[1])
+    code, out, _ = run(capsys, "account", "rotate-webhook-secret", "1/a")
+    assert code == 0
+    first = json.loads(out)["webhook_secret"]
+    assert first.startswith("whsec_") and len(first) == len("whsec_") + 44
+    code, out, _ = run(capsys, "account", "rotate-webhook-secret", created["api_key"])
+    second = json.loads(out)["webhook_secret"]
+    assert second != first
+    account = service.accounts.find("1/a")
+    assert service.accounts.webhook_secret(account) == second
+    assert service.accounts.api_secret(account) == created["api_secret"]  # untouched
+    code, out, _ = run(capsys, "account", "list", "--json")
+    assert second not in out and json.loads(out)[0]["own_webhook_secret"] is True
+    assert second not in caplog.text and first not in caplog.text
+    assert run(capsys, "account", "rotate-webhook-secret", "--clear", "1/a")[0] == 0
+    account = service.accounts.find("1/a")
+    assert service.accounts.webhook_secret(account) == created["api_secret"]
+
+
+def test_encrypted_columns_are_listed_and_encrypted(cli_env, capsys, service):
+    # The key rotation re-encrypts exactly ENCRYPTED_COLUMNS: every *_enc column is there.
+    assert set(ENCRYPTED_COLUMNS) == {
+        c.name for c in Account.__table__.c if c.name.endswith("_enc")
+    }
+    env = ["--s3-access-key-id", "AK", "--s3-secret-access-key", "s3-secret-value"]
+    created = json.loads(run(capsys, "account", "create", "--cdn", "1", "--username", "a", *env)[1])
+    whsec = json.loads(run(capsys, "account", "rotate-webhook-secret", "1/a")[1])["webhook_secret"]
+    with service.engine.connect() as conn:
+        stored = conn.execute(text("SELECT * FROM accounts")).mappings().one()
+    for column in ENCRYPTED_COLUMNS:
+        assert stored[column] and stored[column].startswith("gAAAA")  # Fernet tokens
+    dumped = json.dumps({k: str(v) for k, v in stored.items()})
+    for secret in (created["api_secret"], "s3-secret-value", whsec):
+        assert secret not in dumped

@@ -51,6 +51,8 @@ class Account(Base):
         # across all CDNs. Migration 0003 creates it only when existing data allows (see
         # AccountStore.ensure_unique_usernames).
         Index("ix_accounts_username", "username", unique=True),
+        # The claim looks up the disabled accounts (whose work is held) every time.
+        Index("ix_accounts_enabled", "enabled"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

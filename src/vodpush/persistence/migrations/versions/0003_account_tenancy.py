@@ -24,6 +24,7 @@ def upgrade() -> None:
             sa.Column("allowed_buckets", sa.Text(), nullable=False, server_default="[]")
         )
         batch_op.add_column(sa.Column("webhook_secret_enc", sa.Text(), nullable=True))
+        batch_op.create_index("ix_accounts_enabled", ["enabled"], unique=False)
 
     # Usernames name directories, so they must be unique across CDNs. A database that
     # already holds two accounts with one username must still start: the index is then left
@@ -53,5 +54,6 @@ def downgrade() -> None:
     with op.batch_alter_table("accounts", schema=None) as batch_op:
         if "ix_accounts_username" in indexes:
             batch_op.drop_index("ix_accounts_username")
+        batch_op.drop_index("ix_accounts_enabled")
         batch_op.drop_column("webhook_secret_enc")
         batch_op.drop_column("allowed_buckets")
