@@ -257,3 +257,13 @@ def test_encrypted_columns_are_listed_and_encrypted(cli_env, capsys, service):
     dumped = json.dumps({k: str(v) for k, v in stored.items()})
     for secret in (created["api_secret"], "s3-secret-value", whsec):
         assert secret not in dumped
+
+
+def test_may_use_bucket_matches_whole_names(cli_env, capsys, service):
+    assert run(capsys, "account", "create", "--cdn", "1", "--username", "a")[0] == 0
+    assert run(capsys, "account", "allow-bucket", "1/a", "cust-*", "Media")[0] == 0
+    account = service.accounts.find("1/a")
+    assert account.may_use_bucket("cust-") is None
+    assert account.may_use_bucket("Media") is None
+    for bucket in ("cust-a\n", "media", "xcust-a", "cust-a/../b", "Media2", "cust-a b"):
+        assert account.may_use_bucket(bucket) is not None, bucket

@@ -32,6 +32,7 @@ ENCRYPTED_COLUMNS = ("api_secret_enc", "s3_secret_access_key_enc", "webhook_secr
 
 # Bucket patterns: bucket-name characters plus fnmatch's * ? [ ]; as long as a bucket name.
 _PATTERN_CHARS = re.compile(r"[A-Za-z0-9._\-*?\[\]]{1,255}")
+_BUCKET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,255}")
 MAX_BUCKET_PATTERNS = 1000
 USERNAME_INDEX = "ix_accounts_username"
 _A = Account.__table__
@@ -92,6 +93,9 @@ class AccountRecord:
         The one place of the rule: a non-empty list always applies; with an empty list an
         account with its own S3 credentials may use whatever they reach, and one without
         (the operator's default credentials) may use no bucket at all."""
+        if not _BUCKET_CHARS.fullmatch(bucket):
+            # "*" matches any character, a newline too: only names a bucket can have.
+            return f"bucket {bucket!r} is not a valid bucket name"
         if self.allowed_buckets:
             if any(fnmatchcase(bucket, pattern) for pattern in self.allowed_buckets):
                 return None
