@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -339,12 +340,13 @@ class AccountStore:
 
         return self._edit_buckets(ref, remove)
 
-    def _edit_buckets(self, ref: str, change: Any) -> AccountRecord:
+    def _edit_buckets(self, ref: str, change: Callable[[set[str]], set[str]]) -> AccountRecord:
         account = self.find(ref)
-        # Read and write in one write transaction, so two operators' edits do not race.
+        # Read and write under the write lock (SQLite) or the row lock (PostgreSQL), so two
+        # operators' edits do not lose one another.
         with write_transaction(self._engine) as conn:
             current = conn.execute(
-                select(_A.c.allowed_buckets).where(_A.c.id == account.id)
+                select(_A.c.allowed_buckets).where(_A.c.id == account.id).with_for_update()
             ).scalar_one_or_none()
             if current is None:
                 raise AccountError(f"account {account.id} vanished during the update")
@@ -405,10 +407,6 @@ class AccountStore:
         )
         self.ensure_unique_usernames()
         return self.find(str(account.id))
-
-    def shared_usernames(self) -> list[str]:
-        with self._engine.connect() as conn:
-            return _shared_usernames(conn)
 
     def ensure_unique_usernames(self) -> list[str]:
         """Create the unique index on usernames if migration 0003 had to leave it out and
