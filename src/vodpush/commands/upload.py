@@ -71,7 +71,13 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
         raise invalid("metadata", str(exc)) from exc
     callback = validate_callback(payload.get("callback"))
     try:
-        sestore.resolve(ctx.settings.sestore_root, path, ctx.account.username)
+        # Opened as the worker will open it (then closed), so that both agree.
+        sestore.check(
+            ctx.settings.sestore_root,
+            path,
+            ctx.account.username,
+            follow_symlinks=ctx.settings.sestore_follow_symlinks,
+        )
     except sestore.PathRefused as exc:
         raise invalid("path", str(exc)) from exc
 
