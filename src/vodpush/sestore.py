@@ -280,6 +280,10 @@ def _walk(
                 fd = os.open(name, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=stack[-1])
             except OSError as exc:
                 # A symlink refuses O_NOFOLLOW: ELOOP for the file, ENOTDIR with O_DIRECTORY.
+                if exc.errno == errno.ENXIO:  # a socket: say so
+                    raise PathRefused(
+                        f"not a regular file: {path} ({_kind_at(name, stack[-1])})"
+                    ) from None
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise _refused(exc, path, name) from None
                 target = _readlink(name, stack[-1], path)
@@ -360,6 +364,14 @@ def _kind(mode: int) -> str:
         if test(mode):
             return kind
     return "not a file"
+
+
+def _kind_at(name: bytes, dir_fd: int) -> str:
+    """What ``name`` is, for a message only (the decision was made on the open)."""
+    try:
+        return _kind(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return "it cannot be opened"
 
 
 def _refused(exc: OSError, path: str, name: bytes) -> PathRefused:
