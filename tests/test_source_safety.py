@@ -638,9 +638,13 @@ def s3_direct(s3: Any) -> Any:
     return client, name
 
 
-def run_upload(client: Any, job: UploadJob, **options: Any) -> Any:
+def open_uploads(client: Any, bucket: str) -> list[dict]:
+    return client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def run_upload(client: Any, job: UploadJob, ledger: Any = None, **options: Any) -> Any:
     tuning = {"threshold": 5 * MiB, "chunksize": 5 * MiB, "concurrency": 2} | options
-    return upload(client, job, MemoryLedger(), **tuning)
+    return upload(client, job, ledger or MemoryLedger(), **tuning)
 
 
 def test_uploader_reads_the_open_file_and_closes_it_whatever_happens(
@@ -661,12 +665,18 @@ def test_uploader_reads_the_open_file_and_closes_it_whatever_happens(
     # An interruption (shutdown, or the lease lost) between parts.
     calls = iter(range(100))
     stopped = Opener(store, "sestore1/jb/big.mp4")
+    stopped_job = UploadJob(source=stopped, bucket=bucket, key="stopped.mp4")
+    ledger = MemoryLedger()
     with pytest.raises(UploadInterrupted):
-        run_upload(
-            client,
-            UploadJob(source=stopped, bucket=bucket, key="stopped.mp4"),
-            should_stop=lambda: next(calls) >= 2,
-        )
+        run_upload(client, stopped_job, ledger, should_stop=lambda: next(calls) >= 2)
+    assert ledger.load() is not None and len(open_uploads(client, bucket)) == 1
+    # Before the next attempt the file becomes a link out: refused for good, and the
+    # multipart upload the first attempt left is aborted rather than left behind.
+    swap_in_link(store, "big.mp4", "{far}/secret.mp4")
+    with pytest.raises(UploadError, match="source file unavailable: path resolves") as info:
+        run_upload(client, stopped_job, ledger)
+    assert not info.value.transient and info.value.code == "SourceUnavailable"
+    assert ledger.load() is None and open_uploads(client, bucket) == []
     # The customer swaps the file for a link to a secret right after the open: the fd's
     # bytes are sent or nothing is; here the rename shows in ctime, so nothing.
     swapped = Opener(

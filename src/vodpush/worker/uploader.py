@@ -596,9 +596,9 @@ class _Source:
 
     @staticmethod
     def _open(source: Path | SourceOpener) -> OpenFile:
-        if isinstance(source, Path):
+        if isinstance(source, str | os.PathLike):
             try:
-                return open_plain(source)
+                return open_plain(Path(source))
             except PathRefused:
                 raise UploadError(
                     f"source is not a regular file: {source}", transient=False, code="SourceNotFile"
