@@ -175,7 +175,10 @@ def open_source(root: Path, path: str, username: str, *, follow_symlinks: bool =
     try:
         # Where an absolute symlink target may point: the user's directory as the operator
         # named it, or its real path.
-        homes = (os.path.abspath(user_dir), os.path.realpath(user_dir))
+        try:
+            homes = (os.path.abspath(user_dir), os.path.realpath(user_dir))
+        except OSError as exc:  # no current directory any more, with a relative root
+            raise _refused(exc, path, owner) from None
         fd, name = _walk(user_fd, rest, homes=homes, follow=follow_symlinks, path=path)
     finally:
         os.close(user_fd)
@@ -190,7 +193,7 @@ def open_source(root: Path, path: str, username: str, *, follow_symlinks: bool =
     except BaseException:
         os.close(fd)
         raise
-    return OpenFile(fd, path=path, name=_text(name), identity=Identity.of(info))
+    return OpenFile(fd, path=path, name=name.decode("utf-8", "replace"), identity=Identity.of(info))
 
 
 def open_plain(path: Path) -> OpenFile:
