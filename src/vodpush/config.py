@@ -24,6 +24,9 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./vodpush.db"
     sestore_root: Path = Path("./sestore")
+    # Symlinks below a user's directory that stay inside it are followed; false refuses
+    # every symlink there. A symlink leading out is always refused.
+    sestore_follow_symlinks: bool = True
     # Fernet key (urlsafe base64, 32 bytes) that encrypts secrets at rest. When unset, one
     # is generated into ``secret_key_file`` on first run.
     secret_key: SecretStr | None = None

@@ -78,7 +78,13 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
     if refused is not None:
         raise ApiError(Code.UNAUTHORIZED, f"unauthorized access: {refused}")
     try:
-        sestore.resolve(ctx.settings.sestore_root, path, ctx.account.username)
+        # Opened as the worker will open it (then closed), so that both agree.
+        sestore.check(
+            ctx.settings.sestore_root,
+            path,
+            ctx.account.username,
+            follow_symlinks=ctx.settings.sestore_follow_symlinks,
+        )
     except sestore.PathRefused as exc:
         raise invalid("path", str(exc)) from exc
 

@@ -10,6 +10,7 @@ PostgreSQL a listener thread wakes the loop on NOTIFY.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -244,19 +245,18 @@ class Worker:
             return
         if self._refused_for_account(request, account, extra):
             return
-        try:
-            source = sestore.resolve(self.settings.sestore_root, request.path, account.username)
-        except sestore.PathRefused as exc:
-            self._fail(
-                request,
-                f"Upload failed: source file unavailable: {exc}",
-                None,
-                "SourceUnavailable",
-                extra,
-            )
-            return
         job = UploadJob(
-            source=source,
+            # Opened (race-free, beneath the user's directory) by the uploader at the start
+            # of the attempt and closed by it whatever happens; a refusal fails the request
+            # as "source file unavailable" (SourceUnavailable) and aborts any multipart
+            # upload an earlier attempt left.
+            source=functools.partial(
+                sestore.open_source,
+                self.settings.sestore_root,
+                request.path,
+                account.username,
+                follow_symlinks=self.settings.sestore_follow_symlinks,
+            ),
             bucket=request.bucket,
             key=request.destination_path,
             acl=request.acl,

@@ -25,14 +25,13 @@ import logging
 import mimetypes
 import os
 import re
-import stat
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from botocore.client import BaseClient
@@ -55,6 +54,7 @@ from botocore.exceptions import (
 
 from vodpush.metadata import for_s3
 from vodpush.records import RESULT_KEYS
+from vodpush.sestore import OpenFile, PathRefused, open_plain
 
 __all__ = [
     "CANNED_ACLS",
@@ -109,6 +109,9 @@ _STALE_CHECKPOINT = ("NoSuchUpload", "InvalidPart")
 
 Progress = Callable[[int, int], None]
 ShouldStop = Callable[[], bool]
+SourceOpener = Callable[[], OpenFile]
+# What UploadJob.source may be: see _Source.
+Source = Path | OpenFile | SourceOpener
 
 
 # -- what to upload, and what came of it ----------------------------------------------------
@@ -116,7 +119,13 @@ ShouldStop = Callable[[], bool]
 
 @dataclass(frozen=True)
 class UploadJob:
-    source: Path
+    """One upload. ``source`` is where the bytes come from: a path the operator names
+    (opened as given, following symlinks: tests, benchmarks, library use), or for a
+    customer's file a function that opens it safely, called at the start of each attempt
+    (the worker passes ``sestore.open_source``), or an ``OpenFile`` already open (the
+    caller closes it). The uploader never opens a customer's file by name."""
+
+    source: Source
     bucket: str
     key: str
     acl: str = "private"
@@ -126,7 +135,10 @@ class UploadJob:
     checksums: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "source", Path(self.source))
+        if isinstance(self.source, str | os.PathLike):
+            object.__setattr__(self, "source", Path(self.source))
+        elif not (isinstance(self.source, OpenFile) or callable(self.source)):
+            raise ValueError("source must be a path, an OpenFile or a function opening one")
         if not self.bucket:
             raise ValueError("bucket must not be empty")
         if not self.key or len(self.key.encode("utf-8")) > 1024:
@@ -565,27 +577,46 @@ def _check_tuning(threshold: int, chunksize: int, concurrency: int) -> None:
 
 
 class _Source:
-    """The open source file, with the identity (size, mtime) it had when opened."""
+    """The open source file, with the identity it had when opened, read by offset
+    (``os.pread``: no shared file position, and the name is never looked up again).
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    ``source`` is a path (opened here, as given), an ``OpenFile`` already open (its owner
+    closes it) or a function opening one (``sestore.open_source``: a customer's file).
+    """
+
+    def __init__(self, source: Source) -> None:
+        if isinstance(source, OpenFile):
+            self.file, self.owned = source, False
+        else:
+            self.file, self.owned = self._open(source), True
+        self.path = self.file.path
+        self.name = self.file.name
+        self.size = self.file.size
+        self.mtime_ns = self.file.identity.mtime_ns
+
+    @staticmethod
+    def _open(source: Path | SourceOpener) -> OpenFile:
+        if isinstance(source, str | os.PathLike):
+            try:
+                return open_plain(Path(source))
+            except PathRefused:
+                raise UploadError(
+                    f"source is not a regular file: {source}", transient=False, code="SourceNotFile"
+                ) from None
+            except OSError as exc:
+                raise classify(exc) from exc
         try:
-            # O_NONBLOCK: opening a FIFO must not hang the worker before the type check.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC)
-        except OSError as exc:
-            raise classify(exc) from exc
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
+            return source()
+        except PathRefused as exc:
             raise UploadError(
-                f"source is not a regular file: {path}", transient=False, code="SourceNotFile"
-            )
-        self.file: BinaryIO = os.fdopen(fd, "rb")
-        self.size = info.st_size
-        self.mtime_ns = info.st_mtime_ns
+                f"source file unavailable: {exc}",
+                transient=exc.transient,
+                code="SourceUnavailable",
+            ) from None
 
     def close(self) -> None:
-        self.file.close()
+        if self.owned:
+            self.file.close()
 
     def changed(self, what: str) -> UploadError:
         # Transient: once the writer is done the file can be sent whole.
@@ -595,55 +626,57 @@ class _Source:
             code=SOURCE_CHANGED,
         )
 
-    def read_exact(self, length: int) -> bytes:
+    def _error(self, exc: OSError) -> UploadError:
+        exc.filename = self.path  # reads go by fd: name the file in the message
+        return classify(exc)
+
+    def read_at(self, offset: int, length: int) -> bytes:
         chunks: list[bytes] = []
-        remaining = length
         try:
-            while remaining:
-                chunk = self.file.read(remaining)
+            while length:
+                chunk = os.pread(self.file.fd, length, offset)
                 if not chunk:
                     raise self.changed("it got shorter")
                 chunks.append(chunk)
-                remaining -= len(chunk)
+                offset += len(chunk)
+                length -= len(chunk)
         except OSError as exc:
-            raise classify(exc) from exc
+            raise self._error(exc) from exc
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def md5_etag(self, part_size: int | None) -> str:
         """The MD5 ETag of the file read again: of the whole, or with ``part_size`` the
         multipart ``md5(part md5s)-N``. Only for stores that report no SHA-256 to compare."""
-        try:
-            self.file.seek(0)
-        except OSError as exc:
-            raise classify(exc) from exc
         if part_size is None:
-            return self._md5_of_next(self.size).hex()
+            return self._md5_of(0, self.size).hex()
         return _multipart_etag(
             [
-                self._md5_of_next(min(part_size, self.size - offset))
+                self._md5_of(offset, min(part_size, self.size - offset))
                 for offset in range(0, self.size, part_size)
             ]
         )
 
-    def _md5_of_next(self, length: int) -> bytes:
+    def _md5_of(self, offset: int, length: int) -> bytes:
         md5 = hashlib.md5(usedforsecurity=False)
         while length:
             step = min(length, 8 * MiB)  # bounded memory, whatever the length
-            md5.update(self.read_exact(step))
+            md5.update(self.read_at(offset, step))
+            offset += step
             length -= step
         return md5.digest()
 
     def check_unchanged(self) -> None:
-        """After the last byte: nothing was appended, size and mtime are as when opened."""
+        """After the last byte: nothing was appended, and the open file is the one opened
+        (size, mtime, ctime, inode)."""
         try:
-            extra = self.file.read(1)
-            info = os.fstat(self.file.fileno())
+            extra = os.pread(self.file.fd, 1, self.size)
+            what = self.file.changed()
         except OSError as exc:
-            raise classify(exc) from exc
-        if extra or info.st_size != self.size:
+            raise self._error(exc) from exc
+        if extra:
             raise self.changed("its size changed")
-        if info.st_mtime_ns != self.mtime_ns:
-            raise self.changed("it was modified")
+        if what is not None:
+            raise self.changed(what)
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -742,11 +775,11 @@ def _abandon_quietly(client: BaseClient, job: UploadJob, ledger: PartLedger) -> 
         )
 
 
-def _object_args(job: UploadJob) -> dict[str, Any]:
+def _object_args(job: UploadJob, name: str) -> dict[str, Any]:
     args: dict[str, Any] = {
         "Bucket": job.bucket,
         "Key": job.key,
-        "ContentType": guess_content_type(job.key, job.source.name),
+        "ContentType": guess_content_type(job.key, name),
         "Metadata": for_s3(job.metadata),
     }
     # "private" is what S3 does without an ACL; not sending it keeps buckets with ACLs
@@ -775,11 +808,11 @@ def _put_single(
     progress: Progress | None,
 ) -> UploadResult:
     abandon(client, job, ledger)  # a checkpoint from an earlier, larger version of the file
-    data = source.read_exact(source.size)
+    data = source.read_at(0, source.size)
     source.check_unchanged()
     sha = hashlib.sha256(data).digest()
     md5 = _md5_or_none(data, job)
-    args = _object_args(job) | {"Body": data}
+    args = _object_args(job, source.name) | {"Body": data}
     if md5 is not None:
         args["ContentMD5"] = _b64(md5)
     if job.checksums:
@@ -1061,7 +1094,7 @@ class _Multipart:
         return listed
 
     def _create(self) -> MultipartCheckpoint:
-        args = _object_args(self.job)
+        args = _object_args(self.job, self.source.name)
         if self.job.checksums:
             args["ChecksumAlgorithm"] = "SHA256"
         response = _s3_call(self.client.create_multipart_upload, **args)
@@ -1121,8 +1154,8 @@ class _Multipart:
                         if self._failed.is_set():
                             break
                         offset = (number - 1) * self.chunksize
-                        data = self.source.read_exact(
-                            min(self.chunksize, self.source.size - offset)
+                        data = self.source.read_at(
+                            offset, min(self.chunksize, self.source.size - offset)
                         )
                         whole.update(data)
                         done = self._already_sent(checkpoint.parts.get(number), data)
