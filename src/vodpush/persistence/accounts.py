@@ -18,6 +18,9 @@ from vodpush.records import format_time
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SSE_CHOICES = ("AES256", "aws:kms")
+# Every column that holds a secret encrypted with the SecretBox: `vodpush secrets
+# rotate-key` re-encrypts exactly these, so a new encrypted column is one entry here.
+ENCRYPTED_COLUMNS = ("api_secret_enc", "s3_secret_access_key_enc")
 
 
 class AccountError(ValueError):
