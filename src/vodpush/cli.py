@@ -106,7 +106,12 @@ def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
     help="Uploads at once [VODPUSH_WORKER_CONCURRENCY, 4].",
 )
 @click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit.")
-@click.option("--metrics-port", type=int, default=None, help="Serve /metrics on this port.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve /metrics on this port [on VODPUSH_METRICS_HOST, or VODPUSH_HOST].",
+)
 def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> None:
     """Run an upload worker until SIGTERM/SIGINT (running uploads get a grace period)."""
     import signal
@@ -118,9 +123,15 @@ def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> No
     service = _open_service()
     runner = Worker(service, concurrency=concurrency)
     if metrics_port:
-        from prometheus_client import start_http_server
+        from vodpush.worker.metrics import start_metrics_server
 
-        start_http_server(metrics_port, addr=settings.host)
+        token = settings.metrics_token
+        start_metrics_server(
+            settings.metrics_host or settings.host,
+            metrics_port,
+            queue=None,
+            token=token.get_secret_value() if token is not None else None,
+        )
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
     try:
