@@ -411,3 +411,14 @@ def test_metrics_on_their_own_port_with_vodpush_serve(service, tmp_path):
         code = proc.wait(30)
     assert code == 0, log.read_text()[-2000:]
     assert "scrape-token" not in log.read_text()
+
+
+def test_config_masks_the_metrics_token(monkeypatch, capsys, tmp_path):
+    from vodpush.cli import main
+
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", f"sqlite:///{tmp_path / 'v.db'}")
+    monkeypatch.setenv("VODPUSH_METRICS_TOKEN", "scrape-token-value")
+    monkeypatch.setenv("VODPUSH_METRICS_PORT", "9464")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "scrape-token-value" not in out and '"metrics_port": 9464' in out
