@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     # Symlinks below a user's directory that stay inside it are followed; false refuses
     # every symlink there. A symlink leading out is always refused.
     sestore_follow_symlinks: bool = True
-    # Fernet key (urlsafe base64, 32 bytes) that encrypts secrets at rest. When unset, one
-    # is generated into ``secret_key_file`` on first run.
+    # Fernet keys (urlsafe base64, 32 bytes) that encrypt secrets at rest, comma-separated:
+    # the first encrypts, all decrypt (key rotation). When unset, the keys are read from
+    # ``secret_key_file`` (one per line, newest first), generated there on first run.
     secret_key: SecretStr | None = None
     secret_key_file: Path = Path("./vodpush.key")
 
@@ -39,6 +40,12 @@ class Settings(BaseSettings):
     status_max_limit: int = Field(default=1000, ge=1)
     api_threads: int = Field(default=2, ge=1, le=256, description="threads running commands")
     log_level: str = "info"
+    # /metrics is served on the API port unless metrics_port is set: then `vodpush serve`
+    # serves it on metrics_host (default: host) and metrics_port only. With metrics_token,
+    # a scrape must send "Authorization: Bearer <token>" (401 otherwise), on either port.
+    metrics_host: str | None = None
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_token: SecretStr | None = None
 
     # Worker
     worker_concurrency: int = Field(default=4, ge=1, le=256)

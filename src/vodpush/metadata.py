@@ -12,9 +12,10 @@ import re
 from typing import Any
 
 MAX_METADATA_BYTES = 2048
-# RFC 9110 token characters: what an HTTP header name may hold.
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_PLAIN_VALUE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")
+# RFC 9110 token characters: what an HTTP header name may hold. Used with fullmatch: `$`
+# would also accept a trailing newline, which no header may hold.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PLAIN_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 class MetadataRefused(ValueError):
@@ -34,7 +35,7 @@ def normalize(value: Any) -> dict[str, str]:
     seen: set[str] = set()
     size = 0
     for key, raw in value.items():
-        if not _HEADER_NAME.match(key):
+        if not _HEADER_NAME.fullmatch(key):
             raise MetadataRefused(
                 f"key {key!r} cannot be an HTTP header name (letters, digits and "
                 "!#$%&'*+-.^_`|~ only)"
@@ -59,17 +60,17 @@ def normalize(value: Any) -> dict[str, str]:
 
 def encode_value(value: str) -> str:
     """A header-safe form of ``value``: as is when plain ASCII, else an RFC 2047 word."""
-    if value == "" or _PLAIN_VALUE.match(value):
+    if value == "" or _PLAIN_VALUE.fullmatch(value):
         return value
     return "=?UTF-8?B?" + base64.b64encode(value.encode("utf-8")).decode("ascii") + "?="
 
 
-_ENCODED_WORD = re.compile(r"^=\?UTF-8\?B\?([A-Za-z0-9+/=]*)\?=$", re.IGNORECASE)
+_ENCODED_WORD = re.compile(r"=\?UTF-8\?B\?([A-Za-z0-9+/=]*)\?=", re.IGNORECASE)
 
 
 def decode_value(value: str) -> str:
     """The inverse of encode_value, for reading metadata back."""
-    match = _ENCODED_WORD.match(value)
+    match = _ENCODED_WORD.fullmatch(value)
     if match is None:
         return value
     return base64.b64decode(match.group(1)).decode("utf-8")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from wsgiref.simple_server import WSGIServer
 
 import uvicorn
 
 from vodpush.api.app import create_app
+from vodpush.persistence.queue import QueueStore
 from vodpush.service import Service
+from vodpush.worker.metrics import start_metrics_server
 from vodpush.worker.runner import Worker
 
 log = logging.getLogger(__name__)
@@ -17,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def run_server(service: Service, *, host: str, port: int, embedded_worker: bool = True) -> None:
     app = create_app(service)
+    metrics_server = _start_metrics(service, host)  # first: a busy port stops us here
     worker: Worker | None = None
     thread: threading.Thread | None = None
     if embedded_worker:
@@ -53,7 +57,24 @@ def run_server(service: Service, *, host: str, port: int, embedded_worker: bool 
     try:
         server.run()  # returns on SIGINT/SIGTERM
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if worker is not None and thread is not None:
             worker.stop()
             thread.join()
         service.close()
+
+
+def _start_metrics(service: Service, api_host: str) -> WSGIServer | None:
+    """/metrics on its own address (VODPUSH_METRICS_PORT), when configured."""
+    settings = service.settings
+    if settings.metrics_port is None:
+        return None
+    token = settings.metrics_token
+    return start_metrics_server(
+        settings.metrics_host or api_host,
+        settings.metrics_port,
+        queue=QueueStore(service.engine),
+        token=token.get_secret_value() if token is not None else None,
+    )

@@ -117,14 +117,22 @@ def create_app(service: Service) -> Starlette:
         return _Json({"status": "ok"})
 
     queue = QueueStore(service.engine)
+    token = service.settings.metrics_token
 
     async def metrics(request: Request) -> Response:
+        if token is not None and not worker_metrics.authorized(
+            request.headers.get("authorization"), token.get_secret_value()
+        ):
+            return Response(
+                "unauthorized\n", 401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'}
+            )
         body = await anyio.to_thread.run_sync(worker_metrics.render, queue, limiter=threads)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route(path, api, methods=["POST"]) for path in API_PATHS]
     routes.append(Route("/healthz", healthz, methods=["GET"]))
-    routes.append(Route("/metrics", metrics, methods=["GET"]))
+    if service.settings.metrics_port is None:  # else served apart (server.run_server)
+        routes.append(Route("/metrics", metrics, methods=["GET"]))
     app = Starlette(routes=routes)
     app.state.service = service
     return app

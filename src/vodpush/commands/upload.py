@@ -8,17 +8,22 @@ from typing import Any
 from vodpush import metadata as s3_metadata
 from vodpush import sestore
 from vodpush.commands.context import CommandContext
+from vodpush.config import Settings
 from vodpush.persistence.requests import NewRequest
 from vodpush.protocol.envelope import ApiError, Code
 from vodpush.protocol.fields import as_str, invalid, require
-from vodpush.worker.callbacks import CallbackURLError, normalize_callback_url
+from vodpush.worker.callbacks import CallbackURLError, check_destination
 
 REQUIRED = ("path", "destination_path", "bucket", "acl")
 ACLS = ("private", "public-read")
 MAX_KEY_BYTES = 1024  # S3's limit on an object key
 # Bucket names as S3 accepts them, including legacy us-east-1 names (capitals, underscores).
-_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
+# Used with fullmatch: `$` would also accept a trailing newline.
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A lookup at submit waits this long at most (an aws.upload answers in time; the delivery
+# checks the address again anyway).
+SUBMIT_DNS_TIMEOUT = 2.0
 
 
 def validate_destination(value: Any) -> str:
@@ -36,7 +41,7 @@ def validate_destination(value: Any) -> str:
 
 def validate_bucket(value: Any) -> str:
     bucket = as_str(value, "bucket", max_length=255)
-    if not _BUCKET.match(bucket) or ".." in bucket:
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise invalid(
             "bucket",
             "must be 3-255 characters of letters, digits, '.', '_' or '-', "
@@ -45,14 +50,21 @@ def validate_bucket(value: Any) -> str:
     return bucket
 
 
-def validate_callback(value: Any) -> str:
-    """The callback as sent ("" for none); refused unless it is a usable http(s) URL. A URL
-    without scheme means http:// (resolved and checked again at delivery)."""
+def validate_callback(value: Any, settings: Settings) -> str:
+    """The callback as sent ("" for none); refused unless it is a usable http(s) URL that
+    could be delivered to (see check_destination: no literal private address, no name that
+    does not resolve). A URL without scheme means http://. Runs in a worker thread: the DNS
+    lookup (bounded in time) does not hold the event loop. Resolved and checked again at
+    each delivery."""
     if value is None or value == "":
         return ""
     url = as_str(value, "callback", max_length=2048)
     try:
-        normalize_callback_url(url)
+        check_destination(
+            url,
+            allow_private=settings.callback_allow_private,
+            timeout=min(settings.callback_timeout, SUBMIT_DNS_TIMEOUT),
+        )
     except CallbackURLError as exc:
         raise invalid("callback", str(exc)) from exc
     return url
@@ -73,7 +85,7 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
         metadata = s3_metadata.normalize(payload.get("metadata"))
     except s3_metadata.MetadataRefused as exc:
         raise invalid("metadata", str(exc)) from exc
-    callback = validate_callback(payload.get("callback"))
+    callback = validate_callback(payload.get("callback"), ctx.settings)
     refused = ctx.account.files_refused()
     if refused is not None:
         raise ApiError(Code.UNAUTHORIZED, f"unauthorized access: {refused}")

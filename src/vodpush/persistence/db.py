@@ -16,6 +16,8 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, Select, create_engine, event, text
 from sqlalchemy.engine import make_url
 
+from vodpush.filemodes import create_private, restrict_to_owner
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -34,7 +36,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(parsed.database).expanduser())
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
         )
@@ -63,6 +65,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """The database holds every account's encrypted secrets and every request: create it
+    0600 before SQLite does (SQLite gives its -wal and -shm files the database file's mode),
+    and restrict one that an older install left readable by others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if create_private(path):
+        return  # an empty file is a valid empty database
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        restrict_to_owner(path.with_name(path.name + suffix), "database file")
 
 
 @contextmanager

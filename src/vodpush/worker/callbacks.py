@@ -42,6 +42,7 @@ __all__ = [
     "DeliveryAttempt",
     "RetryDecision",
     "build_delivery",
+    "check_destination",
     "deliver",
     "is_public_address",
     "next_delivery",
@@ -177,11 +178,24 @@ def normalize_callback_url(url: str) -> str:
     return str(_parse_callback_url(url))
 
 
+_NUMERIC_HOST = re.compile(r"[0-9][0-9A-Fa-fXx.]*")
+
+
 def _ip_literal(host: str) -> IPAddress | None:
+    """The address ``host`` names by itself, without DNS: the usual forms, and those the
+    system resolver also reads as IPv4 (``2130706433``, ``0x7f.1``, ``127.1``, a trailing
+    dot), so none of them passes for a name."""
+    host = host.removesuffix(".")
     try:
         return ipaddress.ip_address(host)
     except ValueError:
-        return None
+        pass
+    if _NUMERIC_HOST.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
 
 
 _SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT, RFC 6598
@@ -213,15 +227,19 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, st
     return None
 
 
-def refusal_reason(address: str | IPAddress) -> str | None:
-    """Why a callback may not go to ``address`` (e.g. ``"loopback"``), or None if it may."""
+def refusal_reason(address: str | IPAddress, *, detail: bool = True) -> str | None:
+    """Why a callback may not go to ``address`` (e.g. ``"loopback"``), or None if it may.
+    ``detail=False`` leaves out the IPv4 address embedded in an IPv6 one (for texts that
+    must not tell what a name resolves to)."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(ip)
         if embedded is not None:
             inner, form = embedded
             reason = refusal_reason(inner)
-            return None if reason is None else f"{reason} ({form} {inner})"
+            if reason is None:
+                return None
+            return f"{reason} ({form} {inner})" if detail else f"{reason} ({form})"
     for reason, applies in _REFUSALS:
         if applies(ip):
             return reason
@@ -242,10 +260,29 @@ def resolve_host(host: str, port: int) -> list[str]:
     return found
 
 
+class DNSError(OSError):
+    """A lookup that failed; ``definitive`` when the name does not exist (NXDOMAIN, no
+    address), as opposed to a resolver that failed for now."""
+
+    def __init__(self, message: str, *, definitive: bool) -> None:
+        super().__init__(message)
+        self.definitive = definitive
+
+
+# Names that never resolve (RFC 6761 .invalid; RFC 7686 .onion, reachable only over Tor,
+# and callbacks use no proxy): answered without asking DNS.
+_NEVER_RESOLVE = ("invalid", "onion")
+_DEFINITIVE_EAI = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
+
 def _resolve(resolver: Resolver, host: str, port: int, timeout: float) -> list[IPAddress]:
     literal = _ip_literal(host)
     if literal is not None:
         return [literal]
+    if host.rstrip(".").rsplit(".", 1)[-1].lower() in _NEVER_RESOLVE:
+        raise DNSError(f"DNS lookup of {host} failed: a reserved name", definitive=True)
     # getaddrinfo has no timeout of its own; run it aside so a dead DNS server cannot hold
     # the worker. A resolver still stuck after the timeout finishes later, unobserved.
     outcome: list[Any] = []
@@ -262,11 +299,15 @@ def _resolve(resolver: Resolver, host: str, port: int, timeout: float) -> list[I
     if not outcome:
         raise TimeoutError(f"DNS lookup of {host} timed out after {timeout:g} s")
     if isinstance(outcome[0], Exception):
-        raise OSError(f"DNS lookup of {host} failed: {outcome[0]}")
+        exc = outcome[0]
+        definitive = isinstance(exc, UnicodeError) or (
+            isinstance(exc, socket.gaierror) and exc.errno in _DEFINITIVE_EAI
+        )
+        raise DNSError(f"DNS lookup of {host} failed: {exc}", definitive=definitive)
     try:
         return [ipaddress.ip_address(a) for a in outcome[0]]
-    except ValueError as exc:
-        raise OSError(f"DNS lookup of {host} gave a bad address: {exc}") from None
+    except ValueError:
+        raise DNSError(f"DNS lookup of {host} gave a bad address", definitive=False) from None
 
 
 # -- delivering ---------------------------------------------------------------------------
@@ -436,16 +477,15 @@ def deliver(
         return outcome(error=f"DNS lookup of {host} found no address")
     if not allow_private:
         # Every address must pass: the client library could pick any of them.
-        for address in addresses:
-            reason = refusal_reason(address)
-            if reason is not None:
-                return outcome(
-                    error=(
-                        f"refused: {host} resolves to {address}, a {reason} address "
-                        "(set VODPUSH_CALLBACK_ALLOW_PRIVATE to allow non-public addresses)"
-                    ),
-                    permanent=True,
-                )
+        reason = _refusal(host, addresses)
+        if reason is not None:
+            return outcome(
+                error=(
+                    f"refused: {reason} (set VODPUSH_CALLBACK_ALLOW_PRIVATE to allow "
+                    "non-public addresses)"
+                ),
+                permanent=True,
+            )
 
     http = client if client is not None else httpx.Client(trust_env=False)
     deadline = _Deadline(max(remaining(), 0.0))
@@ -469,10 +509,73 @@ def deliver(
     except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
         if deadline.expired or isinstance(exc, httpx.TimeoutException):
             return outcome(error=f"timed out after {timeout:g} s")
-        return outcome(error=_describe(exc))
+        return outcome(error=_hide_addresses(_describe(exc), host, addresses))
     finally:
         if client is None:
             http.close()
+
+
+def _refusal(host: str, addresses: Sequence[IPAddress]) -> str | None:
+    """Why none of ``addresses`` may be used, in words the customer may read (it ends up in
+    aws.status): a literal address is named (the customer wrote it), the addresses a name
+    resolves to are not (they would map the operator's network)."""
+    literal = _ip_literal(host) is not None
+    for address in addresses:
+        reason = refusal_reason(address, detail=literal)
+        if reason is not None:
+            if literal:
+                return f"{address} is not a public address ({reason})"
+            return f"{host} resolves to a non-public address ({reason})"
+    return None
+
+
+def _hide_addresses(text: str, host: str, addresses: Sequence[IPAddress]) -> str:
+    """``text`` without the addresses that ``host`` resolved to, when it is a name."""
+    if _ip_literal(host) is not None:
+        return text
+    for address in addresses:
+        text = text.replace(str(address), f"(an address of {host})")
+    return text
+
+
+def check_destination(
+    url: str,
+    *,
+    allow_private: bool,
+    timeout: float,
+    resolver: Resolver | None = None,
+) -> str:
+    """At submit: the URL as it will be used, or CallbackURLError when a delivery could never
+    succeed. Refused: a bad URL; a name that can never resolve (.invalid, .onion); and,
+    unless ``allow_private``, a literal non-public address, a name that does not exist
+    (NXDOMAIN), or a name whose addresses include a non-public one.
+
+    With ``allow_private`` names are not looked up here: such installs deliver to internal
+    receivers, often under names only the worker hosts resolve. A lookup that times out
+    (``timeout`` seconds at most) or fails for now is no proof: the URL is accepted, and
+    every delivery checks again anyway (DNS answers change).
+    """
+    target = _parse_callback_url(url)
+    host = target.raw_host.decode("ascii")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    if host.rstrip(".").rsplit(".", 1)[-1].lower() in _NEVER_RESOLVE:
+        raise CallbackURLError(f"the host {host} does not resolve (a reserved name)")
+    if allow_private:
+        return str(target)
+    try:
+        addresses = _resolve(resolver or resolve_host, host, port, timeout)
+    except DNSError as exc:
+        if exc.definitive:
+            raise CallbackURLError(f"the host {host} does not resolve") from None
+        return str(target)
+    except OSError:  # timed out: the delivery will know better
+        return str(target)
+    if not addresses:
+        raise CallbackURLError(f"the host {host} does not resolve")
+    reason = _refusal(host, addresses)
+    if reason is not None:
+        raise CallbackURLError(f"{reason}; callbacks go to public addresses only")
+    return str(target)
 
 
 # -- retry policy -------------------------------------------------------------------------

@@ -3,13 +3,29 @@ scrape time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hmac
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vodpush.persistence.queue import QueueStore
+
+log = logging.getLogger(__name__)
 
 UPLOADS = Counter("vodpush_uploads_total", "Finished upload attempts by outcome", ["outcome"])
 UPLOADED_BYTES = Counter("vodpush_uploaded_bytes_total", "Bytes of source files uploaded")
@@ -39,3 +55,63 @@ def render(queue: QueueStore) -> bytes:
     depth = CollectorRegistry()
     depth.register(QueueDepthCollector(queue))
     return generate_latest(REGISTRY) + generate_latest(depth)
+
+
+def authorized(header: str | None, token: str) -> bool:
+    """Whether an Authorization header carries ``Bearer <token>``; the token is compared in
+    constant time."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    # Compared even when the scheme is wrong, so the answer takes the same time.
+    same = hmac.compare_digest(
+        given.strip().encode("utf-8", "replace"), token.encode("utf-8", "replace")
+    )
+    return same and scheme.lower() == "bearer"
+
+
+class _Handler(WSGIRequestHandler):
+    # A scraper that stops sending is cut off instead of holding its thread forever.
+    timeout = 10
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes are not worth a log line each
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def start_metrics_server(
+    host: str, port: int, *, queue: QueueStore | None, token: str | None
+) -> WSGIServer:
+    """Serve /metrics on ``host:port`` in a daemon thread (shut it down with
+    ``.shutdown()``): this process's counters, plus the queue depth when ``queue`` is given;
+    with ``token``, only to requests that send it as a bearer token."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        if token is not None and not authorized(environ.get("HTTP_AUTHORIZATION"), token):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+            )
+            return [b"unauthorized\n"]
+        body = render(queue) if queue is not None else generate_latest(REGISTRY)
+        start_response(
+            "200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    server_class = _Server6 if ":" in host else _Server
+    server = make_server(host, port, app, server_class=server_class, handler_class=_Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info(
+        "metrics listening",
+        extra={"action": "metrics.listen", "host": host, "port": port, "token": bool(token)},
+    )
+    return server
