@@ -375,6 +375,7 @@ class Worker:
                     "action": "upload.retry",
                     **extra,
                     "error": err.message,
+                    "detail": err.detail,
                     "delay": round(decision.delay, 3),
                     "attempt": request.attempts,
                 },
@@ -384,7 +385,14 @@ class Worker:
             # Out of attempts: the multipart upload will never resume, so abort it now
             # rather than leave its parts in the bucket.
             abandon(client, job, ledger)
-        self._fail(request, f"Upload failed: {err.message}", err.http_status, err.code, extra)
+        self._fail(
+            request,
+            f"Upload failed: {err.message}",
+            err.http_status,
+            err.code,
+            extra,
+            detail=err.detail,
+        )
 
     def _fail(
         self,
@@ -393,6 +401,8 @@ class Worker:
         http_status: int | None,
         code: str | None,
         extra: dict[str, Any],
+        *,
+        detail: str | None = None,
     ) -> None:
         self.queue.fail(
             request.id,
@@ -405,7 +415,13 @@ class Worker:
         metrics.UPLOADS.labels("failure").inc()
         log.warning(
             "upload failed",
-            extra={"action": "upload.failed", **extra, "error": message, "code": code},
+            extra={
+                "action": "upload.failed",
+                **extra,
+                "error": message,
+                "code": code,
+                "detail": detail,
+            },
         )
         if request.callback:
             self._callback_ready()

@@ -173,12 +173,16 @@ class UploadError(Exception):
         transient: bool,
         http_status: int | None = None,
         code: str | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.transient = transient
         self.http_status = http_status
         self.code = code
+        # For the operator's log only: ``message`` is shown to the customer and must not
+        # tell them the operator's endpoints or addresses.
+        self.detail = detail
 
     def __repr__(self) -> str:
         return (
@@ -389,6 +393,22 @@ _TRANSIENT_ERRNOS = frozenset(
 )
 
 
+# What the customer is told of a connection error: botocore's own texts name the endpoint
+# URL, which for the operator's default S3 settings is the operator's business.
+_CONNECTION_PHRASES: dict[type[BaseException], str] = {
+    EndpointConnectionError: "could not connect to the S3 endpoint",
+    ConnectTimeoutError: "connecting to the S3 endpoint timed out",
+    ProxyConnectionError: "could not connect through the proxy to S3",
+    ConnectionClosedError: "S3 closed the connection",
+    ReadTimeoutError: "S3 did not answer in time",
+    ResponseStreamingError: "the answer of S3 was cut off",
+    IncompleteReadError: "the answer of S3 was cut off",
+    ChecksumError: "a checksum of the answer of S3 did not match",
+    FlexibleChecksumError: "a checksum of the answer of S3 did not match",
+    CredentialRetrievalError: "S3 credentials could not be fetched",
+}
+
+
 def classify(exc: BaseException) -> UploadError:
     """The UploadError for ``exc``: transient only for errors known to pass on their own."""
     if isinstance(exc, UploadError):
@@ -396,7 +416,12 @@ def classify(exc: BaseException) -> UploadError:
     if isinstance(exc, ClientError):
         return _classify_client_error(exc)
     if isinstance(exc, _TRANSIENT_BOTOCORE):
-        return UploadError(f"S3 connection error: {exc}", transient=True, code=type(exc).__name__)
+        return UploadError(
+            f"S3 connection error: {_CONNECTION_PHRASES.get(type(exc), 'the connection failed')}",
+            transient=True,
+            code=type(exc).__name__,
+            detail=str(exc),
+        )
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return UploadError(
             f"S3 credentials missing: {exc} (set them on the account or in the environment)",
