@@ -96,7 +96,6 @@ ODD_STRINGS = (
     CLIP,
     "sestore1/fz/../fz/videos/clip.mp4",
     CLIP + "\x00",
-    "sestore1/fz/" + "a" * 300 + "/x.mp4",
     "private",
     "public-read",
     "my-bucket",
@@ -111,6 +110,25 @@ ODD_STRINGS = (
     "\ud800",
     "%00",
     "\\u0000",
+)
+DIGITISH = 18  # the first ODD_STRINGS: what a digit string may look like
+
+# Values a path may take that only the file system can judge.
+ODD_PATHS = (
+    CLIP,
+    "sestore1/fz/" + "a" * 300 + "/x.mp4",
+    "sestore1/fz/" + "é" * 200 + ".mp4",
+    "sestore1/fz/" + "/".join(["d" * 250] * 16),
+    "sestore1/fz/" + "/".join(["d"] * 2000),
+    "sestore1/fz/videos/clip.mp4/x",
+    "sestore1/fz/videos/../videos/clip.mp4",
+    "sestore1/fz/videos/./clip.mp4",
+    "sestore1/fz/videos",
+    "sestore1/fz/videos/clip.mp4\n",
+    "sestore1/fz/videos/clip.mp4 ",
+    "sestore999999/fz/x.mp4",
+    "sestore1/../../etc/passwd",
+    "sestore1/fz/\u202eclip.mp4",
 )
 ODD_NUMBERS: tuple[Any, ...] = (
     0,
@@ -204,6 +222,10 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
+# What a mutated field becomes: the odd values above more often than chance would pick them.
+field_values = st.one_of(
+    st.sampled_from(ODD_STRINGS), st.sampled_from(ODD_NUMBERS), odd_text, json_values
+)
 
 
 def _hmac_b64(secret: str, text: str) -> str:
@@ -270,16 +292,18 @@ def base_payload(account: Account, command: str) -> dict[str, Any]:
 def mutate_fields(draw: st.DrawFn, payload: dict[str, Any]) -> dict[str, Any]:
     payload = dict(payload)
     for _ in range(draw(st.integers(0, 3))):
-        op = draw(st.sampled_from(("set", "set", "add", "drop", "digits")))
+        op = draw(st.sampled_from(("set", "set", "add", "drop", "digits", "path")))
         key = draw(st.sampled_from(sorted(payload))) if payload else "command"
-        if op == "set":
-            payload[key] = draw(json_values)
+        if op == "path":
+            payload["path"] = draw(st.sampled_from(ODD_PATHS) | odd_text)
+        elif op == "set":
+            payload[key] = draw(field_values)
         elif op == "add":
-            payload[draw(keys)] = draw(json_values)
+            payload[draw(keys)] = draw(field_values)
         elif op == "drop":
             payload.pop(key, None)
         else:  # integers as (odd) digit strings, the way Perl sends them
-            payload[key] = draw(st.sampled_from(ODD_STRINGS[:18]))
+            payload[key] = draw(st.sampled_from(ODD_STRINGS[:DIGITISH]))
     return payload
 
 

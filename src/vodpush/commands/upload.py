@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from typing import Any
 
@@ -18,6 +20,11 @@ MAX_KEY_BYTES = 1024  # S3's limit on an object key
 # Bucket names as S3 accepts them, including legacy us-east-1 names (capitals, underscores).
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What the file system answers for a path the customer shaped (a component too long, a loop,
+# a directory made unreadable): the customer's to fix, so 0007, not 0004.
+_CLIENT_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EINVAL, errno.EACCES, errno.EPERM}
+)
 
 
 def validate_destination(value: Any) -> str:
@@ -74,6 +81,10 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
         sestore.resolve(ctx.settings.sestore_root, path, ctx.account.username)
     except sestore.PathRefused as exc:
         raise invalid("path", str(exc)) from exc
+    except OSError as exc:
+        if exc.errno not in _CLIENT_ERRNOS:
+            raise
+        raise invalid("path", f"cannot be checked: {os.strerror(exc.errno)}") from exc
 
     queued = ctx.requests.enqueue(
         NewRequest(

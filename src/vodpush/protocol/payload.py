@@ -77,14 +77,11 @@ def check_text(text: str, field: str) -> None:
 
 def check_payload(obj: dict[str, Any]) -> None:
     """Raise InvalidPayload for the first value (in document order) no command may get."""
-    count = 0
+    count = 1
     # (value, field path, depth); reversed pushes keep document order.
     stack: list[tuple[Any, str, int]] = [(obj, "", 1)]
     while stack:
         value, path, depth = stack.pop()
-        count += 1
-        if count > MAX_VALUES:
-            raise InvalidPayload("json", f"holds more than {MAX_VALUES} values")
         field = path or "json"
         if value is None or isinstance(value, bool):
             continue
@@ -101,6 +98,9 @@ def check_payload(obj: dict[str, Any]) -> None:
         elif isinstance(value, dict | list):
             if depth > MAX_DEPTH:
                 raise InvalidPayload(field, f"is nested deeper than {MAX_DEPTH} levels")
+            count += len(value)  # counted before any of them is looked at
+            if count > MAX_VALUES:
+                raise InvalidPayload("json", f"holds more than {MAX_VALUES} values")
             if isinstance(value, list):
                 items = [(item, f"{field}[{i}]") for i, item in enumerate(value)]
             else:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from vodpush.protocol.payload import check_payload, field_name, parse_int
+from vodpush.protocol.payload import MAX_INT_DIGITS, check_payload, field_name, parse_int
 
 SIGNATURE_FIELD = "signature"
 DIGEST_SIZE = hashlib.sha256().digest_size
@@ -41,6 +41,9 @@ DEFAULT_FALLBACK_MAX_CHARS = 65_536
 _TRAILING_SIGNATURE = re.compile(
     r',\s*"signature"\s*:\s*"(?P<value>(?:[^"\\]|\\.)*)"\s*\}\s*\Z', re.DOTALL
 )
+
+
+_LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1},}}")
 
 
 class DuplicateKeyError(ValueError):
@@ -59,6 +62,8 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def loads_strict(text: str) -> Any:
     """Parse JSON, refusing duplicate keys at any depth; integers with more digits than
     64 bits need come back as a marker that check_payload refuses by name."""
+    if _LONG_DIGITS.search(text) is None:  # the usual case: no per-number callback
+        return json.loads(text, object_pairs_hook=_refuse_duplicates)
     return json.loads(text, object_pairs_hook=_refuse_duplicates, parse_int=parse_int)
 
 
