@@ -41,8 +41,7 @@ DEFAULT_FALLBACK_MAX_CHARS = 65_536
 _TRAILING_SIGNATURE = re.compile(
     r',\s*"signature"\s*:\s*"(?P<value>(?:[^"\\]|\\.)*)"\s*\}\s*\Z', re.DOTALL
 )
-
-
+# A run of digits longer than any 64-bit integer: somewhere in the text, maybe a number.
 _LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1},}}")
 
 
@@ -60,8 +59,8 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_strict(text: str) -> Any:
-    """Parse JSON, refusing duplicate keys at any depth; integers with more digits than
-    64 bits need come back as a marker that check_payload refuses by name."""
+    """Parse JSON, refusing duplicate keys at any depth. An integer literal with more digits
+    than a 64-bit integer has comes back as a marker that check_payload refuses by name."""
     if _LONG_DIGITS.search(text) is None:  # the usual case: no per-number callback
         return json.loads(text, object_pairs_hook=_refuse_duplicates)
     return json.loads(text, object_pairs_hook=_refuse_duplicates, parse_int=parse_int)
