@@ -1,10 +1,13 @@
-# vodpush: `make run` starts the service, `make test` runs the whole suite.
+# vodpush: `make run` starts the service, `make test` runs the whole suite, `make fuzz`
+# fuzzes the API (FUZZ_SECONDS=120 by default; not part of `make test`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench bench-status bench-upload clean
+FUZZ_SECONDS ?= 120
+
+.PHONY: run test lint format bench bench-status bench-upload fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +38,9 @@ bench-status: $(STAMP)
 
 bench-upload: $(STAMP)
 	$(BIN)/python bench/upload_bench.py
+
+fuzz: $(STAMP)
+	$(BIN)/python bench/fuzz_api.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

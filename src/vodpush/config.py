@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     timestamp_window: int = Field(default=300, ge=1, description="allowed clock skew, seconds")
+    # Re-encoding a request to find the text a client signed (when its signature is not the
+    # last member) is work done before any secret is proven: only for texts up to this size.
+    signature_fallback_max_chars: int = Field(default=65_536, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     status_max_limit: int = Field(default=1000, ge=1)
     api_threads: int = Field(default=2, ge=1, le=256, description="threads running commands")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 from urllib.parse import parse_qs
@@ -11,7 +12,8 @@ import anyio.to_thread
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -22,6 +24,8 @@ from vodpush.service import Service
 from vodpush.worker import metrics as worker_metrics
 
 API_PATHS = ("/stable/", "/dev/", "/", "/stable", "/dev")
+
+log = logging.getLogger(__name__)
 
 
 class _Refusal(Exception):
@@ -58,7 +62,10 @@ async def _json_field(request: Request, limit: int) -> str:
     if content_type == "application/json":
         text = _decode(body)
     elif content_type == "multipart/form-data":
-        form = await request.form(max_files=0, max_fields=100)
+        try:
+            form = await request.form(max_files=0, max_fields=100)
+        except HTTPException as exc:  # malformed multipart: say so in the usual envelope
+            raise _Refusal(400, f"the multipart body cannot be read: {exc.detail}") from exc
         values = form.getlist("json")
         await form.close()
         if len(values) != 1 or not isinstance(values[0], str):
@@ -98,12 +105,21 @@ def create_app(service: Service) -> Starlette:
         started = time.perf_counter()
         try:
             raw = await _json_field(request, limit)
+            envelope = None
             if inline_reads and is_read_only(raw):
-                envelope = handle(service, raw, started)
-            else:
+                # None: it needs work that must not run on the event loop.
+                envelope = handle(service, raw, started, inline=True)
+            if envelope is None:
                 envelope = await anyio.to_thread.run_sync(
                     handle, service, raw, started, limiter=threads
                 )
+        except ClientDisconnect:
+            # Nobody is left to answer; one line, no traceback.
+            log.info(
+                "client disconnected before the request was read",
+                extra={"action": "api.disconnected"},
+            )
+            return Response(status_code=400)
         except (_Refusal, Unreadable, ValueError) as exc:
             status = exc.http_status if isinstance(exc, _Refusal) else 400
             message = exc.message if isinstance(exc, _Refusal) else str(exc)

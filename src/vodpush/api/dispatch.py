@@ -1,5 +1,6 @@
 """From the text of the ``json`` field to the response envelope: parse, authenticate, run
-the command. Runs in a worker thread (it does blocking database I/O)."""
+the command. Runs in a worker thread (it does blocking database I/O), or inline on the event
+loop for a small read-only request, where nothing costly may run."""
 
 from __future__ import annotations
 
@@ -10,13 +11,24 @@ from typing import Any
 import orjson
 
 from vodpush.commands import COMMANDS, READ_ONLY_COMMANDS, CommandContext
+from vodpush.logs import echo
 from vodpush.protocol.auth import authenticate
 from vodpush.protocol.envelope import ApiError, Code, failure, success
 from vodpush.protocol.fields import require
-from vodpush.protocol.signing import MissingSignature, SignedRequest, split_signed_request
+from vodpush.protocol.payload import InvalidPayload
+from vodpush.protocol.signing import (
+    FallbackDeferred,
+    MissingSignature,
+    SignedRequest,
+    split_signed_request,
+)
 from vodpush.service import Service
 
 log = logging.getLogger(__name__)
+
+# Only requests this small run inline on the event loop: an aws.status is a few hundred
+# characters, and parsing (twice) more than this would hold up every other connection.
+INLINE_MAX_CHARS = 16_384
 
 
 class Unreadable(Exception):
@@ -24,26 +36,37 @@ class Unreadable(Exception):
 
 
 def parse(raw: str) -> SignedRequest:
+    """The signed request in ``raw``; Unreadable when there is none, ApiError 0007 naming
+    the field for a value no command may get, MissingSignature."""
     try:
         return split_signed_request(raw)
     except MissingSignature:
         raise
+    except InvalidPayload as exc:
+        raise ApiError(Code.INVALID_FIELD, str(exc)) from exc
     except ValueError as exc:
         raise Unreadable(str(exc)) from exc
 
 
 def is_read_only(raw: str) -> bool:
-    """Whether ``raw`` names a read-only command: a quick look to choose where to run it;
-    ``handle`` still parses, checks and refuses as it always does."""
+    """Whether ``raw`` is a small request naming a read-only command: a quick look to choose
+    where to run it; ``handle`` still parses, checks and refuses as it always does."""
+    if len(raw) > INLINE_MAX_CHARS:
+        return False
     try:
         command = orjson.loads(raw).get("command")
     except (orjson.JSONDecodeError, AttributeError):
         return False
-    return command in READ_ONLY_COMMANDS
+    return isinstance(command, str) and command in READ_ONLY_COMMANDS
 
 
-def handle(service: Service, raw: str, started: float) -> dict[str, Any]:
-    command = None
+def handle(
+    service: Service, raw: str, started: float, *, inline: bool = False
+) -> dict[str, Any] | None:
+    """The response envelope for ``raw``; raises only Unreadable. With ``inline`` (on the
+    event loop), returns None instead of doing costly work (the signature's re-encoding
+    fallback): the caller then runs it again in a thread."""
+    command: Any = None
     account_id = None
     try:
         try:
@@ -54,26 +77,35 @@ def handle(service: Service, raw: str, started: float) -> dict[str, Any]:
         require(signed.payload, ("command",))
         handler = COMMANDS.get(command) if isinstance(command, str) else None
         if handler is None:
-            raise ApiError(Code.UNKNOWN_COMMAND, f"unrecognized API command: {command!r}")
-        account = authenticate(signed, service.accounts, window=service.settings.timestamp_window)
+            raise ApiError(Code.UNKNOWN_COMMAND, f"unrecognized API command: {echo(command, 64)!r}")
+        account = authenticate(
+            signed,
+            service.accounts,
+            window=service.settings.timestamp_window,
+            fallback_max_chars=service.settings.signature_fallback_max_chars,
+            inline=inline,
+        )
         account_id = account.id
         ctx = CommandContext(
             account=account,
-            signature=signed.signature,
+            # Replays are recognised by the digest, whichever spelling of it was sent.
+            signature=signed.canonical_signature or "",
             settings=service.settings,
             requests=service.requests,
         )
         message, data = handler(ctx, signed.payload)
         return success(message, data, time.perf_counter() - started)
+    except FallbackDeferred:
+        return None
     except ApiError as exc:
         log.info(
             "command refused",
             extra={
                 "action": "api.refused",
-                "command": command,
+                "command": echo(command),
                 "account_id": account_id,
                 "code": exc.code.value,
-                "reason": exc.message,
+                "reason": echo(exc.message, 500),
             },
         )
         return failure(exc.code, exc.message, time.perf_counter() - started)
@@ -82,7 +114,7 @@ def handle(service: Service, raw: str, started: float) -> dict[str, Any]:
     except Exception:
         log.exception(
             "command failed",
-            extra={"action": "api.error", "command": command, "account_id": account_id},
+            extra={"action": "api.error", "command": echo(command), "account_id": account_id},
         )
         return failure(
             Code.SERVER_ERROR,

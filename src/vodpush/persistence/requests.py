@@ -56,6 +56,8 @@ class NewRequest:
     acl: str
     metadata: dict[str, str]
     callback: str
+    # The canonical base64 of the request's HMAC digest (44 characters), not the text the
+    # client sent: every spelling of one signature is one request.
     signature: str
 
 
@@ -80,7 +82,7 @@ class RequestStore:
         self._one = PreparedQuery(engine, mine.where(_T.c.id == bindparam("id")))
 
     def enqueue(self, new: NewRequest) -> Enqueued:
-        """Queue a request once per signature: a replay returns the first request's id."""
+        """Queue a request once per signature digest: a replay returns the first request's id."""
         now = utcnow()
         values = {
             "account_id": new.account_id,
