@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench bench-status bench-upload clean
+.PHONY: run test lint format bench bench-status bench-upload bench-slowloris clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-status: $(STAMP)
 
 bench-upload: $(STAMP)
 	$(BIN)/python bench/upload_bench.py
+
+# 300 slow-header and 300 slow-body connections against `vodpush serve` with its default
+# bounds: RSS growth, health-check latency, when each connection was closed.
+bench-slowloris: $(STAMP)
+	$(BIN)/python bench/slowloris.py --mode headers,body --connections 300 --duration 40
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

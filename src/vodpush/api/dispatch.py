@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from vodpush.api.limits import Busy, RequestGuard, busy_envelope
 from vodpush.commands import COMMANDS, READ_ONLY_COMMANDS, CommandContext
 from vodpush.protocol.auth import authenticate
 from vodpush.protocol.envelope import ApiError, Code, failure, success
@@ -42,7 +43,9 @@ def is_read_only(raw: str) -> bool:
     return command in READ_ONLY_COMMANDS
 
 
-def handle(service: Service, raw: str, started: float) -> dict[str, Any]:
+def handle(
+    service: Service, raw: str, started: float, guard: RequestGuard | None = None
+) -> dict[str, Any]:
     command = None
     account_id = None
     try:
@@ -57,6 +60,8 @@ def handle(service: Service, raw: str, started: float) -> dict[str, Any]:
             raise ApiError(Code.UNKNOWN_COMMAND, f"unrecognized API command: {command!r}")
         account = authenticate(signed, service.accounts, window=service.settings.timestamp_window)
         account_id = account.id
+        if guard is not None:
+            guard.check_account(account.id)  # raises Busy over the account's request rate
         ctx = CommandContext(
             account=account,
             signature=signed.signature,
@@ -66,6 +71,10 @@ def handle(service: Service, raw: str, started: float) -> dict[str, Any]:
         message, data = handler(ctx, signed.payload)
         return success(message, data, time.perf_counter() - started)
     except ApiError as exc:
+        if guard is not None and account_id is None:
+            guard.failed()  # counts towards the limits on failures before authentication
+        if isinstance(exc, Busy):  # Tally logs those, a line per burst, not per request
+            return busy_envelope(exc, time.perf_counter() - started)
         log.info(
             "command refused",
             extra={
