@@ -88,7 +88,7 @@ class TokenBuckets:
         rate: float,
         burst: float,
         *,
-        max_keys: int = 100_000,
+        max_keys: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate <= 0 or burst < 1:
