@@ -11,6 +11,7 @@ import logging
 import resource
 import signal
 import threading
+import time
 from typing import Any, ClassVar
 
 import uvicorn
@@ -206,6 +207,36 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refuse(None)
 
 
+class QuietRepeats(logging.Filter):
+    """uvicorn logs a warning for every malformed request ("Invalid HTTP request received.");
+    a flood of garbage would be a log line per connection. Each message passes once every
+    ``every`` seconds, with the count of those held back since."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self._every = every
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not isinstance(record.msg, str):
+            return True
+        now = time.monotonic()
+        last, held = self._seen.get(record.msg, (-self._every, 0))
+        if now - last < self._every:
+            self._seen[record.msg] = (last, held + 1)
+            return False
+        self._seen[record.msg] = (now, 0)
+        if held:
+            record.repeated = held
+        return True
+
+
+def _quiet_uvicorn_warnings() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietRepeats) for f in logger.filters):
+        logger.addFilter(QuietRepeats())
+
+
 def fit_open_files(wanted: int) -> int:
     """Raise this process's soft limit on open files towards ``wanted`` connections plus a
     reserve (within the hard limit); returns how many connections fit."""
@@ -248,6 +279,7 @@ def server_config(app: Any, settings: Settings, *, host: str, port: int) -> uvic
     guard = ConnectionGuard(
         settings, max_connections=max_connections, trusted=config.forwarded_allow_ips
     )
+    _quiet_uvicorn_warnings()
     # A class per server: the guard holds that server's connection counts.
     config.http = type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"guard": guard})
     return config
