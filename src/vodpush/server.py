@@ -197,6 +197,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _headers_late(self) -> None:
         self._timer = None
         TALLY.note("header_timeout", client=client_key(self._host))
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request trickles in while the previous one is being answered:
+            # let that answer finish, then close.
+            self.cycle.keep_alive = False
+            return
         # Nothing of a request yet (an idle connection): close without an answer.
         late = _response("408 Request Timeout", "request headers did not arrive in time")
         self._refuse(late if self._head_bytes else None)
