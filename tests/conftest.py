@@ -21,10 +21,10 @@ from sqlalchemy import create_engine, text
 
 from tests.s3server import MotoServer
 from vodpush.api.app import create_app
+from vodpush.api.connections import server_config
 from vodpush.config import Settings
 from vodpush.crypto import generate_key
 from vodpush.persistence import db
-from vodpush.server import server_config
 from vodpush.service import Service
 
 PG_ADMIN_URL = os.environ.get(

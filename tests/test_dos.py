@@ -31,11 +31,11 @@ from bench.slowloris import (
     summary,
 )
 
+from vodpush.api.connections import BODY_GRACE  # the connection net behind the app's 408
 from vodpush.api.limits import BodyBudget, Busy, TokenBuckets, client_key
 
 HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 3.0
-BODY_GRACE = 2.0  # vodpush.server.BODY_GRACE: the connection net behind the app's 408
 SLACK = 3.0  # a loaded 2-core machine may fire a timer late, but not by seconds more
 BUDGET = 8 * MiB
 GIVE_UP = 15.0  # an attacker stops waiting for the server to close on it after this
