@@ -37,6 +37,28 @@ class Settings(BaseSettings):
     api_threads: int = Field(default=2, ge=1, le=256, description="threads running commands")
     log_level: str = "info"
 
+    # Worker
+    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    lease_seconds: int = Field(default=60, ge=5)
+    poll_interval: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_delay: float = Field(default=2.0, ge=0)
+    retry_max_delay: float = Field(default=300.0, ge=0)
+    # 8 MiB as awscli/s3transfer: (part_concurrency + 1) parts of it is the memory an upload
+    # may hold, and larger parts were not faster.
+    multipart_threshold: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_chunksize: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    part_concurrency: int = Field(default=8, ge=1, le=64)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+
+    # Callbacks
+    callback_timeout: float = Field(default=10.0, gt=0)
+    callback_allow_private: bool = False
+    # Delays (seconds) before each retry of a failed delivery: hours, not seconds.
+    callback_schedule: list[float] = Field(
+        default_factory=lambda: [10, 60, 300, 1800, 3600, 7200, 14400, 28800]
+    )
+
     # Bounds on what an unauthenticated client can make the API hold (docs/security-dos.md).
     # A request's headers must arrive within header_timeout of the connection (or of its
     # first byte, on a kept-alive connection), its body within body_timeout of the headers.
@@ -60,28 +82,6 @@ class Settings(BaseSettings):
     failure_rate_burst: int = Field(default=50, ge=1)
     failure_global_rate_limit: float = Field(default=50.0, ge=0)
     failure_global_burst: int = Field(default=500, ge=1)
-
-    # Worker
-    worker_concurrency: int = Field(default=4, ge=1, le=256)
-    lease_seconds: int = Field(default=60, ge=5)
-    poll_interval: float = Field(default=0.5, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
-    retry_base_delay: float = Field(default=2.0, ge=0)
-    retry_max_delay: float = Field(default=300.0, ge=0)
-    # 8 MiB as awscli/s3transfer: (part_concurrency + 1) parts of it is the memory an upload
-    # may hold, and larger parts were not faster.
-    multipart_threshold: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
-    multipart_chunksize: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
-    part_concurrency: int = Field(default=8, ge=1, le=64)
-    shutdown_grace: float = Field(default=30.0, ge=0)
-
-    # Callbacks
-    callback_timeout: float = Field(default=10.0, gt=0)
-    callback_allow_private: bool = False
-    # Delays (seconds) before each retry of a failed delivery: hours, not seconds.
-    callback_schedule: list[float] = Field(
-        default_factory=lambda: [10, 60, 300, 1800, 3600, 7200, 14400, 28800]
-    )
 
     @field_validator("database_url")
     @classmethod
