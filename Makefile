@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 FUZZ_SECONDS ?= 120
 
-.PHONY: run test lint format bench bench-status bench-upload fuzz clean
+.PHONY: run test lint format bench bench-status bench-upload bench-slowloris fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench-upload: $(STAMP)
 
 fuzz: $(STAMP)
 	$(BIN)/python bench/fuzz_api.py --seconds $(FUZZ_SECONDS)
+
+# 300 slow-header and 300 slow-body connections against `vodpush serve` with its default
+# bounds: RSS growth, health-check latency, when each connection was closed.
+bench-slowloris: $(STAMP)
+	$(BIN)/python bench/slowloris.py --mode headers,body --connections 300 --duration 40
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 
 from tests.s3server import MotoServer
 from vodpush.api.app import create_app
+from vodpush.api.connections import server_config
 from vodpush.config import Settings
 from vodpush.crypto import generate_key
 from vodpush.persistence import db
@@ -210,12 +211,16 @@ def s3_account(service: Service, account: Creds, s3: MotoServer) -> Creds:
 
 
 class LiveServer:
-    """uvicorn serving the app on a free loopback port, in a background thread."""
+    """uvicorn serving the app on a free loopback port, in a background thread; with
+    settings, configured as `vodpush serve` configures it (its connection bounds too)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, settings: Settings | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        if settings is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        else:
+            config = server_config(app, settings, host="127.0.0.1", port=self.port)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
@@ -237,7 +242,7 @@ class LiveServer:
 
 @pytest.fixture
 def live_server(service: Service) -> Iterator[LiveServer]:
-    server = LiveServer(create_app(service))
+    server = LiveServer(create_app(service), service.settings)
     server.start()
     yield server
     server.stop()

@@ -72,6 +72,30 @@ class Settings(BaseSettings):
         default_factory=lambda: [10, 60, 300, 1800, 3600, 7200, 14400, 28800]
     )
 
+    # Bounds on what an unauthenticated client can make the API hold (docs/security-dos.md).
+    # A request's headers must arrive within header_timeout of the connection (or of its
+    # first byte, on a kept-alive connection), its body within body_timeout of the headers.
+    header_timeout: float = Field(default=10.0, gt=0, description="seconds")
+    body_timeout: float = Field(default=30.0, gt=0, description="seconds")
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    # All request bodies being received at once may hold this much; one client address
+    # (the proxy's X-Forwarded-For where trusted) this share of it.
+    body_budget_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    body_budget_per_client_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Open connections in all (lowered to fit the open-files limit) and from one address
+    # (0: no per-address cap; addresses in FORWARDED_ALLOW_IPS, the proxies, are exempt).
+    max_connections: int = Field(default=1024, ge=1)
+    max_connections_per_client: int = Field(default=128, ge=0)
+    # Requests a second per account (token bucket of rate_burst); 0 turns the limit off.
+    rate_limit: float = Field(default=20.0, ge=0)
+    rate_burst: int = Field(default=100, ge=1)
+    # Failures before an account is proven (bad signature, unknown key, unreadable body...):
+    # a second per client address, and in all; 0 turns each off.
+    failure_rate_limit: float = Field(default=5.0, ge=0)
+    failure_rate_burst: int = Field(default=50, ge=1)
+    failure_global_rate_limit: float = Field(default=50.0, ge=0)
+    failure_global_burst: int = Field(default=500, ge=1)
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:

@@ -10,6 +10,7 @@ from wsgiref.simple_server import WSGIServer
 import uvicorn
 
 from vodpush.api.app import create_app
+from vodpush.api.connections import server_config
 from vodpush.persistence.queue import QueueStore
 from vodpush.service import Service
 from vodpush.worker.metrics import start_metrics_server
@@ -29,15 +30,7 @@ def run_server(service: Service, *, host: str, port: int, embedded_worker: bool 
         service.requests.on_enqueue = worker.wake
         thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         thread.start()
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_config=None,  # keep our JSON logging
-        access_log=False,
-        proxy_headers=True,
-        timeout_graceful_shutdown=int(service.settings.shutdown_grace),
-    )
+    config = server_config(app, service.settings, host=host, port=port)
     server = uvicorn.Server(config)
     log.info(
         "listening",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 from urllib.parse import parse_qs
@@ -18,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vodpush.api.dispatch import Unreadable, handle, is_read_only
+from vodpush.api.limits import TALLY, Busy, Limits, RequestGuard, busy_envelope
 from vodpush.persistence.queue import QueueStore
 from vodpush.protocol.envelope import Code, failure
 from vodpush.service import Service
@@ -40,24 +42,32 @@ class _Json(JSONResponse):
         return orjson.dumps(content)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, guard: RequestGuard) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _Refusal(413, f"request body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Refusal(413, f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    timeout = guard.limits.body_timeout
+    try:
+        # A client that trickles its body must not hold a connection and its bytes for ever;
+        # the bytes it sends count against the budget of all bodies in flight.
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _Refusal(413, f"request body is larger than {limit} bytes")
+                guard.hold(len(chunk))
+                chunks.append(chunk)
+    except TimeoutError:
+        TALLY.note("body_timeout", client=guard.client)
+        raise _Refusal(408, f"the request body did not arrive within {timeout:g} s") from None
     body = b"".join(chunks)
     request._body = body  # let request.form() re-read what we consumed
     return body
 
 
-async def _json_field(request: Request, limit: int) -> str:
-    body = await _read_body(request, limit)
+async def _json_field(request: Request, body: bytes) -> str:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         text = _decode(body)
@@ -100,18 +110,25 @@ def create_app(service: Service) -> Starlette:
     # loop, which halved aws.status throughput (bench/status_bench.py). Writes may wait for
     # the write lock, and PostgreSQL for the network: those keep to the threads.
     inline_reads = service.engine.dialect.name == "sqlite"
+    limits = Limits(service.settings)
 
     async def api(request: Request) -> Response:
         started = time.perf_counter()
+        guard = limits.guard(request.client.host if request.client else None)
         try:
-            raw = await _json_field(request, limit)
+            body = await _read_body(request, limit, guard)
+            # An address that failed too often is answered before any parsing, database or
+            # signature work.
+            if (busy := guard.refusal()) is not None:
+                return _Json(busy_envelope(busy, time.perf_counter() - started))
+            raw = await _json_field(request, body)
             envelope = None
             if inline_reads and is_read_only(raw):
                 # None: it needs work that must not run on the event loop.
-                envelope = handle(service, raw, started, inline=True)
+                envelope = handle(service, raw, started, guard, inline=True)
             if envelope is None:
                 envelope = await anyio.to_thread.run_sync(
-                    handle, service, raw, started, limiter=threads
+                    handle, service, raw, started, guard, limiter=threads
                 )
         except ClientDisconnect:
             # Nobody is left to answer; one line, no traceback.
@@ -120,13 +137,24 @@ def create_app(service: Service) -> Starlette:
                 extra={"action": "api.disconnected"},
             )
             return Response(status_code=400)
+        except Busy as exc:  # the body budget is spent: no command was read
+            return _Json(
+                busy_envelope(exc, time.perf_counter() - started),
+                status_code=503,
+                headers={"retry-after": str(math.ceil(exc.retry_after)), "connection": "close"},
+            )
         except (_Refusal, Unreadable, ValueError) as exc:
+            guard.failed()
             status = exc.http_status if isinstance(exc, _Refusal) else 400
             message = exc.message if isinstance(exc, _Refusal) else str(exc)
             return _Json(
                 failure(Code.MISSING_FIELDS, message, time.perf_counter() - started),
                 status_code=status,
+                # The rest of an unread body is not worth waiting for.
+                headers={"connection": "close"} if status in (408, 413) else None,
             )
+        finally:
+            guard.release()
         return _Json(envelope)
 
     async def healthz(request: Request) -> Response:
@@ -151,4 +179,5 @@ def create_app(service: Service) -> Starlette:
         routes.append(Route("/metrics", metrics, methods=["GET"]))
     app = Starlette(routes=routes)
     app.state.service = service
+    app.state.limits = limits
     return app

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from vodpush.api.limits import Busy, RequestGuard, busy_envelope
 from vodpush.commands import COMMANDS, READ_ONLY_COMMANDS, CommandContext
 from vodpush.logs import echo
 from vodpush.protocol.auth import authenticate
@@ -61,7 +62,12 @@ def is_read_only(raw: str) -> bool:
 
 
 def handle(
-    service: Service, raw: str, started: float, *, inline: bool = False
+    service: Service,
+    raw: str,
+    started: float,
+    guard: RequestGuard | None = None,
+    *,
+    inline: bool = False,
 ) -> dict[str, Any] | None:
     """The response envelope for ``raw``; raises only Unreadable. With ``inline`` (on the
     event loop), returns None instead of doing costly work (the signature's re-encoding
@@ -86,6 +92,8 @@ def handle(
             inline=inline,
         )
         account_id = account.id
+        if guard is not None:
+            guard.check_account(account.id)  # raises Busy over the account's request rate
         ctx = CommandContext(
             account=account,
             # Replays are recognised by the digest, whichever spelling of it was sent.
@@ -98,6 +106,10 @@ def handle(
     except FallbackDeferred:
         return None
     except ApiError as exc:
+        if guard is not None and account_id is None:
+            guard.failed()  # counts towards the limits on failures before authentication
+        if isinstance(exc, Busy):  # Tally logs those, a line per burst, not per request
+            return busy_envelope(exc, time.perf_counter() - started)
         log.info(
             "command refused",
             extra={
