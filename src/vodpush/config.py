@@ -123,10 +123,6 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
     def public_dict(self) -> dict[str, Any]:
         """Settings for display: secrets masked."""
         data = self.model_dump(mode="json")  # SecretStr dumps as "**********"

@@ -10,13 +10,12 @@ from vodpush import sestore
 from vodpush.callbacks.policy import CallbackURLError, check_destination
 from vodpush.commands.context import CommandContext
 from vodpush.config import Settings
-from vodpush.core.options import API_ACLS
+from vodpush.core.options import API_ACLS, MAX_KEY_BYTES
 from vodpush.core.requests import NewRequest
 from vodpush.protocol.envelope import ApiError, Code
 from vodpush.protocol.fields import as_str, invalid, require
 
 REQUIRED = ("path", "destination_path", "bucket", "acl")
-MAX_KEY_BYTES = 1024  # S3's limit on an object key
 # Bucket names as S3 accepts them, including legacy us-east-1 names (capitals, underscores).
 # Used with fullmatch: `$` would also accept a trailing newline.
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8
+
 # The ACLs aws.upload accepts (the reference API's two).
 API_ACLS = ("private", "public-read")
 # S3's canned ACLs: what the upload engine accepts (library use may ask for any of them).

@@ -54,7 +54,7 @@ from botocore.exceptions import (
 )
 
 from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
-from vodpush.core.options import CANNED_ACLS, SSE_CHOICES, SSE_KMS
+from vodpush.core.options import CANNED_ACLS, MAX_KEY_BYTES, SSE_CHOICES, SSE_KMS
 from vodpush.core.records import RESULT_KEYS
 from vodpush.metadata import for_s3
 from vodpush.sestore import OpenFile, PathRefused, open_plain
@@ -127,8 +127,8 @@ class UploadJob:
             raise ValueError("source must be a path, an OpenFile or a function opening one")
         if not self.bucket:
             raise ValueError("bucket must not be empty")
-        if not self.key or len(self.key.encode("utf-8")) > 1024:
-            raise ValueError("key must be 1 to 1024 bytes of UTF-8")
+        if not self.key or len(self.key.encode("utf-8")) > MAX_KEY_BYTES:
+            raise ValueError(f"key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
         if self.acl not in CANNED_ACLS:
             raise ValueError(f"acl must be one of {', '.join(CANNED_ACLS)}, not {self.acl!r}")
         if self.sse is not None and self.sse not in SSE_CHOICES:
