@@ -18,6 +18,8 @@ USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PATTERN_CHARS = re.compile(r"[A-Za-z0-9._\-*?\[\]]{1,255}")
 _BUCKET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,255}")
 MAX_BUCKET_PATTERNS = 1000
+# What is shown in place of a secret (as pydantic shows a SecretStr).
+MASKED = "**********"
 
 
 class AccountError(ValueError):
@@ -35,7 +37,7 @@ class S3Settings:
     checksums: bool = True
 
     def __repr__(self) -> str:  # never show the secret
-        masked = "**********" if self.secret_access_key else None
+        masked = MASKED if self.secret_access_key else None
         return (
             f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
             f"access_key_id={self.access_key_id!r}, secret_access_key={masked!r}, "
@@ -107,7 +109,7 @@ class AccountRecord:
             "s3_endpoint_url": self.s3.endpoint_url,
             "s3_region": self.s3.region,
             "s3_access_key_id": self.s3.access_key_id,
-            "s3_secret_access_key": "**********" if self.s3.secret_access_key else None,
+            "s3_secret_access_key": MASKED if self.s3.secret_access_key else None,
             "s3_sse": self.s3.sse,
             "s3_sse_kms_key_id": self.s3.sse_kms_key_id,
             "s3_checksums": self.s3.checksums,
