@@ -1,4 +1,5 @@
-# vodpush: `make run` starts the service, `make test` runs the whole suite, `make fuzz`
+# vodpush: `make run` starts the service, `make test` checks the layers (import-linter
+# contracts in pyproject.toml) and runs the whole suite, `make fuzz`
 # fuzzes the API (FUZZ_SECONDS=120 by default; not part of `make test`).
 PYTHON ?= python3
 VENV := .venv
@@ -21,10 +22,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
@@ -48,4 +51,4 @@ bench-slowloris: $(STAMP)
 	$(BIN)/python bench/slowloris.py --mode headers,body --connections 300 --duration 40
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache

@@ -52,9 +52,9 @@ from rich.table import Table
 from sqlalchemy import text
 
 from vodpush.config import Settings
+from vodpush.core.accounts import S3Settings
+from vodpush.core.requests import NewRequest
 from vodpush.crypto import generate_key
-from vodpush.persistence.accounts import S3Settings
-from vodpush.persistence.requests import NewRequest
 from vodpush.service import Service
 
 console = Console(width=None if sys.stdout.isatty() else 120)  # logs: no truncated cells

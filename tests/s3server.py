@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from vodpush.persistence.accounts import S3Settings
+from vodpush.core.accounts import S3Settings
 
 
 def _free_port() -> int:

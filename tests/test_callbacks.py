@@ -33,20 +33,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from vodpush.webhooks import WebhookVerificationError, standard_webhooks_secret, verify
-from vodpush.worker.callbacks import (
-    DEFAULT_SCHEDULE,
+from vodpush.callbacks.delivery import DeliveryAttempt, deliver
+from vodpush.callbacks.payload import Delivery, build_delivery
+from vodpush.callbacks.policy import (
     CallbackURLError,
-    Delivery,
-    DeliveryAttempt,
-    RetryDecision,
-    build_delivery,
-    deliver,
     is_public_address,
-    next_delivery,
     normalize_callback_url,
     refusal_reason,
 )
+from vodpush.callbacks.schedule import next_delivery
+from vodpush.core.retry import DEFAULT_CALLBACK_SCHEDULE, RetryDecision
+from vodpush.webhooks import WebhookVerificationError, standard_webhooks_secret, verify
 
 SECRET = "receiver-knows-this-api-secret"
 RECORD: dict[str, Any] = {
@@ -861,7 +858,7 @@ NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 
 
 def test_schedule_gives_each_retry_its_delay_then_gives_up() -> None:
-    schedule = list(DEFAULT_SCHEDULE)
+    schedule = list(DEFAULT_CALLBACK_SCHEDULE)
     for attempts_made, delay in enumerate(schedule, start=1):
         decision = next_delivery(attempts_made, schedule, NOW, jitter=0)
         assert decision == RetryDecision(retry=True, at=NOW + dt.timedelta(seconds=delay))
@@ -870,8 +867,8 @@ def test_schedule_gives_each_retry_its_delay_then_gives_up() -> None:
 
 
 def test_default_schedule_spans_hours() -> None:
-    assert list(DEFAULT_SCHEDULE) == [10, 60, 300, 1800, 3600, 7200, 14400, 28800]
-    assert sum(DEFAULT_SCHEDULE) > 10 * 3600
+    assert list(DEFAULT_CALLBACK_SCHEDULE) == [10, 60, 300, 1800, 3600, 7200, 14400, 28800]
+    assert sum(DEFAULT_CALLBACK_SCHEDULE) > 10 * 3600
 
 
 def test_empty_schedule_means_a_single_attempt() -> None:
@@ -895,7 +892,7 @@ def test_jitter_stays_within_its_fraction() -> None:
     rng = random.Random(1234)
     delays = set()
     for _ in range(500):
-        decision = next_delivery(5, DEFAULT_SCHEDULE, NOW, rng=rng)
+        decision = next_delivery(5, DEFAULT_CALLBACK_SCHEDULE, NOW, rng=rng)
         assert decision.retry and decision.at is not None
         delay = (decision.at - NOW).total_seconds()
         assert 3600 * 0.9 <= delay <= 3600 * 1.1

@@ -23,6 +23,7 @@ from rich.console import Console
 import vodpush.client as client_module
 from tests.conftest import MiB, s3_client
 from tests.test_worker import run_worker
+from vodpush.callbacks.payload import build_delivery
 from vodpush.cli import main
 from vodpush.client import (
     ApiError,
@@ -36,7 +37,6 @@ from vodpush.client import (
 from vodpush.client_cli import follow
 from vodpush.protocol.signing import split_signed_request, verify
 from vodpush.webhooks import sign
-from vodpush.worker.callbacks import build_delivery
 
 SECRET = "s3cr3t" * 8
 

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 
 from tests.conftest import MiB, s3_client
 from tests.s3server import TcpProxy
+from vodpush.core.requests import NewRequest
 from vodpush.persistence.models import UploadPart, UploadRequest
-from vodpush.persistence.requests import NewRequest
 from vodpush.service import Service
 from vodpush.worker.runner import Worker
 

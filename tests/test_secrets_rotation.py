@@ -113,7 +113,7 @@ def key_file_settings(database_url: str, tmp_path: Path) -> Settings:
 
 
 def make_accounts(service: Service, count: int, *, s3_every: int = 0) -> list[Creds]:
-    from vodpush.persistence.accounts import S3Settings
+    from vodpush.core.accounts import S3Settings
 
     made = []
     for i in range(count):

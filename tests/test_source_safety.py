@@ -28,11 +28,11 @@ import pytest
 from tests.conftest import s3_client
 from tests.wire import call
 from vodpush import sestore
+from vodpush.core.checkpoint import MemoryLedger
 from vodpush.sestore import PathRefused
 from vodpush.worker.runner import Worker
 from vodpush.worker.s3client import make_s3_client
 from vodpush.worker.uploader import (
-    MemoryLedger,
     UploadError,
     UploadInterrupted,
     UploadJob,

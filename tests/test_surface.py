@@ -29,15 +29,12 @@ from pydantic import SecretStr
 from tests.conftest import LiveServer, free_port
 from tests.wire import call
 from vodpush.api.app import create_app
-from vodpush.persistence.accounts import S3Settings
+from vodpush.callbacks.delivery import deliver
+from vodpush.callbacks.payload import build_delivery
+from vodpush.callbacks.policy import CallbackURLError, check_destination
+from vodpush.core.accounts import S3Settings
+from vodpush.metrics import authorized
 from vodpush.persistence.queue import QueueStore
-from vodpush.worker.callbacks import (
-    CallbackURLError,
-    build_delivery,
-    check_destination,
-    deliver,
-)
-from vodpush.worker.metrics import authorized
 from vodpush.worker.runner import Worker
 
 FILE = "sestore1/jb/clip.mp4"

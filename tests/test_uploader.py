@@ -26,14 +26,12 @@ from botocore.exceptions import (
 )
 
 from tests.s3server import MotoServer
+from vodpush.core.accounts import S3Settings
+from vodpush.core.checkpoint import MemoryLedger, MultipartCheckpoint, PartRecord
+from vodpush.core.records import RESULT_KEYS
 from vodpush.metadata import decode_value
-from vodpush.persistence.accounts import S3Settings
 from vodpush.worker.s3client import make_s3_client
 from vodpush.worker.uploader import (
-    RESULT_KEYS,
-    MemoryLedger,
-    MultipartCheckpoint,
-    PartRecord,
     UploadError,
     UploadInterrupted,
     UploadJob,

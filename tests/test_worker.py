@@ -23,14 +23,14 @@ from standardwebhooks.webhooks import Webhook
 from tests.conftest import MiB, free_port, s3_client
 from tests.wire import call
 from vodpush.cli import main
+from vodpush.core.accounts import S3Settings
+from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
+from vodpush.core.requests import LeaseLost, NewRequest
 from vodpush.metadata import decode_value
-from vodpush.persistence.accounts import S3Settings
-from vodpush.persistence.queue import DbLedger, LeaseLost, QueueStore
-from vodpush.persistence.requests import NewRequest
+from vodpush.persistence.queue import DbLedger, QueueStore
 from vodpush.service import Service
 from vodpush.webhooks import standard_webhooks_secret
 from vodpush.worker.runner import Worker
-from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
 
 
 class Receiver:

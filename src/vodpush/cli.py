@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from vodpush import logs
 from vodpush.client_cli import client as client_group
 from vodpush.config import Settings, load_settings
-from vodpush.persistence.accounts import AccountError, S3Settings
+from vodpush.core.accounts import AccountError, S3Settings
+from vodpush.core.options import SSE_CHOICES
 from vodpush.service import Service
 
 
@@ -123,7 +124,7 @@ def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> No
     service = _open_service()
     runner = Worker(service, concurrency=concurrency)
     if metrics_port:
-        from vodpush.worker.metrics import start_metrics_server
+        from vodpush.metrics import start_metrics_server
 
         token = settings.metrics_token
         start_metrics_server(
@@ -144,10 +145,8 @@ def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> No
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def queue_status(as_json: bool) -> None:
     """Queue depth by state (operator view, all accounts)."""
-    from vodpush.persistence.queue import QueueStore
-
     service = _open_service()
-    depth = QueueStore(service.engine).depth()
+    depth = service.queue.depth()
     service.close()
     if as_json:
         _print_json(depth)
@@ -211,9 +210,7 @@ def _s3_options(func: Callable[..., Any]) -> Callable[..., Any]:
             envvar="VODPUSH_S3_SECRET_ACCESS_KEY",
             help="S3 secret key (or VODPUSH_S3_SECRET_ACCESS_KEY, to keep it out of history).",
         ),
-        click.option(
-            "--s3-sse", type=click.Choice(["AES256", "aws:kms"]), help="Server-side encryption."
-        ),
+        click.option("--s3-sse", type=click.Choice(SSE_CHOICES), help="Server-side encryption."),
         click.option("--s3-sse-kms-key-id", help="KMS key id, with --s3-sse aws:kms."),
         click.option(
             "--s3-checksums/--no-s3-checksums",

@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from vodpush.core.records import SUCCESS_MESSAGE
 from vodpush.protocol.signing import sign_request
 from vodpush.webhooks import WebhookVerificationError
 from vodpush.webhooks import verify as verify_callback
@@ -49,7 +50,6 @@ __all__ = [
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 2
-SUCCESS_MESSAGE = "Successfully Uploaded to AWS"
 # An upload is only resent while its timestamp is well inside the server's replay window
 # (±300 s by default): past the window the server no longer recognises the signature, and the
 # resend would be refused with 0002 although the first one may have been queued.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from vodpush.client import ApiError, Client, ClientError, StatusRecord
+from vodpush.core.options import API_ACLS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -130,9 +131,7 @@ def client() -> None:
 @click.argument("path")
 @click.argument("destination")
 @click.option("--bucket", required=True, help="Destination S3 bucket.")
-@click.option(
-    "--acl", type=click.Choice(["private", "public-read"]), required=True, help="Object ACL."
-)
+@click.option("--acl", type=click.Choice(API_ACLS), required=True, help="Object ACL.")
 @click.option(
     "--metadata",
     "metadata_items",

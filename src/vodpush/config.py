@@ -16,6 +16,8 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
+from vodpush.core.retry import DEFAULT_CALLBACK_SCHEDULE
+
 CONFIG_FILE_ENV = "VODPUSH_CONFIG"
 
 
@@ -68,9 +70,7 @@ class Settings(BaseSettings):
     callback_timeout: float = Field(default=10.0, gt=0)
     callback_allow_private: bool = False
     # Delays (seconds) before each retry of a failed delivery: hours, not seconds.
-    callback_schedule: list[float] = Field(
-        default_factory=lambda: [10, 60, 300, 1800, 3600, 7200, 14400, 28800]
-    )
+    callback_schedule: list[float] = Field(default_factory=lambda: list(DEFAULT_CALLBACK_SCHEDULE))
 
     # Bounds on what an unauthenticated client can make the API hold (docs/security-dos.md).
     # A request's headers must arrive within header_timeout of the connection (or of its
@@ -122,10 +122,6 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
 
     def public_dict(self) -> dict[str, Any]:
         """Settings for display: secrets masked."""

@@ -11,9 +11,8 @@ import uvicorn
 
 from vodpush.api.app import create_app
 from vodpush.api.connections import server_config
-from vodpush.persistence.queue import QueueStore
+from vodpush.metrics import start_metrics_server
 from vodpush.service import Service
-from vodpush.worker.metrics import start_metrics_server
 from vodpush.worker.runner import Worker
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,6 @@ def _start_metrics(service: Service, api_host: str) -> WSGIServer | None:
     return start_metrics_server(
         settings.metrics_host or api_host,
         settings.metrics_port,
-        queue=QueueStore(service.engine),
+        queue=service.queue,
         token=token.get_secret_value() if token is not None else None,
     )

@@ -10,6 +10,7 @@ from vodpush.config import Settings
 from vodpush.crypto import SecretBox, load_secret_box
 from vodpush.persistence import db
 from vodpush.persistence.accounts import AccountStore
+from vodpush.persistence.queue import QueueStore
 from vodpush.persistence.requests import RequestStore
 
 
@@ -20,6 +21,7 @@ class Service:
     box: SecretBox
     accounts: AccountStore
     requests: RequestStore
+    queue: QueueStore
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Service:
@@ -33,6 +35,7 @@ class Service:
             box=box,
             accounts=AccountStore(engine, box),
             requests=RequestStore(engine),
+            queue=QueueStore(engine),
         )
 
     def close(self) -> None:

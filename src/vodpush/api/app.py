@@ -18,12 +18,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vodpush import metrics as prometheus
 from vodpush.api.dispatch import Unreadable, handle, is_read_only
 from vodpush.api.limits import TALLY, Busy, Limits, RequestGuard, busy_envelope
-from vodpush.persistence.queue import QueueStore
 from vodpush.protocol.envelope import Code, failure
 from vodpush.service import Service
-from vodpush.worker import metrics as worker_metrics
 
 API_PATHS = ("/stable/", "/dev/", "/", "/stable", "/dev")
 
@@ -160,17 +159,16 @@ def create_app(service: Service) -> Starlette:
     async def healthz(request: Request) -> Response:
         return _Json({"status": "ok"})
 
-    queue = QueueStore(service.engine)
     token = service.settings.metrics_token
 
     async def metrics(request: Request) -> Response:
-        if token is not None and not worker_metrics.authorized(
+        if token is not None and not prometheus.authorized(
             request.headers.get("authorization"), token.get_secret_value()
         ):
             return Response(
                 "unauthorized\n", 401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'}
             )
-        body = await anyio.to_thread.run_sync(worker_metrics.render, queue, limiter=threads)
+        body = await anyio.to_thread.run_sync(prometheus.render, service.queue, limiter=threads)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route(path, api, methods=["POST"]) for path in API_PATHS]

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vodpush.config import Settings
-from vodpush.persistence.accounts import AccountRecord
+from vodpush.core.accounts import AccountRecord
 from vodpush.persistence.requests import RequestStore
 
 

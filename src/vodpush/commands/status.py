@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vodpush import records
 from vodpush.commands.context import CommandContext
+from vodpush.core import records
 from vodpush.protocol.fields import as_int
 
 DEFAULT_LIMIT = 25

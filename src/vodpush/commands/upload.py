@@ -7,16 +7,15 @@ from typing import Any
 
 from vodpush import metadata as s3_metadata
 from vodpush import sestore
+from vodpush.callbacks.policy import CallbackURLError, check_destination
 from vodpush.commands.context import CommandContext
 from vodpush.config import Settings
-from vodpush.persistence.requests import NewRequest
+from vodpush.core.options import API_ACLS, MAX_KEY_BYTES
+from vodpush.core.requests import NewRequest
 from vodpush.protocol.envelope import ApiError, Code
 from vodpush.protocol.fields import as_str, invalid, require
-from vodpush.worker.callbacks import CallbackURLError, check_destination
 
 REQUIRED = ("path", "destination_path", "bucket", "acl")
-ACLS = ("private", "public-read")
-MAX_KEY_BYTES = 1024  # S3's limit on an object key
 # Bucket names as S3 accepts them, including legacy us-east-1 names (capitals, underscores).
 # Used with fullmatch: `$` would also accept a trailing newline.
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
@@ -79,8 +78,8 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
     if refused is not None:
         raise ApiError(Code.UNAUTHORIZED, f"unauthorized access: {refused}")
     acl = payload["acl"]
-    if acl not in ACLS:
-        raise invalid("acl", f"must be one of {', '.join(ACLS)}")
+    if acl not in API_ACLS:
+        raise invalid("acl", f"must be one of {', '.join(API_ACLS)}")
     try:
         metadata = s3_metadata.normalize(payload.get("metadata"))
     except s3_metadata.MetadataRefused as exc:

@@ -3,7 +3,6 @@ this (a test compares them)."""
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 
 from sqlalchemy import (
@@ -21,6 +20,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from vodpush.core.records import QUEUED_MESSAGE
+from vodpush.core.requests import CallbackState, State
+
 # BIGINT on PostgreSQL, but INTEGER on SQLite, where only INTEGER PRIMARY KEY auto-increments.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -34,13 +36,6 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-
-
-class State(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
 
 
 class Account(Base):
@@ -102,8 +97,8 @@ class UploadRequest(Base):
     callback: Mapped[str] = mapped_column(Text, nullable=False, default="")
     signature: Mapped[str] = mapped_column(String(128), nullable=False)
 
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default=State.QUEUED)
-    message: Mapped[str] = mapped_column(Text, nullable=False, default="Queued")
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default=State.QUEUED.value)
+    message: Mapped[str] = mapped_column(Text, nullable=False, default=QUEUED_MESSAGE)
     results_json: Mapped[str | None] = mapped_column(Text)
     http_status: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     error_code: Mapped[str | None] = mapped_column(String(128))
@@ -118,13 +113,16 @@ class UploadRequest(Base):
     bytes_total: Mapped[int | None] = mapped_column(BigInteger)
     bytes_done: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     sha256: Mapped[str | None] = mapped_column(String(64))
-    # The multipart checkpoint header (uploader.MultipartCheckpoint without its parts, as
+    # The multipart checkpoint header (core.checkpoint.MultipartCheckpoint without its parts, as
     # JSON); the parts are rows of upload_parts.
     multipart_json: Mapped[str | None] = mapped_column(Text)
 
     # Callback delivery: none (no URL), pending, delivered, failed (schedule exhausted).
     callback_state: Mapped[str] = mapped_column(
-        String(16), nullable=False, default="none", server_default="none"
+        String(16),
+        nullable=False,
+        default=CallbackState.NONE.value,
+        server_default=CallbackState.NONE.value,
     )
     callback_attempts: Mapped[int] = mapped_column(
         Integer, nullable=False, default=0, server_default="0"

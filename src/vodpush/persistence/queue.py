@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,16 +27,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.elements import ClauseElement
 
-from vodpush.persistence.accounts import utcnow
+from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
+from vodpush.core.clock import utcnow
+from vodpush.core.records import QUEUED_MESSAGE, SUCCESS_MESSAGE, UPLOADING_MESSAGE
+from vodpush.core.requests import CallbackState, Claimed, DueCallback, LeaseLost, State
 from vodpush.persistence.db import write_transaction
-from vodpush.persistence.models import (
-    Account,
-    CallbackAttempt,
-    State,
-    UploadPart,
-    UploadRequest,
-)
-from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
+from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
 
 _T = UploadRequest.__table__
 _P = UploadPart.__table__
@@ -54,6 +49,7 @@ _DISABLED = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.enabled.is_(False))
 _ACCOUNT_ENABLED = case(
     (_DISABLED.exists(), _T.c.account_id.not_in(_DISABLED.scalar_subquery())), else_=true()
 )
+_PENDING = CallbackState.PENDING.value
 # The guard of every change a worker makes to a request: it still holds the lease.
 # Parameters: rid, owner.
 _LEASED = and_(
@@ -61,35 +57,6 @@ _LEASED = and_(
     _T.c.state == State.RUNNING.value,
     _T.c.lease_owner == bindparam("owner"),
 )
-
-
-class LeaseLost(RuntimeError):
-    """The request is no longer ours (lease expired and another worker took it)."""
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A request a worker holds the lease of."""
-
-    id: int
-    account_id: int
-    path: str
-    destination_path: str
-    bucket: str
-    acl: str
-    metadata: dict[str, str]
-    callback: str
-    attempts: int
-    has_checkpoint: bool = False  # a multipart upload of an earlier attempt may resume
-
-
-@dataclass(frozen=True)
-class DueCallback:
-    id: int
-    account_id: int
-    callback: str
-    attempts: int
-    msg_id: str | None
 
 
 class QueueStore:
@@ -103,7 +70,7 @@ class QueueStore:
         self._due_callback = (
             select(_T.c.id)
             .where(
-                _T.c.callback_state == "pending",
+                _T.c.callback_state == _PENDING,
                 _T.c.callback_next_at <= bindparam("now"),
                 _ACCOUNT_ENABLED,
             )
@@ -130,7 +97,7 @@ class QueueStore:
                 lease_owner=bindparam("owner"),
                 lease_expires_at=bindparam("lease_until"),
                 attempts=_T.c.attempts + 1,
-                message="Uploading",
+                message=UPLOADING_MESSAGE,
                 updated_at=now,
             )
             .returning(
@@ -240,7 +207,7 @@ class QueueStore:
             request_id,
             owner,
             state=State.SUCCEEDED.value,
-            message="Successfully Uploaded to AWS",
+            message=SUCCESS_MESSAGE,
             results_json=json.dumps(results),
             http_status=http_status,
             error_code=None,
@@ -285,7 +252,7 @@ class QueueStore:
     def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
         if not has_callback:
             return {}
-        return {"callback_state": "pending", "callback_next_at": now, "callback_attempts": 0}
+        return {"callback_state": _PENDING, "callback_next_at": now, "callback_attempts": 0}
 
     def retry_later(
         self,
@@ -319,7 +286,7 @@ class QueueStore:
             state=State.QUEUED.value,
             not_before=now,
             attempts=_T.c.attempts - 1,
-            message="Queued",
+            message=QUEUED_MESSAGE,
             lease_owner=None,
             lease_expires_at=None,
             updated_at=now,
@@ -377,7 +344,11 @@ class QueueStore:
         permanent: bool = False,
     ) -> str:
         """Record one attempt and move the callback on; returns its new state."""
-        state = "delivered" if ok else ("pending" if next_at and not permanent else "failed")
+        state = (
+            CallbackState.DELIVERED
+            if ok
+            else (CallbackState.PENDING if next_at and not permanent else CallbackState.FAILED)
+        ).value
         with write_transaction(self._engine) as conn:
             conn.execute(
                 insert(_A).values(
@@ -391,11 +362,11 @@ class QueueStore:
             )
             result = conn.execute(
                 update(_T)
-                .where(_T.c.id == request_id, _T.c.callback_state == "pending")
+                .where(_T.c.id == request_id, _T.c.callback_state == _PENDING)
                 .values(
                     callback_state=state,
                     callback_attempts=_T.c.callback_attempts + 1,
-                    callback_next_at=next_at if state == "pending" else None,
+                    callback_next_at=next_at if state == _PENDING else None,
                     callback_msg_id=msg_id,
                     callback_last_error=None if ok else error,
                 )
@@ -425,13 +396,13 @@ class QueueStore:
                 )
             }
             pending = conn.execute(
-                select(func.count()).where(_T.c.callback_state == "pending")
+                select(func.count()).where(_T.c.callback_state == _PENDING)
             ).scalar_one()
             held_requests = conn.execute(
                 select(func.count()).where(_T.c.state == State.QUEUED.value, held)
             ).scalar_one()
             held_callbacks = conn.execute(
-                select(func.count()).where(_T.c.callback_state == "pending", held)
+                select(func.count()).where(_T.c.callback_state == _PENDING, held)
             ).scalar_one()
         result = {state.value: counts.get(state.value, 0) for state in State}
         result["callbacks_pending"] = pending
@@ -449,7 +420,7 @@ class QueueStore:
                 .where(
                     or_(
                         _T.c.state.in_((State.QUEUED.value, State.RUNNING.value)),
-                        and_(_T.c.callback_state == "pending", _T.c.callback_next_at <= now),
+                        and_(_T.c.callback_state == _PENDING, _T.c.callback_next_at <= now),
                     ),
                     _ACCOUNT_ENABLED,
                 )

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, Row, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
-from vodpush.persistence.accounts import utcnow
+from vodpush.core.clock import utcnow
+from vodpush.core.records import QUEUED_MESSAGE
+from vodpush.core.requests import Enqueued, NewRequest, State
 from vodpush.persistence.db import PreparedQuery, write_transaction
-from vodpush.persistence.models import State, UploadRequest
+from vodpush.persistence.models import UploadRequest
 
 # Workers LISTEN on this channel (PostgreSQL) to pick new requests up at once.
 QUEUE_CHANNEL = "vodpush_queue"
@@ -46,27 +47,6 @@ STATUS_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class NewRequest:
-    account_id: int
-    cdn_id: int
-    path: str
-    destination_path: str
-    bucket: str
-    acl: str
-    metadata: dict[str, str]
-    callback: str
-    # The canonical base64 of the request's HMAC digest (44 characters), not the text the
-    # client sent: every spelling of one signature is one request.
-    signature: str
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    id: int
-    replayed: bool  # True when this exact signed request had been queued before
-
-
 class RequestStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -95,7 +75,7 @@ class RequestStore:
             "callback": new.callback,
             "signature": new.signature,
             "state": State.QUEUED.value,
-            "message": "Queued",
+            "message": QUEUED_MESSAGE,
             "http_status": 0,
             "attempts": 0,
             "bytes_done": 0,

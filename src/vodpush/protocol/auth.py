@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from vodpush.persistence.accounts import AccountRecord
+from vodpush.core.accounts import AccountRecord
 from vodpush.protocol.envelope import ApiError, Code
 from vodpush.protocol.fields import as_int, require
 from vodpush.protocol.signing import DEFAULT_FALLBACK_MAX_CHARS, SignedRequest, verify

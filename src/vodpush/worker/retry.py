@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-
-@dataclass(frozen=True)
-class RetryDecision:
-    retry: bool
-    at: datetime | None = None
-    delay: float = 0.0
+from vodpush.core.retry import RetryDecision
 
 
 def decide(
@@ -31,4 +25,4 @@ def decide(
     ceiling = min(max_delay, base_delay * 2 ** (attempts_made - 1))
     # "Equal jitter": at least half the backoff, so retries never bunch up at zero.
     delay = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
-    return RetryDecision(retry=True, at=now + timedelta(seconds=delay), delay=delay)
+    return RetryDecision(retry=True, at=now + timedelta(seconds=delay))

@@ -23,14 +23,19 @@ from typing import Any
 
 from botocore.client import BaseClient
 
-from vodpush import records, sestore
-from vodpush.persistence.accounts import AccountRecord, S3Settings, utcnow
-from vodpush.persistence.queue import Claimed, DbLedger, DueCallback, LeaseLost, QueueStore
+from vodpush import metrics, sestore
+from vodpush.callbacks.delivery import deliver
+from vodpush.callbacks.payload import build_delivery
+from vodpush.callbacks.schedule import next_delivery
+from vodpush.core import records
+from vodpush.core.accounts import AccountRecord, S3Settings
+from vodpush.core.clock import utcnow
+from vodpush.core.requests import Claimed, DueCallback, LeaseLost
+from vodpush.persistence.queue import DbLedger
 from vodpush.persistence.requests import QUEUE_CHANNEL
 from vodpush.service import Service
 from vodpush.webhooks import new_message_id
-from vodpush.worker import metrics, retry
-from vodpush.worker.callbacks import build_delivery, deliver, next_delivery
+from vodpush.worker import retry
 from vodpush.worker.s3client import make_s3_client
 from vodpush.worker.uploader import (
     UploadError,
@@ -65,7 +70,7 @@ class Worker:
     def __init__(self, service: Service, *, concurrency: int | None = None) -> None:
         self.service = service
         self.settings = service.settings
-        self.queue = QueueStore(service.engine)
+        self.queue = service.queue
         self.concurrency = concurrency or self.settings.worker_concurrency
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping = threading.Event()
@@ -348,21 +353,23 @@ class Worker:
         ledger: DbLedger,
         extra: dict[str, Any],
     ) -> None:
+        now = utcnow()
         decision = retry.decide(
             transient=err.transient,
             attempts_made=request.attempts,
             max_attempts=self.settings.max_attempts,
             base_delay=self.settings.retry_base_delay,
             max_delay=self.settings.retry_max_delay,
-            now=utcnow(),
+            now=now,
         )
-        if decision.retry:
+        if decision.retry and decision.at is not None:  # a retry always says when
+            delay = (decision.at - now).total_seconds()
             self.queue.retry_later(
                 request.id,
                 self.owner,
-                at=decision.at,  # type: ignore[arg-type]
+                at=decision.at,
                 message=(
-                    f"Retrying in {decision.delay:.0f} s after attempt {request.attempts} of "
+                    f"Retrying in {delay:.0f} s after attempt {request.attempts} of "
                     f"{self.settings.max_attempts}: {err.message}"
                 ),
                 http_status=err.http_status,
@@ -376,7 +383,7 @@ class Worker:
                     **extra,
                     "error": err.message,
                     "detail": err.detail,
-                    "delay": round(decision.delay, 3),
+                    "delay": round(delay, 3),
                     "attempt": request.attempts,
                 },
             )

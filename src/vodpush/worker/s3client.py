@@ -13,7 +13,7 @@ import boto3
 from botocore.client import BaseClient
 from botocore.config import Config
 
-from vodpush.persistence.accounts import S3Settings
+from vodpush.core.accounts import S3Settings
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60

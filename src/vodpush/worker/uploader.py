@@ -1,8 +1,9 @@
 """The S3 upload engine: one local file to one S3 object, resumable, memory-bounded, verified.
 
-No database here. Multipart progress goes through the small ``PartLedger`` interface (a
-DB-backed ledger lives elsewhere; ``MemoryLedger`` is the in-memory fake), and the botocore
-client is always passed in (see ``vodpush.worker.s3client``).
+No database here. Multipart progress goes through the small ``PartLedger`` interface
+(``vodpush.core.checkpoint``: a DB-backed ledger lives in persistence, ``MemoryLedger`` is
+the in-memory fake), and the botocore client is always passed in (see
+``vodpush.worker.s3client``).
 
 Failure policy, in one place:
 
@@ -31,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from botocore.client import BaseClient
@@ -52,21 +53,17 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
+from vodpush.core.options import CANNED_ACLS, MAX_KEY_BYTES, SSE_CHOICES, SSE_KMS
+from vodpush.core.records import RESULT_KEYS
 from vodpush.metadata import for_s3
-from vodpush.records import RESULT_KEYS
 from vodpush.sestore import OpenFile, PathRefused, open_plain
 
 __all__ = [
-    "CANNED_ACLS",
     "MAX_PARTS",
     "MAX_PART_SIZE",
     "MAX_PUT_SIZE",
     "MIN_PART_SIZE",
-    "RESULT_KEYS",
-    "MemoryLedger",
-    "MultipartCheckpoint",
-    "PartLedger",
-    "PartRecord",
     "UploadError",
     "UploadInterrupted",
     "UploadJob",
@@ -89,17 +86,6 @@ MAX_PART_SIZE = 5 * GiB
 MAX_PUT_SIZE = 5 * GiB  # largest single PutObject
 MAX_PARTS = 10_000
 MAX_OBJECT_SIZE = 5 * 1024 * GiB
-
-CANNED_ACLS = (
-    "private",
-    "public-read",
-    "public-read-write",
-    "authenticated-read",
-    "aws-exec-read",
-    "bucket-owner-read",
-    "bucket-owner-full-control",
-)
-SSE_CHOICES = ("AES256", "aws:kms")
 
 # Codes of our own, beside S3's.
 SOURCE_CHANGED = "SourceChanged"
@@ -141,13 +127,13 @@ class UploadJob:
             raise ValueError("source must be a path, an OpenFile or a function opening one")
         if not self.bucket:
             raise ValueError("bucket must not be empty")
-        if not self.key or len(self.key.encode("utf-8")) > 1024:
-            raise ValueError("key must be 1 to 1024 bytes of UTF-8")
+        if not self.key or len(self.key.encode("utf-8")) > MAX_KEY_BYTES:
+            raise ValueError(f"key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
         if self.acl not in CANNED_ACLS:
             raise ValueError(f"acl must be one of {', '.join(CANNED_ACLS)}, not {self.acl!r}")
         if self.sse is not None and self.sse not in SSE_CHOICES:
             raise ValueError(f"sse must be None or one of {', '.join(SSE_CHOICES)}")
-        if self.sse_kms_key_id and self.sse != "aws:kms":
+        if self.sse_kms_key_id and self.sse != SSE_KMS:
             raise ValueError("sse_kms_key_id needs sse='aws:kms'")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise ValueError("metadata keys and values must be strings")
@@ -196,114 +182,6 @@ class UploadInterrupted(UploadError):
 
     def __init__(self, message: str = "upload interrupted; it will resume") -> None:
         super().__init__(message, transient=True, code=INTERRUPTED)
-
-
-# -- the ledger: where multipart progress survives a crash ---------------------------------
-
-
-@dataclass(frozen=True)
-class PartRecord:
-    etag: str
-    checksum_sha256: str | None  # base64, as S3 takes it; None when checksums are off
-    size: int
-
-
-@dataclass(frozen=True)
-class MultipartCheckpoint:
-    """What is needed to resume: valid only for the same file, part size and checksum mode."""
-
-    upload_id: str
-    chunksize: int
-    size: int
-    mtime_ns: int
-    checksums: bool
-    parts: dict[int, PartRecord] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (part numbers become strings), for ledgers that store a document."""
-        return {
-            "upload_id": self.upload_id,
-            "chunksize": self.chunksize,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "checksums": self.checksums,
-            "parts": {
-                str(number): {
-                    "etag": part.etag,
-                    "checksum_sha256": part.checksum_sha256,
-                    "size": part.size,
-                }
-                for number, part in sorted(self.parts.items())
-            },
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MultipartCheckpoint:
-        return cls(
-            upload_id=str(data["upload_id"]),
-            chunksize=int(data["chunksize"]),
-            size=int(data["size"]),
-            mtime_ns=int(data["mtime_ns"]),
-            checksums=bool(data["checksums"]),
-            parts={
-                int(number): PartRecord(
-                    etag=str(part["etag"]),
-                    checksum_sha256=part.get("checksum_sha256"),
-                    size=int(part["size"]),
-                )
-                for number, part in dict(data.get("parts") or {}).items()
-            },
-        )
-
-
-class PartLedger(Protocol):
-    """Persists one job's multipart progress. ``part_done`` is called from upload threads at
-    the same time: implementations must be thread-safe."""
-
-    def load(self) -> MultipartCheckpoint | None:
-        """The checkpoint with every part recorded so far, or None."""
-        ...
-
-    def begin(self, checkpoint: MultipartCheckpoint) -> None:
-        """A new multipart upload exists: replace whatever was stored."""
-        ...
-
-    def part_done(self, part_number: int, record: PartRecord) -> None:
-        """A part is stored in S3 (overwrites an earlier record of the same part)."""
-        ...
-
-    def clear(self) -> None:
-        """Forget the checkpoint (upload completed or aborted)."""
-        ...
-
-
-class MemoryLedger:
-    """The in-memory PartLedger: for tests and one-shot uploads. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._checkpoint: MultipartCheckpoint | None = None
-
-    def load(self) -> MultipartCheckpoint | None:
-        with self._lock:
-            if self._checkpoint is None:
-                return None
-            # A copy: callers must not see later part_done calls mutate what they hold.
-            return replace(self._checkpoint, parts=dict(self._checkpoint.parts))
-
-    def begin(self, checkpoint: MultipartCheckpoint) -> None:
-        with self._lock:
-            self._checkpoint = replace(checkpoint, parts=dict(checkpoint.parts))
-
-    def part_done(self, part_number: int, record: PartRecord) -> None:
-        with self._lock:
-            if self._checkpoint is None:
-                raise RuntimeError("part_done before begin")
-            self._checkpoint.parts[part_number] = record
-
-    def clear(self) -> None:
-        with self._lock:
-            self._checkpoint = None
 
 
 # -- pure helpers ---------------------------------------------------------------------------
@@ -527,7 +405,7 @@ def verify_stored(
     if (
         not etag
         or not _MD5_ETAG.match(stored_etag)
-        or encryption.startswith("aws:kms")
+        or encryption.startswith(SSE_KMS)  # aws:kms and aws:kms:dsse
         or stored.get("SSECustomerAlgorithm")
     ):
         return None

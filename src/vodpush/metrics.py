@@ -1,5 +1,5 @@
 """Prometheus metrics of this process, and the queue depth read from the database at
-scrape time."""
+scrape time. Outside the worker: the API serves /metrics without loading the S3 engine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -23,8 +23,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vodpush.persistence.queue import QueueStore
-
 log = logging.getLogger(__name__)
 
 UPLOADS = Counter("vodpush_uploads_total", "Finished upload attempts by outcome", ["outcome"])
@@ -37,8 +35,14 @@ UPLOAD_SECONDS = Histogram(
 CALLBACKS = Counter("vodpush_callbacks_total", "Callback delivery attempts by outcome", ["outcome"])
 
 
+class QueueDepth(Protocol):
+    """What the metrics need of the queue (persistence.queue.QueueStore)."""
+
+    def depth(self) -> dict[str, int]: ...
+
+
 class QueueDepthCollector(Collector):
-    def __init__(self, queue: QueueStore) -> None:
+    def __init__(self, queue: QueueDepth) -> None:
         self._queue = queue
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -50,7 +54,7 @@ class QueueDepthCollector(Collector):
         yield gauge
 
 
-def render(queue: QueueStore) -> bytes:
+def render(queue: QueueDepth) -> bytes:
     """This process's counters plus the shared queue depth."""
     depth = CollectorRegistry()
     depth.register(QueueDepthCollector(queue))
@@ -85,7 +89,7 @@ class _Server6(_Server):
 
 
 def start_metrics_server(
-    host: str, port: int, *, queue: QueueStore | None, token: str | None
+    host: str, port: int, *, queue: QueueDepth | None, token: str | None
 ) -> WSGIServer:
     """Serve /metrics on ``host:port`` in a daemon thread (shut it down with
     ``.shutdown()``): this process's counters, plus the queue depth when ``queue`` is given;

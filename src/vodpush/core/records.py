@@ -8,6 +8,13 @@ from typing import Any
 
 import orjson
 
+# The status messages the service itself writes (failures and retries say their own).
+QUEUED_MESSAGE = "Queued"
+UPLOADING_MESSAGE = "Uploading"
+# The reference API's words for a finished upload: clients look for exactly this text.
+SUCCESS_MESSAGE = "Successfully Uploaded to AWS"
+
+# The keys of an entry's "results" (S3's answer), always all present ("" when S3 said none).
 RESULT_KEYS = (
     "Bucket",
     "ETag",
@@ -33,7 +40,8 @@ def format_time(value: datetime | str | None) -> str:
 
 
 def render(row: Any) -> dict[str, Any]:
-    """A request row (see persistence.requests.STATUS_COLUMNS) as an aws.status entry."""
+    """A request row (the columns of persistence.requests.STATUS_COLUMNS) as an aws.status
+    entry."""
     results = dict(_EMPTY_RESULTS)
     if row.results_json:
         results.update(orjson.loads(row.results_json))

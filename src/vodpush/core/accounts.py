@@ -1,0 +1,164 @@
+"""Accounts as every layer sees them: the S3 settings, the record with its rules (which
+buckets, whose files), and the checks of what an operator may set. No storage here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from fnmatch import fnmatchcase
+from typing import Any
+
+from vodpush.core.options import SSE_CHOICES, SSE_KMS
+from vodpush.core.records import format_time
+
+# Matched with fullmatch: "$" would let a trailing newline through.
+USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Bucket patterns: bucket-name characters plus fnmatch's * ? [ ]; as long as a bucket name.
+_PATTERN_CHARS = re.compile(r"[A-Za-z0-9._\-*?\[\]]{1,255}")
+_BUCKET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,255}")
+MAX_BUCKET_PATTERNS = 1000
+# What is shown in place of a secret (as pydantic shows a SecretStr).
+MASKED = "**********"
+
+
+class AccountError(ValueError):
+    """An operator asked for something about accounts that cannot be done."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    checksums: bool = True
+
+    def __repr__(self) -> str:  # never show the secret
+        masked = MASKED if self.secret_access_key else None
+        return (
+            f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+            f"access_key_id={self.access_key_id!r}, secret_access_key={masked!r}, "
+            f"sse={self.sse!r}, sse_kms_key_id={self.sse_kms_key_id!r}, "
+            f"checksums={self.checksums!r})"
+        )
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    id: int
+    cdn: int
+    username: str
+    api_key: str
+    enabled: bool
+    api_secret_enc: str
+    s3: S3Settings
+    created_at: datetime | str
+    allowed_buckets: tuple[str, ...] = ()
+    webhook_secret_enc: str | None = None
+    # Another account has the same username (a database from before 0003): whose
+    # sestore directory that is cannot be told, so no file is read for either.
+    username_shared: bool = False
+
+    @property
+    def has_own_s3_credentials(self) -> bool:
+        return bool(self.s3.access_key_id)
+
+    def may_use_bucket(self, bucket: str) -> str | None:
+        """None when this account may write to ``bucket``, else why not (for the customer).
+
+        The one place of the rule: a non-empty list always applies; with an empty list an
+        account with its own S3 credentials may use whatever they reach, and one without
+        (the operator's default credentials) may use no bucket at all."""
+        if not _BUCKET_CHARS.fullmatch(bucket):
+            # "*" matches any character, a newline too: only names a bucket can have.
+            return f"bucket {bucket!r} is not a valid bucket name"
+        if self.allowed_buckets:
+            if any(fnmatchcase(bucket, pattern) for pattern in self.allowed_buckets):
+                return None
+            return (
+                f"bucket {bucket!r} is not among the buckets this account may write to; "
+                "ask the operator to allow it for your account"
+            )
+        if self.has_own_s3_credentials:
+            return None
+        return (
+            f"bucket {bucket!r} refused: this account may not write to any bucket yet; "
+            "ask the operator to allow your buckets for your account"
+        )
+
+    def files_refused(self) -> str | None:
+        """None when this account's sestore directory is its own, else why not."""
+        if self.username_shared:
+            return (
+                f"username {self.username!r} is also used by another account, so its files "
+                "cannot be read until the operator renames one of them"
+            )
+        return None
+
+    def public(self) -> dict[str, Any]:
+        """What an operator may see: no secrets."""
+        return {
+            "id": self.id,
+            "cdn": self.cdn,
+            "username": self.username,
+            "api_key": self.api_key,
+            "enabled": self.enabled,
+            "s3_endpoint_url": self.s3.endpoint_url,
+            "s3_region": self.s3.region,
+            "s3_access_key_id": self.s3.access_key_id,
+            "s3_secret_access_key": MASKED if self.s3.secret_access_key else None,
+            "s3_sse": self.s3.sse,
+            "s3_sse_kms_key_id": self.s3.sse_kms_key_id,
+            "s3_checksums": self.s3.checksums,
+            "allowed_buckets": list(self.allowed_buckets),
+            "own_webhook_secret": bool(self.webhook_secret_enc),
+            "username_shared": self.username_shared,
+            "created": format_time(self.created_at),
+        }
+
+
+def check_bucket_pattern(pattern: str) -> None:
+    """Refuse a pattern that is empty, too long, or holds what no bucket name can."""
+    if not isinstance(pattern, str) or not _PATTERN_CHARS.fullmatch(pattern):
+        raise AccountError(
+            f"bucket pattern {pattern!r} must be 1-255 characters: letters, digits, '.', "
+            "'_', '-' and the wildcards * ? [ ]"
+        )
+    depth = 0
+    for char in pattern:
+        if char == "[":
+            if depth:
+                raise AccountError(f"bucket pattern {pattern!r}: '[' inside [...]")
+            depth = 1
+        elif char == "]":
+            if not depth:
+                raise AccountError(f"bucket pattern {pattern!r}: ']' without '['")
+            depth = 0
+    if depth:
+        raise AccountError(f"bucket pattern {pattern!r}: '[' without ']'")
+    if "[]" in pattern:
+        raise AccountError(f"bucket pattern {pattern!r}: empty [] matches nothing")
+
+
+def check_username(username: str) -> None:
+    """A username names a directory: refuse what cannot be one."""
+    if not isinstance(username, str) or not USERNAME_RE.fullmatch(username):
+        raise AccountError(
+            "username must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def check_s3(s3: S3Settings) -> None:
+    """Refuse S3 settings that could never work together."""
+    if s3.sse is not None and s3.sse not in SSE_CHOICES:
+        raise AccountError(f"s3 sse must be one of {', '.join(SSE_CHOICES)}, not {s3.sse!r}")
+    if s3.sse_kms_key_id and s3.sse != SSE_KMS:
+        raise AccountError("a KMS key id needs sse aws:kms")
+    if bool(s3.access_key_id) != bool(s3.secret_access_key):
+        raise AccountError("give both the S3 access key id and its secret, or neither")
+    if s3.endpoint_url and not s3.endpoint_url.startswith(("http://", "https://")):
+        raise AccountError("s3 endpoint must be an http:// or https:// URL")
