@@ -28,9 +28,9 @@ from vodpush.persistence.accounts import S3Settings
 from vodpush.persistence.queue import DbLedger, LeaseLost, QueueStore
 from vodpush.persistence.requests import NewRequest
 from vodpush.service import Service
+from vodpush.transfer.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.webhooks import standard_webhooks_secret
 from vodpush.worker.runner import Worker
-from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
 
 
 class Receiver:

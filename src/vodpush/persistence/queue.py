@@ -37,7 +37,7 @@ from vodpush.persistence.models import (
     UploadPart,
     UploadRequest,
 )
-from vodpush.worker.uploader import MultipartCheckpoint, PartRecord
+from vodpush.transfer.checkpoint import MultipartCheckpoint, PartRecord
 
 _T = UploadRequest.__table__
 _P = UploadPart.__table__

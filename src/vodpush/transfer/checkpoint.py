@@ -1,0 +1,119 @@
+"""The part ledger: where multipart progress survives a crash.
+
+``PartLedger`` is the interface the engine writes to (a DB-backed ledger lives in
+persistence); ``MemoryLedger`` is the in-memory fake.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+__all__ = ["MemoryLedger", "MultipartCheckpoint", "PartLedger", "PartRecord"]
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    etag: str
+    checksum_sha256: str | None  # base64, as S3 takes it; None when checksums are off
+    size: int
+
+
+@dataclass(frozen=True)
+class MultipartCheckpoint:
+    """What is needed to resume: valid only for the same file, part size and checksum mode."""
+
+    upload_id: str
+    chunksize: int
+    size: int
+    mtime_ns: int
+    checksums: bool
+    parts: dict[int, PartRecord] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (part numbers become strings), for ledgers that store a document."""
+        return {
+            "upload_id": self.upload_id,
+            "chunksize": self.chunksize,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "checksums": self.checksums,
+            "parts": {
+                str(number): {
+                    "etag": part.etag,
+                    "checksum_sha256": part.checksum_sha256,
+                    "size": part.size,
+                }
+                for number, part in sorted(self.parts.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MultipartCheckpoint:
+        return cls(
+            upload_id=str(data["upload_id"]),
+            chunksize=int(data["chunksize"]),
+            size=int(data["size"]),
+            mtime_ns=int(data["mtime_ns"]),
+            checksums=bool(data["checksums"]),
+            parts={
+                int(number): PartRecord(
+                    etag=str(part["etag"]),
+                    checksum_sha256=part.get("checksum_sha256"),
+                    size=int(part["size"]),
+                )
+                for number, part in dict(data.get("parts") or {}).items()
+            },
+        )
+
+
+class PartLedger(Protocol):
+    """Persists one job's multipart progress. ``part_done`` is called from upload threads at
+    the same time: implementations must be thread-safe."""
+
+    def load(self) -> MultipartCheckpoint | None:
+        """The checkpoint with every part recorded so far, or None."""
+        ...
+
+    def begin(self, checkpoint: MultipartCheckpoint) -> None:
+        """A new multipart upload exists: replace whatever was stored."""
+        ...
+
+    def part_done(self, part_number: int, record: PartRecord) -> None:
+        """A part is stored in S3 (overwrites an earlier record of the same part)."""
+        ...
+
+    def clear(self) -> None:
+        """Forget the checkpoint (upload completed or aborted)."""
+        ...
+
+
+class MemoryLedger:
+    """The in-memory PartLedger: for tests and one-shot uploads. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._checkpoint: MultipartCheckpoint | None = None
+
+    def load(self) -> MultipartCheckpoint | None:
+        with self._lock:
+            if self._checkpoint is None:
+                return None
+            # A copy: callers must not see later part_done calls mutate what they hold.
+            return replace(self._checkpoint, parts=dict(self._checkpoint.parts))
+
+    def begin(self, checkpoint: MultipartCheckpoint) -> None:
+        with self._lock:
+            self._checkpoint = replace(checkpoint, parts=dict(checkpoint.parts))
+
+    def part_done(self, part_number: int, record: PartRecord) -> None:
+        with self._lock:
+            if self._checkpoint is None:
+                raise RuntimeError("part_done before begin")
+            self._checkpoint.parts[part_number] = record
+
+    def clear(self) -> None:
+        with self._lock:
+            self._checkpoint = None
