@@ -23,7 +23,7 @@ from typing import Any
 
 from botocore.client import BaseClient
 
-from vodpush import records, retry, sestore
+from vodpush import records, sestore
 from vodpush.persistence.accounts import AccountRecord, S3Settings, utcnow
 from vodpush.persistence.queue import Claimed, DbLedger, DueCallback, LeaseLost, QueueStore
 from vodpush.persistence.requests import QUEUE_CHANNEL
@@ -38,7 +38,7 @@ from vodpush.transfer import (
 )
 from vodpush.transfer.s3client import make_s3_client
 from vodpush.webhooks import new_message_id
-from vodpush.worker import metrics
+from vodpush.worker import metrics, retry
 from vodpush.worker.callbacks import build_delivery, deliver, next_delivery
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ class Worker:
         ledger: DbLedger,
         extra: dict[str, Any],
     ) -> None:
-        decision = retry.backoff(
+        decision = retry.decide(
             transient=err.transient,
             attempts_made=request.attempts,
             max_attempts=self.settings.max_attempts,
