@@ -30,14 +30,14 @@ from tests.wire import call
 from vodpush import sestore
 from vodpush.core.checkpoint import MemoryLedger
 from vodpush.sestore import PathRefused
-from vodpush.worker.runner import Worker
-from vodpush.worker.s3client import make_s3_client
-from vodpush.worker.uploader import (
+from vodpush.transfer import (
     UploadError,
     UploadInterrupted,
     UploadJob,
     upload,
 )
+from vodpush.transfer.s3client import make_s3_client
+from vodpush.worker.runner import Worker
 
 MiB = 1024 * 1024
 SIZE = 4096

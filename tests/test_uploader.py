@@ -30,13 +30,11 @@ from vodpush.core.accounts import S3Settings
 from vodpush.core.checkpoint import MemoryLedger, MultipartCheckpoint, PartRecord
 from vodpush.core.records import RESULT_KEYS
 from vodpush.metadata import decode_value
-from vodpush.worker.s3client import make_s3_client
-from vodpush.worker.uploader import (
+from vodpush.transfer import (
+    ObjectOptions,
     UploadError,
     UploadInterrupted,
     UploadJob,
-    _Source,
-    _verify,
     abandon,
     classify,
     guess_content_type,
@@ -44,6 +42,9 @@ from vodpush.worker.uploader import (
     upload,
     verify_stored,
 )
+from vodpush.transfer.s3client import make_s3_client
+from vodpush.transfer.source import SourceFile
+from vodpush.transfer.verify import verify_upload
 
 MiB = 1024 * 1024
 PART = 5 * MiB  # S3's minimum part size
@@ -128,9 +129,7 @@ def test_small_file_single_put(s3: Any, bucket: str, moto: MotoServer, tmp_path:
         source=tmp_path / "clip.bin",
         bucket=bucket,
         key="videos/clip one.mp4",
-        acl="public-read",
-        metadata=metadata,
-        sse="AES256",
+        options=ObjectOptions(acl="public-read", metadata=metadata, sse="AES256"),
     )
     calls: list[tuple[int, int]] = []
     result = run(s3, job, progress=lambda done, total: calls.append((done, total)))
@@ -161,7 +160,15 @@ def test_small_file_single_put(s3: Any, bucket: str, moto: MotoServer, tmp_path:
 
 def test_private_acl_grants_nothing_public(s3: Any, bucket: str, tmp_path: Path) -> None:
     make_file(tmp_path / "a.m3u8", 1000)
-    run(s3, UploadJob(source=tmp_path / "a.m3u8", bucket=bucket, key="a.m3u8", acl="private"))
+    run(
+        s3,
+        UploadJob(
+            source=tmp_path / "a.m3u8",
+            bucket=bucket,
+            key="a.m3u8",
+            options=ObjectOptions(acl="private"),
+        ),
+    )
     grants = s3.get_object_acl(Bucket=bucket, Key="a.m3u8")["Grants"]
     assert grants and all(g["Grantee"].get("URI") != ALL_USERS for g in grants)
     head = s3.head_object(Bucket=bucket, Key="a.m3u8", ChecksumMode="ENABLED")
@@ -223,11 +230,11 @@ def test_composite_checksum_echo_settles_multipart(tmp_path: Path) -> None:
         "sha256_composite": composite,
         "etag": lambda: "0" * 32 + "-3",
     }
-    _verify(NoCallsClient(), job, {"ChecksumSHA256": composite}, **checks)  # type: ignore[arg-type]
+    verify_upload(NoCallsClient(), job, {"ChecksumSHA256": composite}, **checks)  # type: ignore[arg-type]
     # A different echo is not taken on trust: S3 is asked (here, the client refuses).
     wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode() + "-3"
     with pytest.raises(AssertionError, match="head_object"):
-        _verify(NoCallsClient(), job, {"ChecksumSHA256": wrong}, **checks)  # type: ignore[arg-type]
+        verify_upload(NoCallsClient(), job, {"ChecksumSHA256": wrong}, **checks)  # type: ignore[arg-type]
 
 
 def test_without_checksums_head_object_verifies(
@@ -239,11 +246,21 @@ def test_without_checksums_head_object_verifies(
     make_file(tmp_path / "parts.mp4", 11 * MiB)
     run(
         client,
-        UploadJob(source=tmp_path / "one.mp4", bucket=bucket, key="one.mp4", checksums=False),
+        UploadJob(
+            source=tmp_path / "one.mp4",
+            bucket=bucket,
+            key="one.mp4",
+            options=ObjectOptions(checksums=False),
+        ),
     )
     run(
         client,
-        UploadJob(source=tmp_path / "parts.mp4", bucket=bucket, key="parts.mp4", checksums=False),
+        UploadJob(
+            source=tmp_path / "parts.mp4",
+            bucket=bucket,
+            key="parts.mp4",
+            options=ObjectOptions(checksums=False),
+        ),
     )
     assert [op for op, _ in seen].count("HeadObject") == 2
 
@@ -274,7 +291,7 @@ def test_store_without_checksums_is_verified_by_md5_etag(tmp_path: Path, parts: 
         good = f"{hashlib.md5(b''.join(digests)).hexdigest()}-3"
     job = UploadJob(source=tmp_path / "x.mp4", bucket="b", key="x.mp4")
     sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
-    source = _Source(job.source)
+    source = SourceFile(job.source)
     try:
         checks = {
             "size": len(data),
@@ -283,13 +300,13 @@ def test_store_without_checksums_is_verified_by_md5_etag(tmp_path: Path, parts: 
             "etag": lambda: source.md5_etag(parts),
         }
         written = {"ETag": f'"{good}"'}
-        _verify(
+        verify_upload(
             ChecksumBlindClient({"ContentLength": len(data), **written}), job, written, **checks
         )
         bad = "0" * 32 + ("" if parts is None else "-3")
         client = ChecksumBlindClient({"ContentLength": len(data), "ETag": f'"{bad}"'})
         with pytest.raises(UploadError, match=f"expected {good}; the object was deleted"):
-            _verify(client, job, {"ETag": f'"{bad}"'}, **checks)  # type: ignore[arg-type]
+            verify_upload(client, job, {"ETag": f'"{bad}"'}, **checks)  # type: ignore[arg-type]
         assert client.deleted == [{"Bucket": "b", "Key": "x.mp4"}]
     finally:
         source.close()
@@ -299,7 +316,10 @@ def test_sse_kms(s3: Any, bucket: str, tmp_path: Path) -> None:
     key_id = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
     make_file(tmp_path / "k.mp4", 1000)
     job = UploadJob(
-        source=tmp_path / "k.mp4", bucket=bucket, key="k.mp4", sse="aws:kms", sse_kms_key_id=key_id
+        source=tmp_path / "k.mp4",
+        bucket=bucket,
+        key="k.mp4",
+        options=ObjectOptions(sse="aws:kms", sse_kms_key_id=key_id),
     )
     result = run(s3, job)
     assert result.results["ServerSideEncryption"] == "aws:kms"
@@ -319,8 +339,7 @@ def test_multipart_parallel_parts(moto: MotoServer, bucket: str, tmp_path: Path)
         source=tmp_path / "movie.ts",
         bucket=bucket,
         key="out/movie.ts",
-        acl="public-read",
-        metadata={"title": "Ünïcödé"},
+        options=ObjectOptions(acl="public-read", metadata={"title": "Ünïcödé"}),
     )
     result = run(client, job, ledger, progress=lambda d, t: calls.append((d, t)))
 
@@ -362,7 +381,7 @@ def test_checksums_off_sends_no_flexible_checksums(
     seen = capture_headers(client)
     big = make_file(tmp_path / "big.mkv", 11 * MiB)
     small = make_file(tmp_path / "small.webm", 1000)
-    common = {"bucket": bucket, "checksums": False}
+    common = {"bucket": bucket, "options": ObjectOptions(checksums=False)}
     r1 = run(client, UploadJob(source=tmp_path / "big.mkv", key="big.mkv", **common))
     r2 = run(client, UploadJob(source=tmp_path / "small.webm", key="small.webm", **common))
 
@@ -640,9 +659,9 @@ def test_abandon_aborts_and_clears(s3: Any, bucket: str, tmp_path: Path) -> None
 
 def test_job_and_tuning_are_validated(s3: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="acl must be one of private, public-read"):
-        UploadJob(source=tmp_path, bucket="b", key="k", acl="public")
+        ObjectOptions(acl="public")
     with pytest.raises(ValueError, match="sse_kms_key_id needs"):
-        UploadJob(source=tmp_path, bucket="b", key="k", sse="AES256", sse_kms_key_id="x")
+        ObjectOptions(sse="AES256", sse_kms_key_id="x")
     job = UploadJob(source=tmp_path / "x", bucket="b", key="k")
     with pytest.raises(ValueError, match="chunksize"):
         upload(s3, job, MemoryLedger(), threshold=PART, chunksize=MiB, concurrency=1)

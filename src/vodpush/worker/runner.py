@@ -34,21 +34,34 @@ from vodpush.core.requests import Claimed, DueCallback, LeaseLost
 from vodpush.persistence.queue import DbLedger
 from vodpush.persistence.requests import QUEUE_CHANNEL
 from vodpush.service import Service
-from vodpush.webhooks import new_message_id
-from vodpush.worker import retry
-from vodpush.worker.s3client import make_s3_client
-from vodpush.worker.uploader import (
+from vodpush.transfer import (
+    ObjectOptions,
     UploadError,
     UploadInterrupted,
     UploadJob,
     abandon,
     upload,
 )
+from vodpush.transfer.s3client import make_s3_client
+from vodpush.webhooks import new_message_id
+from vodpush.worker import retry
 
 log = logging.getLogger(__name__)
 
 CALLBACK_THREADS = 4
 HEARTBEAT_SECONDS = 1.0
+
+
+def object_options(request: Claimed, account: AccountRecord) -> ObjectOptions:
+    """How ``request``'s object is stored: the customer chose the ACL and the metadata (both
+    checked at submit), the account sets encryption and the checksum mode."""
+    return ObjectOptions(
+        acl=request.acl,
+        metadata=request.metadata,
+        sse=account.s3.sse,
+        sse_kms_key_id=account.s3.sse_kms_key_id,
+        checksums=account.s3.checksums,
+    )
 
 
 @dataclass
@@ -264,11 +277,7 @@ class Worker:
             ),
             bucket=request.bucket,
             key=request.destination_path,
-            acl=request.acl,
-            metadata=request.metadata,
-            sse=account.s3.sse,
-            sse_kms_key_id=account.s3.sse_kms_key_id,
-            checksums=account.s3.checksums,
+            options=object_options(request, account),
         )
         client = self._client(account)
         ledger = DbLedger(
