@@ -1,1 +1,1 @@
-"""The upload worker: S3 client construction and the upload engine."""
+"""The upload worker: claims requests with a lease, runs the transfer engine, records outcomes and delivers callbacks."""
