@@ -18,20 +18,9 @@ def require(payload: Mapping[str, Any], names: Iterable[str]) -> None:
         raise ApiError(Code.MISSING_FIELDS, exc.message) from exc
 
 
-def invalid(name: str, why: str) -> ApiError:
-    return ApiError(Code.INVALID_FIELD, f"invalid {name}: {why}")
-
-
 def as_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """An integer from a JSON number or a digit string, within 64 bits."""
     try:
         return fields.read_int(value, name, minimum=minimum, maximum=maximum)
-    except fields.InvalidField as exc:
-        raise ApiError(Code.INVALID_FIELD, exc.message) from exc
-
-
-def as_str(value: Any, name: str, *, max_length: int = 4096, allow_empty: bool = False) -> str:
-    try:
-        return fields.read_str(value, name, max_length=max_length, allow_empty=allow_empty)
     except fields.InvalidField as exc:
         raise ApiError(Code.INVALID_FIELD, exc.message) from exc
