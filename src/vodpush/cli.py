@@ -17,6 +17,7 @@ from vodpush.client_cli import client as client_group
 from vodpush.config import Settings, load_settings
 from vodpush.core.accounts import AccountError, S3Settings
 from vodpush.core.options import SSE_CHOICES
+from vodpush.operations import OperationContext, Refused, StatusQuery, status
 from vodpush.service import Service
 
 
@@ -57,7 +58,7 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except AccountError as exc:
+        except (AccountError, Refused) as exc:
             raise UserError(str(exc)) from exc
 
     return wrapper
@@ -362,6 +363,57 @@ def account_rotate_webhook(ref: str, clear: bool) -> None:
 def account_set_s3(ref: str, **kwargs: Any) -> None:
     """Replace an account's S3 settings (options left out are cleared)."""
     _print_json(_open_service().accounts.set_s3(ref, _s3_from(kwargs)).public())
+
+
+# -- upload requests -----------------------------------------------------------------------
+
+
+@cli.group("request")
+def request_group() -> None:
+    """Look at an account's upload requests (the operations the API runs)."""
+
+
+@request_group.command("list")
+@click.argument("ref")
+@click.option("--limit", type=int, help="At most this many (default 25), newest first.")
+@click.option("--offset", type=int, help="Skip this many of the newest first.")
+@click.option("--id", "request_id", type=int, help="Only the request with this id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the aws.status records as JSON.")
+@user_errors
+def request_list(
+    ref: str, limit: int | None, offset: int | None, request_id: int | None, as_json: bool
+) -> None:
+    """An account's requests (REF: api_key, id or cdn/username), as its aws.status shows
+    them."""
+    service = _open_service()
+    try:
+        ctx = OperationContext(
+            account=service.accounts.find(ref), settings=service.settings, requests=service.requests
+        )
+        query = StatusQuery.from_values(
+            {"limit": limit, "offset": offset, "id": request_id}, service.settings
+        )
+        found = status(ctx, query).records()
+    finally:
+        service.close()
+    if as_json:
+        _print_json(found)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "state", "bucket", "destination_path", "path", "message", "updated")
+    for record in found:
+        table.add_row(
+            str(record["id"]),
+            record["state"],
+            record["bucket"],
+            record["destination_path"],
+            record["path"],
+            record["message"],
+            record["last_updated"],
+        )
+    Console().print(table)
 
 
 # -- secrets at rest -----------------------------------------------------------------------

@@ -7,14 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 from vodpush.commands.context import CommandContext
+from vodpush.commands.refusals import answering_refusals
 from vodpush.commands.status import aws_status
 from vodpush.commands.upload import aws_upload
 
 Handler = Callable[[CommandContext, dict[str, Any]], tuple[str, Any]]
 
 COMMANDS: dict[str, Handler] = {
-    "aws.upload": aws_upload,
-    "aws.status": aws_status,
+    "aws.upload": answering_refusals(aws_upload),
+    "aws.status": answering_refusals(aws_status),
 }
 # Commands that only read: they never wait for a write lock.
 READ_ONLY_COMMANDS = frozenset({"aws.status"})

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from vodpush.config import Settings
 from vodpush.core.accounts import AccountRecord
+from vodpush.operations import OperationContext
 from vodpush.persistence.requests import RequestStore
 
 
@@ -15,3 +16,9 @@ class CommandContext:
     signature: str
     settings: Settings
     requests: RequestStore
+
+    def operation(self) -> OperationContext:
+        """The context the operations run in (the signature is the adapter's business)."""
+        return OperationContext(
+            account=self.account, settings=self.settings, requests=self.requests
+        )

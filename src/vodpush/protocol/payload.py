@@ -15,13 +15,14 @@ import math
 import re
 from typing import Any
 
+from vodpush.core.fields import MAX_INT, MAX_INT_DIGITS, InvalidField
+from vodpush.core.fields import check_text as _check_text
+
 MAX_DEPTH = 16  # the request object is depth 1, its metadata depth 2
 MAX_VALUES = 10_000
 MAX_KEY_CHARS = 256
-MAX_INT = 2**63 - 1
-# More digits than any 64-bit integer has: parsed as a marker, refused with the field's name
-# (Python's int() would raise past 4300 digits, and work quadratic in the length before).
-MAX_INT_DIGITS = 20
+# Integers of more than MAX_INT_DIGITS digits are parsed as a marker, refused with the
+# field's name (Python's int() would raise past 4300 digits, and work quadratic before).
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -64,15 +65,10 @@ def _quoted(text: str, limit: int = 40) -> str:
 
 def check_text(text: str, field: str) -> None:
     """InvalidPayload unless ``text`` is valid Unicode scalar values without NUL."""
-    if "\x00" in text:
-        raise InvalidPayload(field, "contains a NUL character")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidPayload(
-                field, "is not valid Unicode (a lone surrogate such as \\ud800)"
-            ) from exc
+    try:
+        _check_text(text, field)
+    except InvalidField as exc:
+        raise InvalidPayload(exc.field, exc.why) from exc
 
 
 def check_payload(obj: dict[str, Any]) -> None:

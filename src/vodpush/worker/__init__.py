@@ -1,1 +1,2 @@
-"""The upload worker: claims requests with a lease, runs the transfer engine, records outcomes and delivers callbacks."""
+"""The upload worker: claims requests with a lease, runs the transfer engine, records the
+outcomes and delivers callbacks."""

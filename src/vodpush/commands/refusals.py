@@ -1,0 +1,38 @@
+"""An operation's refusal as the API answers it: its code, and the operation's message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from vodpush.operations import InvalidField, MissingFields, Refused, Unauthorized
+from vodpush.protocol.envelope import ApiError, Code
+
+_CODES: dict[type[Refused], Code] = {
+    MissingFields: Code.MISSING_FIELDS,
+    InvalidField: Code.INVALID_FIELD,
+    Unauthorized: Code.UNAUTHORIZED,
+}
+
+
+def api_error(refused: Refused) -> ApiError:
+    for kind, code in _CODES.items():
+        if isinstance(refused, kind):
+            return ApiError(code, refused.message)
+    raise TypeError(f"no API code for {type(refused).__name__}")  # a new refusal: map it
+
+
+def answering_refusals(
+    handler: Callable[[Any, dict[str, Any]], tuple[str, Any]],
+) -> Callable[[Any, dict[str, Any]], tuple[str, Any]]:
+    """``handler`` with the operations' refusals raised as ApiError."""
+
+    @wraps(handler)
+    def adapted(ctx: Any, payload: dict[str, Any]) -> tuple[str, Any]:
+        try:
+            return handler(ctx, payload)
+        except Refused as exc:
+            raise api_error(exc) from exc
+
+    return adapted

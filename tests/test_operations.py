@@ -1,0 +1,297 @@
+"""The typed operations called directly, as a second caller (the CLI, a web page) would:
+each field's refusal names the field with the API's exact message, upload and status on a
+real SQLite database through the Service, and `vodpush request list` agreeing with aws.status
+over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.wire import call
+from vodpush.cli import main
+from vodpush.commands import COMMANDS, CommandContext
+from vodpush.operations import (
+    InvalidField,
+    MissingFields,
+    OperationContext,
+    Queued,
+    StatusQuery,
+    Unauthorized,
+    UploadArgs,
+    status,
+    upload,
+)
+from vodpush.protocol.envelope import ApiError, Code
+
+FILE = "sestore1/jb/videos/clip.mp4"
+KEY_A = "A" * 43 + "="  # replay keys: the canonical base64 of a digest, as the API passes
+KEY_B = "B" * 43 + "="
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    # The operations themselves: SQLite (the stores' own tests cover PostgreSQL).
+    return f"sqlite:///{tmp_path / 'ops.db'}"
+
+
+@pytest.fixture
+def clip(sestore_root: Path) -> str:
+    target = sestore_root / FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 1000)
+    return FILE
+
+
+def context(service: Any, ref: str) -> OperationContext:
+    return OperationContext(
+        account=service.accounts.find(ref), settings=service.settings, requests=service.requests
+    )
+
+
+@pytest.fixture
+def ctx(service, account) -> OperationContext:
+    return context(service, account.api_key)
+
+
+def values(**overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "path": FILE,
+        "destination_path": "path/to/file.mp4",
+        "bucket": "my-bucket",
+        "acl": "private",
+        "metadata": {"title": "Ünïcode / slashes"},
+        "callback": "",
+    }
+    fields.update(overrides)
+    return fields
+
+
+# -- arguments: each field refused by name, with the message the API has always sent -------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("path", 7, "invalid path: must be a string"),
+        ("path", "", "invalid path: must not be empty"),
+        ("path", "a\x00b", "invalid path: contains a NUL character"),
+        (
+            "destination_path",
+            "/abs.mp4",
+            "invalid destination_path: must not start with '/' (it is an S3 object key)",
+        ),
+        (
+            "destination_path",
+            "dir/",
+            "invalid destination_path: must end with a file name, not '/'",
+        ),
+        (
+            "destination_path",
+            "a\nb",
+            "invalid destination_path: must not contain control characters",
+        ),
+        (
+            "destination_path",
+            "é" * 600,
+            "invalid destination_path: must be at most 1024 bytes in UTF-8",
+        ),
+        (
+            "bucket",
+            "a..b",
+            "invalid bucket: must be 3-255 characters of letters, digits, '.', "
+            "'_' or '-', starting and ending with a letter or digit",
+        ),
+        ("bucket", ["my-bucket"], "invalid bucket: must be a string"),
+        ("acl", "public-read-write", "invalid acl: must be one of private, public-read"),
+        ("metadata", "title=x", "invalid metadata: must be an object of key/value pairs"),
+        ("callback", 5, "invalid callback: must be a string"),
+        (
+            "callback",
+            "ftp://example.invalid/x",
+            "invalid callback: scheme ftp: is not allowed, use http or https",
+        ),
+    ],
+)
+def test_upload_args_name_the_refused_field(ctx, field, value, message):
+    with pytest.raises(InvalidField) as refused:
+        UploadArgs.from_values(values(**{field: value}), ctx)
+    assert refused.value.field == field
+    assert refused.value.message == message
+
+
+def test_missing_fields_are_named_together(ctx):
+    with pytest.raises(MissingFields) as refused:
+        UploadArgs.from_values({"path": FILE, "bucket": None, "acl": "private"}, ctx)
+    assert refused.value.names == ("destination_path", "bucket")
+    assert refused.value.message == "missing required field(s): destination_path, bucket"
+
+
+def test_the_adapter_answers_refusals_with_the_api_codes(service, account, ctx):
+    command = CommandContext(
+        account=ctx.account, signature=KEY_A, settings=service.settings, requests=service.requests
+    )
+    cases = [
+        ({"acl": "nope"}, Code.INVALID_FIELD, "invalid acl: must be one of private, public-read"),
+        ({"acl": None}, Code.MISSING_FIELDS, "missing required field(s): acl"),
+    ]
+    for overrides, code, message in cases:
+        with pytest.raises(ApiError) as answered:
+            COMMANDS["aws.upload"](command, values(**overrides))
+        assert (answered.value.code, answered.value.message) == (code, message)
+    with pytest.raises(ApiError) as answered:
+        COMMANDS["aws.status"](command, {"limit": "0"})
+    assert answered.value.code == Code.INVALID_FIELD
+    assert answered.value.message == "invalid limit: must be at least 1"
+
+
+def test_a_bucket_outside_the_list_is_refused_before_later_fields(service, make_account):
+    created = service.accounts.create(cdn=159, username="kb")  # no bucket allowed
+    service.accounts.allow_buckets(created["api_key"], ["media-*"])
+    ctx = context(service, created["api_key"])
+    # Refused as unauthorized even though the acl is invalid too: the order the API answers.
+    with pytest.raises(Unauthorized) as refused:
+        UploadArgs.from_values(values(bucket="other", acl="nope"), ctx)
+    assert refused.value.message.startswith("unauthorized access: ")
+    assert "other" in refused.value.message
+    args = UploadArgs.from_values(values(bucket="media-1", path="sestore1/kb/x.mp4"), ctx)
+    assert args.bucket == "media-1"
+    # Arguments built without the builder are checked by the operation as well.
+    with pytest.raises(Unauthorized):
+        upload(ctx, dataclasses.replace(args, bucket="other"), replay_key=KEY_A)
+
+
+def test_a_shared_username_reads_no_file(ctx, clip):
+    shared = dataclasses.replace(
+        ctx, account=dataclasses.replace(ctx.account, username_shared=True)
+    )
+    args = UploadArgs.from_values(values(), shared)
+    with pytest.raises(Unauthorized) as refused:
+        upload(shared, args, replay_key=KEY_A)
+    assert "is also used by another account" in refused.value.message
+
+
+# -- upload and status on the database ----------------------------------------------------
+
+
+def test_upload_queues_once_per_replay_key_and_status_reads_back(ctx, clip):
+    args = UploadArgs.from_values(values(), ctx)
+    assert args.metadata == {"title": "Ünïcode / slashes"}
+    first = upload(ctx, args, replay_key=KEY_A)
+    assert first == Queued(id=first.id, replayed=False)
+    assert upload(ctx, args, replay_key=KEY_A) == Queued(id=first.id, replayed=True)
+    second = upload(ctx, args, replay_key=KEY_B)
+    assert second.id > first.id and not second.replayed
+
+    page = status(ctx, StatusQuery())
+    assert [r["id"] for r in page.records()] == [second.id, first.id]  # newest first
+    record = status(ctx, StatusQuery(id=first.id)).records()[0]
+    assert record["path"] == FILE and record["bucket"] == "my-bucket"
+    assert record["destination_path"] == "path/to/file.mp4" and record["acl"] == "private"
+    assert record["metadata"] == {"title": "Ünïcode / slashes"}
+    assert record["state"] == "queued" and record["message"] == "Queued"
+    assert [r["id"] for r in status(ctx, StatusQuery(limit=1, offset=1)).records()] == [first.id]
+
+
+def test_upload_refuses_a_missing_file_naming_path(ctx):
+    args = UploadArgs.from_values(values(path="sestore1/jb/absent.mp4"), ctx)
+    with pytest.raises(InvalidField) as refused:
+        upload(ctx, args, replay_key=KEY_A)
+    assert refused.value.field == "path"
+    assert status(ctx, StatusQuery()).rows == []
+
+
+def test_status_never_shows_another_accounts_request(service, ctx, make_account, clip):
+    queued = upload(ctx, UploadArgs.from_values(values(), ctx), replay_key=KEY_A)
+    other = make_account(cdn=160, username="lb")
+    other_ctx = context(service, other.api_key)
+    assert list(status(other_ctx, StatusQuery()).rows) == []
+    assert list(status(other_ctx, StatusQuery(id=queued.id)).rows) == []
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"limit": 0}, "invalid limit: must be at least 1"),
+        ({"limit": 1001}, "invalid limit: must be at most 1000"),
+        ({"limit": True}, "invalid limit: must be an integer, not a boolean"),
+        ({"offset": -1}, "invalid offset: must be at least 0"),
+        ({"offset": "1e3"}, "invalid offset: must be an integer"),
+        ({"id": 0}, "invalid id: must be at least 1"),
+        ({"id": 2**63}, "invalid id: is out of range"),
+    ],
+)
+def test_status_query_names_the_refused_field(settings, given, message):
+    with pytest.raises(InvalidField) as refused:
+        StatusQuery.from_values(given, settings)
+    assert refused.value.message == message
+    assert refused.value.field == next(iter(given))
+
+
+def test_status_query_reads_digit_strings_and_defaults(ctx, settings):
+    assert StatusQuery.from_values({}, settings) == StatusQuery(limit=25, offset=0, id=None)
+    assert StatusQuery.from_values({"limit": " 5 ", "offset": "2", "id": 9.0}, settings) == (
+        StatusQuery(limit=5, offset=2, id=9)
+    )
+    # A query built directly is checked by the operation.
+    with pytest.raises(InvalidField, match="invalid limit: must be at least 1"):
+        status(ctx, StatusQuery(limit=0))
+
+
+# -- the operator CLI: the same operation, a second caller --------------------------------
+
+
+@pytest.fixture
+def cli_env(monkeypatch, settings):
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("VODPUSH_SECRET_KEY", settings.secret_key.get_secret_value())
+    monkeypatch.setenv("VODPUSH_SESTORE_ROOT", str(settings.sestore_root))
+    return settings
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_request_list_shows_what_aws_status_shows(live_server, account, clip, cli_env, capsys):
+    ids = []
+    for name in ("one.mp4", "two.mp4"):
+        answer = call(live_server.url, account, "aws.upload", **values(destination_path=name))
+        assert answer["status"] == "success", answer
+        ids.append(answer["data"]["id"])
+    over_http = call(live_server.url, account, "aws.status")
+    assert over_http["status"] == "success"
+
+    code, out, err = run(capsys, "request", "list", account.api_key, "--json")
+    assert code == 0, err
+    assert json.loads(out) == over_http["data"]
+    assert [r["id"] for r in json.loads(out)] == ids[::-1]
+
+    code, out, _ = run(
+        capsys, "request", "list", f"{account.cdn}/{account.username}", "--limit", "1", "--json"
+    )
+    assert code == 0 and [r["id"] for r in json.loads(out)] == [ids[1]]
+    code, out, _ = run(capsys, "request", "list", str(account.id), "--id", str(ids[0]), "--json")
+    assert code == 0 and [r["id"] for r in json.loads(out)] == [ids[0]]
+
+    code, out, _ = run(capsys, "request", "list", account.api_key)
+    assert code == 0
+    assert "one.mp4" in out and "two.mp4" in out and "queued" in out
+    assert account.api_secret not in out
+
+
+def test_cli_request_list_refusals(account, cli_env, capsys):
+    code, out, err = run(capsys, "request", "list", account.api_key, "--limit", "0")
+    assert code == 1 and out == ""
+    assert err.strip() == "error: invalid limit: must be at least 1"
+    code, _, err = run(capsys, "request", "list", "999/nobody")
+    assert code == 1 and err.strip() == "error: no such account: '999/nobody'"
+    # An account with no request: an empty list, not an error.
+    code, out, _ = run(capsys, "request", "list", account.api_key, "--json")
+    assert code == 0 and json.loads(out) == []
