@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from vodpush.config import Settings
 from vodpush.core.accounts import AccountRecord
-from vodpush.persistence.requests import RequestStore
+from vodpush.core.ports import RequestStorePort
 
 
 @dataclass(frozen=True)
@@ -14,4 +14,4 @@ class CommandContext:
     account: AccountRecord
     signature: str
     settings: Settings
-    requests: RequestStore
+    requests: RequestStorePort
