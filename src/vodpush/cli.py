@@ -484,7 +484,7 @@ def secrets_rotate_key(
             try:
                 if settings.secret_key is None:
                     report = rotate_file_keys(
-                        service.engine,
+                        service.database(),
                         Path(settings.secret_key_file),
                         new_key=new_key,
                         keep_old=keep_old_keys,
@@ -505,7 +505,7 @@ def secrets_rotate_key(
                             err=True,
                         )
                     report = rotate_env_keys(
-                        service.engine,
+                        service.database(),
                         keys,
                         new_key=new_key,
                         batch_size=batch_size,
@@ -545,7 +545,7 @@ def secrets_status() -> None:
     settings = _settings()
     service = _open_service()
     try:
-        counts = count_by_key(service.engine, service.box)
+        counts = count_by_key(service.database(), service.box)
     finally:
         service.close()
     keys = [

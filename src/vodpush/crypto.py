@@ -10,6 +10,7 @@ that run while ``vodpush secrets rotate-key`` rewrites the file keep working.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
@@ -259,3 +260,8 @@ def new_api_key() -> str:
 def new_api_secret() -> str:
     """64 hex characters (256 bits), like ScaleEngine's secrets."""
     return secrets.token_hex(32)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")

@@ -36,7 +36,7 @@ CALLBACKS = Counter("vodpush_callbacks_total", "Callback delivery attempts by ou
 
 
 class QueueDepth(Protocol):
-    """What the metrics need of the queue (persistence.queue.QueueStore)."""
+    """What the metrics need of the queue (core.ports.QueueStorePort)."""
 
     def depth(self) -> dict[str, int]: ...
 

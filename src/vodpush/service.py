@@ -1,27 +1,43 @@
-"""Wiring: the settings, the database and the stores a process needs, built once."""
+"""Wiring: the settings, the stores a process needs (behind the core.ports interfaces), the
+part ledgers and the wake-up channel of its workers, built once."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
 from vodpush.config import Settings
+from vodpush.core.ports import (
+    AccountStorePort,
+    LedgerFactory,
+    Notifications,
+    QueueStorePort,
+    RequestStorePort,
+)
 from vodpush.crypto import SecretBox, load_secret_box
-from vodpush.persistence import db
+from vodpush.memory import MemoryStores
+from vodpush.persistence import db, dialect
 from vodpush.persistence.accounts import AccountStore
-from vodpush.persistence.queue import QueueStore
+from vodpush.persistence.queue import DbLedger, QueueStore
 from vodpush.persistence.requests import RequestStore
 
 
 @dataclass
 class Service:
     settings: Settings
-    engine: Engine
+    engine: Engine | None  # None: the stores are in memory
     box: SecretBox
-    accounts: AccountStore
-    requests: RequestStore
-    queue: QueueStore
+    accounts: AccountStorePort
+    requests: RequestStorePort
+    queue: QueueStorePort
+    # The part ledger of one leased request: ledger(request_id, owner, empty=...).
+    ledger: LedgerFactory
+    # What wakes workers when another process queues a request (None: polling only).
+    notifications: Notifications | None = None
+    # Reads never wait (SQLite, memory): the API may serve them on its event loop.
+    inline_reads: bool = True
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Service:
@@ -29,6 +45,7 @@ class Service:
         if migrate:
             db.upgrade(engine)
         box = load_secret_box(settings)
+        kind = dialect.for_engine(engine)
         return cls(
             settings=settings,
             engine=engine,
@@ -36,7 +53,33 @@ class Service:
             accounts=AccountStore(engine, box),
             requests=RequestStore(engine),
             queue=QueueStore(engine),
+            ledger=functools.partial(DbLedger, engine),
+            notifications=kind.notifications(engine),
+            inline_reads=kind.inline_reads,
         )
 
+    @classmethod
+    def in_memory(cls, settings: Settings, box: SecretBox | None = None) -> Service:
+        """Every store in memory (vodpush.memory): nothing survives the process."""
+        box = box or load_secret_box(settings)
+        stores = MemoryStores(box)
+        return cls(
+            settings=settings,
+            engine=None,
+            box=box,
+            accounts=stores.accounts,
+            requests=stores.requests,
+            queue=stores.queue,
+            ledger=stores.ledger,
+        )
+
+    def database(self) -> Engine:
+        """The SQLAlchemy engine, for the operator tools that work on the database itself
+        (key rotation)."""
+        if self.engine is None:
+            raise ValueError("this service keeps its stores in memory, not in a database")
+        return self.engine
+
     def close(self) -> None:
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()

@@ -108,7 +108,7 @@ def create_app(service: Service) -> Starlette:
     # readers never block): a thread would only add GIL hand-overs between it and the event
     # loop, which halved aws.status throughput (bench/status_bench.py). Writes may wait for
     # the write lock, and PostgreSQL for the network: those keep to the threads.
-    inline_reads = service.engine.dialect.name == "sqlite"
+    inline_reads = service.inline_reads
     limits = Limits(service.settings)
 
     async def api(request: Request) -> Response:

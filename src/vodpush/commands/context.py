@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from vodpush.config import Settings
 from vodpush.core.accounts import AccountRecord
+from vodpush.core.ports import RequestStorePort
 from vodpush.operations import OperationContext
-from vodpush.persistence.requests import RequestStore
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class CommandContext:
     account: AccountRecord
     signature: str
     settings: Settings
-    requests: RequestStore
+    requests: RequestStorePort
 
     def operation(self) -> OperationContext:
         """The context the operations run in (the signature is the adapter's business)."""

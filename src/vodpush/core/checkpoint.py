@@ -1,6 +1,6 @@
 """The multipart checkpoint: what a resumed upload needs, and the small ledger interface
 that keeps it across crashes (``persistence.queue.DbLedger`` on the database,
-``MemoryLedger`` here in memory)."""
+``vodpush.memory`` for a request in memory, ``MemoryLedger`` here for one-shot uploads)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ envelopes, HTTP or click."""
 
 from __future__ import annotations
 
-from vodpush.operations.context import OperationContext, RequestLog
+from vodpush.operations.context import OperationContext
 from vodpush.operations.errors import InvalidField, MissingFields, Refused, Unauthorized
 from vodpush.operations.status import StatusPage, StatusQuery, status
 from vodpush.operations.upload import Queued, UploadArgs, upload
@@ -15,7 +15,6 @@ __all__ = [
     "OperationContext",
     "Queued",
     "Refused",
-    "RequestLog",
     "StatusPage",
     "StatusQuery",
     "Unauthorized",

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -24,7 +22,8 @@ from vodpush.core.accounts import (
     check_username,
 )
 from vodpush.core.clock import utcnow
-from vodpush.crypto import SecretBox, new_api_key, new_api_secret
+from vodpush.crypto import SecretBox, new_api_key, new_api_secret, new_webhook_secret
+from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, write_transaction
 from vodpush.persistence.models import Account
 
@@ -42,6 +41,7 @@ class AccountStore:
     def __init__(self, engine: Engine, box: SecretBox) -> None:
         self._engine = engine
         self._box = box
+        self._dialect = dialect.for_engine(engine)
         # Each read tells whether another account shares the username (an index probe).
         other = _A.alias("other")
         shared = (
@@ -241,9 +241,8 @@ class AccountStore:
         # Read and write under the write lock (SQLite) or the row lock (PostgreSQL), so two
         # operators' edits do not lose one another.
         with write_transaction(self._engine) as conn:
-            current = conn.execute(
-                select(_A.c.allowed_buckets).where(_A.c.id == account.id).with_for_update()
-            ).scalar_one_or_none()
+            read = select(_A.c.allowed_buckets).where(_A.c.id == account.id)
+            current = conn.execute(self._dialect.for_update(read)).scalar_one_or_none()
             if current is None:
                 raise AccountError(f"account {account.id} vanished during the update")
             patterns = sorted(change(set(_load_patterns(current))))
@@ -325,11 +324,6 @@ class AccountStore:
 def _decrypt_cached(box: SecretBox, token: str) -> str:
     # Keyed by the ciphertext, so a rotated secret (a new token) is never served stale.
     return box.decrypt(token)
-
-
-def new_webhook_secret() -> str:
-    """A Standard Webhooks secret: ``whsec_`` and 32 random bytes in base64."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
 def _load_patterns(text: str | None) -> tuple[str, ...]:

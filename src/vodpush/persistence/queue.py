@@ -23,14 +23,13 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.elements import ClauseElement
 
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.clock import utcnow
 from vodpush.core.records import QUEUED_MESSAGE, SUCCESS_MESSAGE, UPLOADING_MESSAGE
 from vodpush.core.requests import CallbackState, Claimed, DueCallback, LeaseLost, State
+from vodpush.persistence import dialect
 from vodpush.persistence.db import write_transaction
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
 
@@ -62,7 +61,7 @@ _LEASED = and_(
 class QueueStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._is_postgres = engine.dialect.name == "postgresql"
+        self._dialect = dialect.for_engine(engine)
         # Built once: constructing these costs more than running them, and the worker runs
         # them after every upload.
         self._claim = self._claim_statement()
@@ -87,8 +86,7 @@ class QueueStore:
             and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
         )
         pick = select(_T.c.id).where(runnable, _ACCOUNT_ENABLED).order_by(_T.c.id).limit(1)
-        if self._is_postgres:
-            pick = pick.with_for_update(skip_locked=True)
+        pick = self._dialect.skip_locked(pick)
         return (
             update(_T)
             .where(_T.c.id == pick.scalar_subquery())
@@ -303,9 +301,7 @@ class QueueStore:
         with self._engine.connect() as conn:
             if conn.execute(self._due_callback, {"now": now}).first() is None:
                 return None
-        pick = self._due_callback.params(now=now)
-        if self._is_postgres:
-            pick = pick.with_for_update(skip_locked=True)
+        pick = self._dialect.skip_locked(self._due_callback.params(now=now))
         statement = (
             update(_T)
             .where(_T.c.id == pick.scalar_subquery())
@@ -444,7 +440,7 @@ class DbLedger:
         self._engine = engine
         self._request_id = request_id
         self._owner = owner
-        self._is_postgres = engine.dialect.name == "postgresql"
+        self._dialect = dialect.for_engine(engine)
         self._lock = threading.Lock()  # SQLite: one writer at a time anyway
         self._empty = empty
 
@@ -492,11 +488,11 @@ class DbLedger:
             "checksum_sha256": record.checksum_sha256,
             "size": record.size,
         }
-        dialect_insert = pg_insert if self._is_postgres else sqlite_insert
-        statement = dialect_insert(_P).values(**values)
-        statement = statement.on_conflict_do_update(
-            index_elements=[_P.c.request_id, _P.c.part_number],
-            set_={k: statement.excluded[k] for k in ("etag", "checksum_sha256", "size")},
+        statement = self._dialect.upsert(
+            _P,
+            values,
+            keys=[_P.c.request_id, _P.c.part_number],
+            update=["etag", "checksum_sha256", "size"],
         )
         with self._lock, write_transaction(self._engine) as conn:
             conn.execute(statement)

@@ -6,17 +6,15 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, select, text
+from sqlalchemy import Engine, Row, bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from vodpush.core.clock import utcnow
 from vodpush.core.records import QUEUED_MESSAGE
 from vodpush.core.requests import Enqueued, NewRequest, State
+from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, write_transaction
 from vodpush.persistence.models import UploadRequest
-
-# Workers LISTEN on this channel (PostgreSQL) to pick new requests up at once.
-QUEUE_CHANNEL = "vodpush_queue"
 
 _T = UploadRequest.__table__
 
@@ -50,7 +48,7 @@ STATUS_COLUMNS = (
 class RequestStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._is_postgres = engine.dialect.name == "postgresql"
+        self._dialect = dialect.for_engine(engine)
         # Called after a request is queued (an embedded worker wakes up at once).
         self.on_enqueue: Callable[[], None] | None = None
         # The aws.status reads, compiled once (see PreparedQuery).
@@ -88,8 +86,7 @@ class RequestStore:
                 request_id = conn.execute(
                     _T.insert().values(**values).returning(_T.c.id)
                 ).scalar_one()
-                if self._is_postgres:
-                    conn.execute(text(f"NOTIFY {QUEUE_CHANNEL}"))
+                self._dialect.notify_queued(conn)
         except IntegrityError:
             existing = self._by_signature(new.account_id, new.signature)
             if existing is None:

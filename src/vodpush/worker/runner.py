@@ -3,8 +3,12 @@ delivers callbacks.
 
 Threads: the main loop claims work and hands it to an upload pool; a heartbeat thread
 renews the leases of running uploads and writes their progress about once a second; a
-callback pool delivers callbacks so a slow receiver never holds an upload slot; on
-PostgreSQL a listener thread wakes the loop on NOTIFY.
+callback pool delivers callbacks so a slow receiver never holds an upload slot; where the
+stores have a notification channel (PostgreSQL's LISTEN) a listener thread wakes the loop.
+
+The stores are the Service's (core.ports: a database, or vodpush.memory), and the transfer
+itself is ``uploader`` (the S3 engine by default): tests/test_runner.py drives this loop on
+memory stores with a plain function in its place.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +34,9 @@ from vodpush.callbacks.payload import build_delivery
 from vodpush.callbacks.schedule import next_delivery
 from vodpush.core import records
 from vodpush.core.accounts import AccountRecord, S3Settings
+from vodpush.core.checkpoint import PartLedger
 from vodpush.core.clock import utcnow
 from vodpush.core.requests import Claimed, DueCallback, LeaseLost
-from vodpush.persistence.queue import DbLedger
-from vodpush.persistence.requests import QUEUE_CHANNEL
 from vodpush.service import Service
 from vodpush.transfer import (
     ObjectOptions,
@@ -50,6 +54,10 @@ log = logging.getLogger(__name__)
 
 CALLBACK_THREADS = 4
 HEARTBEAT_SECONDS = 1.0
+
+# The transfer step: (client, job, ledger, *, threshold, chunksize, concurrency, progress,
+# should_stop) -> UploadResult, raising UploadError / UploadInterrupted (see ``upload``).
+Uploader = Callable[..., Any]
 
 
 def object_options(request: Claimed, account: AccountRecord) -> ObjectOptions:
@@ -80,8 +88,11 @@ class _Active:
 
 
 class Worker:
-    def __init__(self, service: Service, *, concurrency: int | None = None) -> None:
+    def __init__(
+        self, service: Service, *, concurrency: int | None = None, uploader: Uploader = upload
+    ) -> None:
         self.service = service
+        self._transfer = uploader
         self.settings = service.settings
         self.queue = service.queue
         self.concurrency = concurrency or self.settings.worker_concurrency
@@ -136,8 +147,13 @@ class Worker:
         callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix="callback")
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
-        if self.service.engine.dialect.name == "postgresql":
-            threading.Thread(target=self._listen, name="listen", daemon=True).start()
+        if self.service.notifications is not None:
+            threading.Thread(
+                target=self.service.notifications.listen,
+                args=(self._wakeup.set, self._stopping),
+                name="listen",
+                daemon=True,
+            ).start()
         try:
             while not self._stopping.is_set():
                 claimed = self._claim_uploads(uploads)
@@ -280,12 +296,10 @@ class Worker:
             options=object_options(request, account),
         )
         client = self._client(account)
-        ledger = DbLedger(
-            self.service.engine, request.id, self.owner, empty=not request.has_checkpoint
-        )
+        ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
         log.info("upload started", extra={"action": "upload.started", **extra})
         try:
-            result = upload(
+            result = self._transfer(
                 client,
                 job,
                 ledger,
@@ -359,7 +373,7 @@ class Worker:
         err: UploadError,
         client: BaseClient,
         job: UploadJob,
-        ledger: DbLedger,
+        ledger: PartLedger,
         extra: dict[str, Any],
     ) -> None:
         now = utcnow()
@@ -531,28 +545,3 @@ class Worker:
                 "attempt": due.attempts + 1,
             },
         )
-
-    # -- PostgreSQL notifications ----------------------------------------------------------
-
-    def _listen(self) -> None:
-        """Wake the loop as soon as a request is queued anywhere (LISTEN/NOTIFY); polling
-        remains the fallback, so errors here only cost latency."""
-        import psycopg
-
-        url = self.service.engine.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
-        )
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {QUEUE_CHANNEL}")
-                    while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
-                            self._wakeup.set()
-            except Exception as exc:
-                log.warning(
-                    "LISTEN connection lost: %s",
-                    type(exc).__name__,
-                    extra={"action": "worker.listen_error"},
-                )
-                self._stopping.wait(5)

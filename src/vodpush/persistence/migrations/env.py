@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from vodpush.persistence import dialect
 from vodpush.persistence.models import Base
 
 config = context.config
@@ -22,7 +23,7 @@ def run_migrations_online() -> None:
         context.configure(
             connection=conn,
             target_metadata=target_metadata,
-            render_as_batch=conn.dialect.name == "sqlite",
+            render_as_batch=dialect.for_engine(conn).migrations_render_as_batch,
         )
         with context.begin_transaction():
             context.run_migrations()

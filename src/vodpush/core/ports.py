@@ -1,0 +1,209 @@
+"""The stores as the rest of the service sees them: what accounts, requests, the queue and
+the part ledger can do, typed with core values only. ``persistence`` implements them on
+SQLAlchemy (SQLite, PostgreSQL), ``vodpush.memory`` in memory; tests/test_store_contract.py
+holds every implementation to the same behaviour."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from vodpush.core.accounts import AccountRecord, S3Settings
+from vodpush.core.checkpoint import PartLedger
+from vodpush.core.requests import Claimed, DueCallback, Enqueued, NewRequest
+
+__all__ = [
+    "AccountStorePort",
+    "LedgerFactory",
+    "Notifications",
+    "PartLedger",
+    "QueueStorePort",
+    "RequestStorePort",
+    "StatusRow",
+]
+
+
+class StatusRow(Protocol):
+    """One request as aws.status reads it (rendered by ``core.records.render``): the
+    columns by name, stored values as stored (JSON text, naive UTC times or ISO text)."""
+
+    id: int
+    cdn_id: int
+    path: str
+    destination_path: str
+    bucket: str
+    metadata_json: str | None
+    acl: str
+    callback: str
+    message: str
+    results_json: str | None
+    created_at: datetime | str
+    updated_at: datetime | str
+    http_status: int | None
+    state: str
+    attempts: int
+    bytes_done: int
+    bytes_total: int | None
+    sha256: str | None
+    error_code: str | None
+    callback_state: str
+    callback_attempts: int
+    callback_last_error: str | None
+
+
+class AccountStorePort(Protocol):
+    """Who may call the API, with which secret, and where their uploads go. Lookups return
+    None (``by_*``) or raise AccountError (``find`` and every change) when there is no such
+    account; secrets are kept encrypted and only the ``create``/``rotate_*`` answers show
+    them."""
+
+    def by_api_key(self, api_key: str) -> AccountRecord | None: ...
+
+    def by_id(self, account_id: int) -> AccountRecord | None: ...
+
+    def find(self, ref: str) -> AccountRecord: ...
+
+    def list(self) -> list[AccountRecord]: ...
+
+    def api_secret(self, account: AccountRecord) -> str: ...
+
+    def webhook_secret(self, account: AccountRecord) -> str: ...
+
+    def create(
+        self, *, cdn: int, username: str, s3: S3Settings | None = None
+    ) -> dict[str, Any]: ...
+
+    def set_enabled(self, ref: str, enabled: bool) -> AccountRecord: ...
+
+    def rotate_secret(self, ref: str) -> dict[str, Any]: ...
+
+    def set_s3(self, ref: str, s3: S3Settings) -> AccountRecord: ...
+
+    def allow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord: ...
+
+    def disallow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord: ...
+
+    def rotate_webhook_secret(self, ref: str, *, clear: bool = False) -> dict[str, Any]: ...
+
+    def rename(self, ref: str, new_username: str) -> AccountRecord: ...
+
+    def ensure_unique_usernames(self) -> list[str]: ...
+
+
+class RequestStorePort(Protocol):
+    """Upload requests as the API sees them."""
+
+    # Called after a request is queued (an embedded worker wakes up at once).
+    on_enqueue: Callable[[], None] | None
+
+    def enqueue(self, new: NewRequest) -> Enqueued:
+        """Queue once per (account, signature): a replay returns the first id."""
+        ...
+
+    def list_for_account(
+        self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
+    ) -> Sequence[StatusRow]:
+        """An account's requests, newest first; never another account's."""
+        ...
+
+    def get(self, request_id: int) -> StatusRow | None: ...
+
+
+class QueueStorePort(Protocol):
+    """The queue as workers see it. Every write a worker makes names the lease it holds
+    (``owner``) and raises LeaseLost when it no longer holds it."""
+
+    def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
+        """The oldest runnable request (queued and due, or running with an expired lease)
+        of an enabled account, leased to ``owner``; its attempts count one more."""
+        ...
+
+    def heartbeat(
+        self,
+        request_id: int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+    ) -> None: ...
+
+    def succeed(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        results: dict[str, str],
+        http_status: int,
+        sha256: str,
+        size: int,
+        has_callback: bool,
+    ) -> None: ...
+
+    def fail(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        message: str,
+        http_status: int | None,
+        code: str | None,
+        has_callback: bool,
+    ) -> None: ...
+
+    def retry_later(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        at: datetime,
+        message: str,
+        http_status: int | None,
+        code: str | None,
+    ) -> None: ...
+
+    def release(self, request_id: int, owner: str) -> None:
+        """Back to the queue, due now, not counted as an attempt."""
+        ...
+
+    def claim_callback(self, lease_seconds: float) -> DueCallback | None: ...
+
+    def record_callback(
+        self,
+        request_id: int,
+        *,
+        msg_id: str,
+        at: datetime,
+        ok: bool,
+        http_status: int | None,
+        error: str | None,
+        duration: float,
+        next_at: datetime | None,
+        permanent: bool = False,
+    ) -> str:
+        """Record one attempt; returns the callback's new state (LeaseLost if no longer
+        pending)."""
+        ...
+
+    def callback_attempts(self, request_id: int) -> list[dict[str, Any]]: ...
+
+    def depth(self) -> dict[str, int]: ...
+
+    def has_work(self) -> bool: ...
+
+
+class LedgerFactory(Protocol):
+    """The part ledger of one leased request (``empty``: the claim showed no checkpoint)."""
+
+    def __call__(self, request_id: int, owner: str, *, empty: bool = False) -> PartLedger: ...
+
+
+class Notifications(Protocol):
+    """Wakes a worker when a request is queued in another process (PostgreSQL's
+    LISTEN/NOTIFY); stores without such a channel do nothing and polling finds the work."""
+
+    def listen(self, wake: Callable[[], None], stopping: threading.Event) -> None:
+        """Block, calling ``wake`` on each notification, until ``stopping`` is set."""
+        ...

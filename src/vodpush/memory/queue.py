@@ -1,0 +1,392 @@
+"""core.ports.RequestStorePort, QueueStorePort and the part ledger of a request, in memory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
+from vodpush.core.clock import utcnow
+from vodpush.core.ports import StatusRow
+from vodpush.core.records import QUEUED_MESSAGE, SUCCESS_MESSAGE, UPLOADING_MESSAGE
+from vodpush.core.requests import (
+    CallbackState,
+    Claimed,
+    DueCallback,
+    Enqueued,
+    LeaseLost,
+    NewRequest,
+    State,
+)
+from vodpush.memory.tables import PENDING, REQUEST_FIELDS, RequestRow, StatusTuple, Tables
+
+
+class MemoryRequestStore:
+    """core.ports.RequestStorePort in memory."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._t = tables
+        self.on_enqueue: Callable[[], None] | None = None
+
+    def enqueue(self, new: NewRequest) -> Enqueued:
+        now = utcnow()
+        with self._t.lock:
+            for row in self._t.requests.values():
+                if row.account_id == new.account_id and row.signature == new.signature:
+                    return Enqueued(id=row.id, replayed=True)
+            if new.account_id not in self._t.accounts:
+                raise LookupError(f"no account {new.account_id}")  # the database's foreign key
+            request_id = self._t.next_request
+            self._t.next_request += 1
+            self._t.requests[request_id] = RequestRow(
+                id=request_id,
+                account_id=new.account_id,
+                cdn_id=new.cdn_id,
+                path=new.path,
+                destination_path=new.destination_path,
+                bucket=new.bucket,
+                acl=new.acl,
+                metadata_json=json.dumps(new.metadata, ensure_ascii=False),
+                callback=new.callback,
+                signature=new.signature,
+                created_at=now,
+                updated_at=now,
+                not_before=now,
+            )
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+        return Enqueued(id=request_id, replayed=False)
+
+    @staticmethod
+    def _status(row: RequestRow) -> StatusRow:
+        return StatusTuple._make(getattr(row, name) for name in StatusTuple._fields)  # type: ignore[no-any-return]
+
+    def list_for_account(
+        self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
+    ) -> Sequence[StatusRow]:
+        with self._t.lock:
+            if request_id is not None:
+                row = self._t.requests.get(request_id)
+                return [self._status(row)] if row and row.account_id == account_id else []
+            mine = [r for r in self._t.requests.values() if r.account_id == account_id]
+            mine.sort(key=lambda r: r.id, reverse=True)
+            return [self._status(r) for r in mine[offset : offset + limit]]
+
+    def get(self, request_id: int) -> StatusRow | None:
+        with self._t.lock:
+            row = self._t.requests.get(request_id)
+            return None if row is None else self._status(row)
+
+
+class MemoryQueueStore:
+    """core.ports.QueueStorePort in memory."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._t = tables
+
+    def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
+        now = utcnow()
+        with self._t.lock:
+            for row in sorted(self._t.requests.values(), key=lambda r: r.id):
+                due = (row.state == State.QUEUED.value and row.not_before <= now) or (
+                    row.state == State.RUNNING.value
+                    and row.lease_expires_at is not None
+                    and row.lease_expires_at < now
+                )
+                if due and self._t.account_enabled(row.account_id):
+                    break
+            else:
+                return None
+            row.state = State.RUNNING.value
+            row.lease_owner = owner
+            row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            row.attempts += 1
+            row.message = UPLOADING_MESSAGE
+            row.updated_at = now
+            return Claimed(
+                id=row.id,
+                account_id=row.account_id,
+                path=row.path,
+                destination_path=row.destination_path,
+                bucket=row.bucket,
+                acl=row.acl,
+                metadata=json.loads(row.metadata_json or "{}"),
+                callback=row.callback,
+                attempts=row.attempts,
+                has_checkpoint=row.multipart_json is not None,
+            )
+
+    def _change(
+        self, request_id: int, owner: str, *, drop_parts: bool = False, **values: Any
+    ) -> RequestRow:
+        with self._t.lock:
+            row = self._t.leased(request_id, owner)
+            for name, value in values.items():
+                assert name in REQUEST_FIELDS, name
+                setattr(row, name, value)
+            if drop_parts:
+                row.parts.clear()
+            return row
+
+    def heartbeat(
+        self,
+        request_id: int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+    ) -> None:
+        now = utcnow()
+        values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds)}
+        if bytes_done is not None:
+            values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=now)
+        self._change(request_id, owner, **values)
+
+    @staticmethod
+    def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
+        if not has_callback:
+            return {}
+        return {"callback_state": PENDING, "callback_next_at": now, "callback_attempts": 0}
+
+    def succeed(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        results: dict[str, str],
+        http_status: int,
+        sha256: str,
+        size: int,
+        has_callback: bool,
+    ) -> None:
+        now = utcnow()
+        self._change(
+            request_id,
+            owner,
+            state=State.SUCCEEDED.value,
+            message=SUCCESS_MESSAGE,
+            results_json=json.dumps(results),
+            http_status=http_status,
+            error_code=None,
+            sha256=sha256,
+            bytes_done=size,
+            bytes_total=size,
+            multipart_json=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            drop_parts=True,
+            **self._callback_due(has_callback, now),
+        )
+
+    def fail(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        message: str,
+        http_status: int | None,
+        code: str | None,
+        has_callback: bool,
+    ) -> None:
+        now = utcnow()
+        self._change(
+            request_id,
+            owner,
+            state=State.FAILED.value,
+            message=message,
+            http_status=http_status or 0,
+            error_code=code,
+            multipart_json=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            drop_parts=True,
+            **self._callback_due(has_callback, now),
+        )
+
+    def retry_later(
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        at: datetime,
+        message: str,
+        http_status: int | None,
+        code: str | None,
+    ) -> None:
+        self._change(
+            request_id,
+            owner,
+            state=State.QUEUED.value,
+            not_before=at,
+            message=message,
+            http_status=http_status or 0,
+            error_code=code,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+        )
+
+    def release(self, request_id: int, owner: str) -> None:
+        now = utcnow()
+        with self._t.lock:
+            row = self._change(
+                request_id,
+                owner,
+                state=State.QUEUED.value,
+                not_before=now,
+                message=QUEUED_MESSAGE,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+            row.attempts -= 1
+
+    def _due_callback(self, now: datetime) -> RequestRow | None:
+        due = [
+            r
+            for r in self._t.requests.values()
+            if r.callback_state == PENDING
+            and r.callback_next_at is not None
+            and r.callback_next_at <= now
+            and self._t.account_enabled(r.account_id)
+        ]
+        return min(due, key=lambda r: (r.callback_next_at, r.id), default=None)
+
+    def claim_callback(self, lease_seconds: float) -> DueCallback | None:
+        now = utcnow()
+        with self._t.lock:
+            row = self._due_callback(now)
+            if row is None:
+                return None
+            row.callback_next_at = now + timedelta(seconds=lease_seconds)
+            return DueCallback(
+                id=row.id,
+                account_id=row.account_id,
+                callback=row.callback,
+                attempts=row.callback_attempts,
+                msg_id=row.callback_msg_id,
+            )
+
+    def record_callback(
+        self,
+        request_id: int,
+        *,
+        msg_id: str,
+        at: datetime,
+        ok: bool,
+        http_status: int | None,
+        error: str | None,
+        duration: float,
+        next_at: datetime | None,
+        permanent: bool = False,
+    ) -> str:
+        state = (
+            CallbackState.DELIVERED
+            if ok
+            else (CallbackState.PENDING if next_at and not permanent else CallbackState.FAILED)
+        ).value
+        with self._t.lock:
+            row = self._t.requests.get(request_id)
+            if row is None or row.callback_state != PENDING:
+                raise LeaseLost(f"callback of request {request_id} is no longer pending")
+            row.callback_log.append(
+                {
+                    "id": self._t.next_attempt,
+                    "request_id": request_id,
+                    "at": at,
+                    "ok": ok,
+                    "http_status": http_status,
+                    "error": error,
+                    "duration": duration,
+                }
+            )
+            self._t.next_attempt += 1
+            row.callback_state = state
+            row.callback_attempts += 1
+            row.callback_next_at = next_at if state == PENDING else None
+            row.callback_msg_id = msg_id
+            row.callback_last_error = None if ok else error
+        return state
+
+    def callback_attempts(self, request_id: int) -> list[dict[str, Any]]:
+        with self._t.lock:
+            row = self._t.requests.get(request_id)
+            return [] if row is None else [dict(a) for a in row.callback_log]
+
+    def depth(self) -> dict[str, int]:
+        with self._t.lock:
+            rows = list(self._t.requests.values())
+            held = [r for r in rows if not self._t.account_enabled(r.account_id)]
+        result = {state.value: sum(r.state == state.value for r in rows) for state in State}
+        result["callbacks_pending"] = sum(r.callback_state == PENDING for r in rows)
+        result["held_account_disabled"] = sum(r.state == State.QUEUED.value for r in held)
+        result["callbacks_held_account_disabled"] = sum(r.callback_state == PENDING for r in held)
+        return result
+
+    def has_work(self) -> bool:
+        now = utcnow()
+        busy = (State.QUEUED.value, State.RUNNING.value)
+        with self._t.lock:
+            return any(
+                (
+                    r.state in busy
+                    or (
+                        r.callback_state == PENDING
+                        and r.callback_next_at is not None
+                        and r.callback_next_at <= now
+                    )
+                )
+                and self._t.account_enabled(r.account_id)
+                for r in self._t.requests.values()
+            )
+
+
+class MemoryRequestLedger:
+    """core.checkpoint.PartLedger of one leased request, kept on its in-memory row."""
+
+    def __init__(self, tables: Tables, request_id: int, owner: str, *, empty: bool = False) -> None:
+        self._t = tables
+        self._request_id = request_id
+        self._owner = owner
+        self._empty = empty
+
+    def load(self) -> MultipartCheckpoint | None:
+        if self._empty:
+            return None
+        with self._t.lock:
+            row = self._t.requests.get(self._request_id)
+            if row is None or not row.multipart_json:
+                return None
+            header = json.loads(row.multipart_json)
+            parts = dict(row.parts)
+        return replace(MultipartCheckpoint.from_dict(header), parts=parts)
+
+    def begin(self, checkpoint: MultipartCheckpoint) -> None:
+        header = checkpoint.to_dict()
+        header.pop("parts")
+        with self._t.lock:
+            row = self._t.leased(self._request_id, self._owner)
+            row.multipart_json = json.dumps(header)
+            row.parts = dict(checkpoint.parts)
+        self._empty = False
+
+    def part_done(self, part_number: int, record: PartRecord) -> None:
+        with self._t.lock:
+            row = self._t.requests.get(self._request_id)
+            if row is None:
+                raise LookupError(f"no request {self._request_id}")  # the foreign key
+            row.parts[part_number] = record
+
+    def clear(self) -> None:
+        with self._t.lock:
+            row = self._t.requests.get(self._request_id)
+            if row is not None:
+                row.multipart_json = None
+                row.parts.clear()
+        self._empty = True

@@ -1,0 +1,98 @@
+"""The rows of one in-memory database, and the lease guard every worker write goes through."""
+
+from __future__ import annotations
+
+import threading
+from collections import namedtuple
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from vodpush.core.accounts import S3Settings
+from vodpush.core.checkpoint import PartRecord
+from vodpush.core.ports import StatusRow
+from vodpush.core.records import QUEUED_MESSAGE
+from vodpush.core.requests import CallbackState, LeaseLost, State
+
+PENDING = CallbackState.PENDING.value
+# aws.status rows: the fields of core.ports.StatusRow, in its order.
+StatusTuple = namedtuple("StatusTuple", list(StatusRow.__annotations__))  # type: ignore[misc]
+
+
+@dataclass
+class AccountRow:
+    id: int
+    cdn: int
+    username: str
+    api_key: str
+    api_secret_enc: str
+    enabled: bool
+    s3: S3Settings  # without its secret: that is kept encrypted below
+    s3_secret_enc: str | None
+    created_at: datetime
+    allowed_buckets: tuple[str, ...] = ()
+    webhook_secret_enc: str | None = None
+
+
+@dataclass
+class RequestRow:
+    id: int
+    account_id: int
+    cdn_id: int
+    path: str
+    destination_path: str
+    bucket: str
+    acl: str
+    metadata_json: str
+    callback: str
+    signature: str
+    created_at: datetime
+    updated_at: datetime
+    not_before: datetime
+    state: str = State.QUEUED.value
+    message: str = QUEUED_MESSAGE
+    results_json: str | None = None
+    http_status: int = 0
+    error_code: str | None = None
+    attempts: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    bytes_total: int | None = None
+    bytes_done: int = 0
+    sha256: str | None = None
+    multipart_json: str | None = None
+    callback_state: str = CallbackState.NONE.value
+    callback_attempts: int = 0
+    callback_next_at: datetime | None = None
+    callback_msg_id: str | None = None
+    callback_last_error: str | None = None
+    parts: dict[int, PartRecord] = field(default_factory=dict)
+    callback_log: list[dict[str, Any]] = field(default_factory=list)
+
+
+REQUEST_FIELDS = {f.name for f in fields(RequestRow)}
+
+
+class Tables:
+    """The shared state of one in-memory database."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.accounts: dict[int, AccountRow] = {}
+        self.requests: dict[int, RequestRow] = {}
+        self.next_account = 1
+        self.next_request = 1
+        self.next_attempt = 1
+
+    def account_enabled(self, account_id: int) -> bool:
+        # As the database's "NOT IN (disabled accounts)": an unknown account holds nothing.
+        account = self.accounts.get(account_id)
+        return account is None or account.enabled
+
+    def leased(self, request_id: int, owner: str) -> RequestRow:
+        """The request ``owner`` holds the lease of (expired or not, as long as nobody took
+        it over), else LeaseLost."""
+        row = self.requests.get(request_id)
+        if row is None or row.state != State.RUNNING.value or row.lease_owner != owner:
+            raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
+        return row

@@ -1,0 +1,239 @@
+"""Every difference between the databases, in one place: the rest of persistence asks
+``for_engine(engine)`` (or ``for_url(url)``) and never tests a dialect name itself. A third
+database is one more ``Dialect`` here plus its migrations.
+
+SQLite: one file shared by the API and the worker threads (WAL), one writer at a time
+(writes take the write lock up front, and this process's threads queue on a lock of ours).
+PostgreSQL: many processes; claims skip rows another worker has locked, new requests are
+announced with NOTIFY, and migrators serialise on an advisory lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select, Table, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+
+from vodpush.filemodes import create_private, restrict_to_owner
+
+log = logging.getLogger(__name__)
+
+# Workers LISTEN on this channel (PostgreSQL) to pick new requests up at once.
+QUEUE_CHANNEL = "vodpush_queue"
+# Any fixed number: serialises concurrent migrators on one PostgreSQL database.
+_MIGRATION_LOCK_ID = 0x766F64707573
+
+
+class Dialect:
+    """What a database does its own way. The defaults are the plain SQL ones."""
+
+    name = ""
+    # A lone SELECT run by PreparedQuery on a raw DBAPI connection must be put in
+    # autocommit by hand (else the driver opens a transaction the pool then rolls back).
+    prepared_autocommit = False
+    # Reads cost a fraction of a millisecond and never wait: the API may serve them on the
+    # event loop instead of in a thread.
+    inline_reads = False
+    # Alembic must rebuild tables to alter them.
+    migrations_render_as_batch = False
+    # Execution options of a transaction that will write.
+    write_options: dict[str, Any] = {}
+
+    def make_engine(self, url: str, **kwargs: Any) -> Engine:
+        return create_engine(url, **kwargs)
+
+    def write_lock(self, engine: Engine) -> AbstractContextManager[Any]:
+        """Held around every write transaction of this process."""
+        return nullcontext()
+
+    def skip_locked(self, pick: Select[Any]) -> Select[Any]:
+        """The row-picking subquery of a claim: let concurrent claimers pass each other."""
+        return pick
+
+    def for_update(self, read: Select[Any]) -> Select[Any]:
+        """A read whose rows the transaction will then write: lock them."""
+        return read.with_for_update()
+
+    def upsert(
+        self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
+    ) -> Any:
+        """INSERT ``values``, or on a conflict of ``keys`` set the columns ``update``."""
+        raise NotImplementedError(self.name)
+
+    def notify_queued(self, conn: Connection) -> None:
+        """In the enqueue transaction: tell listening workers (other processes) about it."""
+
+    def notifications(self, engine: Engine) -> Any | None:
+        """The wake-up channel workers listen on (core.ports.Notifications), or None."""
+        return None
+
+    @contextmanager
+    def migration_lock(self, engine: Engine) -> Iterator[Connection | None]:
+        """Serialise migrators; yields the connection to migrate on (None: any)."""
+        yield None
+
+
+class _SQLite(Dialect):
+    name = "sqlite"
+    inline_reads = True
+    migrations_render_as_batch = True
+    # Read by the "begin" hook below: BEGIN IMMEDIATE.
+    write_options: dict[str, Any] = {"sqlite_immediate": True}
+
+    def __init__(self) -> None:
+        # One lock per SQLite engine: its threads take turns at the write lock in this
+        # process (an instant hand-over) instead of in SQLite's busy handler, which sleeps
+        # up to 100 ms a try.
+        self._write_locks: weakref.WeakKeyDictionary[Engine, threading.RLock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def make_engine(self, url: str, **kwargs: Any) -> Engine:
+        """WAL and a busy timeout, so that the API and the worker threads share the file."""
+        parsed = make_url(url)
+        if parsed.database and parsed.database != ":memory:":
+            _private_sqlite_file(Path(parsed.database).expanduser())
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, decide when transactions begin.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # A transaction that reads then writes takes the write lock up front (IMMEDIATE),
+            # so two writers queue on the busy timeout instead of failing with "database is
+            # locked" on lock upgrade. Readers stay DEFERRED and never wait under WAL.
+            immediate = conn.get_execution_options().get("sqlite_immediate", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        self._write_locks[engine] = threading.RLock()
+        return engine
+
+    def write_lock(self, engine: Engine) -> AbstractContextManager[Any]:
+        return self._write_locks.get(engine) or nullcontext()
+
+    def for_update(self, read: Select[Any]) -> Select[Any]:
+        # A write transaction holds the database's write lock from its start (IMMEDIATE).
+        return read
+
+    def upsert(
+        self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
+    ) -> Any:
+        statement = sqlite_insert(table).values(**values)
+        return statement.on_conflict_do_update(
+            index_elements=keys, set_={k: statement.excluded[k] for k in update}
+        )
+
+
+class _PostgreSQL(Dialect):
+    name = "postgresql"
+    prepared_autocommit = True
+
+    def make_engine(self, url: str, **kwargs: Any) -> Engine:
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 20)
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+
+    def skip_locked(self, pick: Select[Any]) -> Select[Any]:
+        return pick.with_for_update(skip_locked=True)
+
+    def upsert(
+        self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
+    ) -> Any:
+        statement = pg_insert(table).values(**values)
+        return statement.on_conflict_do_update(
+            index_elements=keys, set_={k: statement.excluded[k] for k in update}
+        )
+
+    def notify_queued(self, conn: Connection) -> None:
+        conn.execute(text(f"NOTIFY {QUEUE_CHANNEL}"))
+
+    def notifications(self, engine: Engine) -> PostgresNotifications:
+        return PostgresNotifications(engine)
+
+    @contextmanager
+    def migration_lock(self, engine: Engine) -> Iterator[Connection | None]:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
+            try:
+                yield conn
+                conn.commit()
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_ID})
+                conn.commit()
+
+
+class PostgresNotifications:
+    """core.ports.Notifications on LISTEN/NOTIFY; polling remains the fallback, so errors
+    here only cost latency."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def listen(self, wake: Callable[[], None], stopping: threading.Event) -> None:
+        import psycopg
+
+        while not stopping.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    while not stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            wake()
+            except Exception as exc:
+                log.warning(
+                    "LISTEN connection lost: %s",
+                    type(exc).__name__,
+                    extra={"action": "worker.listen_error"},
+                )
+                stopping.wait(5)
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """The database holds every account's encrypted secrets and every request: create it
+    0600 before SQLite does (SQLite gives its -wal and -shm files the database file's mode),
+    and restrict one that an older install left readable by others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if create_private(path):
+        return  # an empty file is a valid empty database
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        restrict_to_owner(path.with_name(path.name + suffix), "database file")
+
+
+SQLITE = _SQLite()
+POSTGRESQL = _PostgreSQL()
+_BY_NAME: dict[str, Dialect] = {d.name: d for d in (SQLITE, POSTGRESQL)}
+
+
+def for_name(name: str) -> Dialect:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unsupported database: {name}") from None
+
+
+def for_engine(engine: Engine | Connection) -> Dialect:
+    return for_name(engine.dialect.name)
+
+
+def for_url(url: str) -> Dialect:
+    return for_name(make_url(url).get_backend_name())

@@ -1,0 +1,291 @@
+"""The worker runner's own logic on the in-memory stores, in seconds: claim, renew, retry,
+give up, release on shutdown, lease lost, crash. The transfer step is a plain function in
+place of the S3 engine (the runner's ``uploader``), so no database, S3 or network is
+involved; the real-database and moto-process tests (test_worker.py, test_faults.py) stay
+as the integration tier."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vodpush.config import Settings
+from vodpush.core.requests import NewRequest
+from vodpush.crypto import generate_key
+from vodpush.service import Service
+from vodpush.transfer import UploadError, UploadInterrupted, UploadResult
+from vodpush.worker.runner import Worker
+
+OK = UploadResult(
+    results={"ETag": '"e"', "Bucket": "b", "Key": "k"},
+    http_status=200,
+    sha256="ab" * 32,
+    size=10,
+    parts_sent=1,
+    parts_total=1,
+)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'unused.db'}",  # never opened
+        sestore_root=tmp_path,
+        secret_key=generate_key(),
+        secret_key_file=tmp_path / "unused.key",
+        poll_interval=0.05,
+        retry_base_delay=0.05,
+        retry_max_delay=0.1,
+        max_attempts=3,
+        lease_seconds=5,
+        shutdown_grace=0.2,
+    )
+    svc = Service.in_memory(settings)
+    yield svc
+    svc.close()
+    assert not (tmp_path / "unused.db").exists()
+
+
+def _enqueue(service: Service, n: int = 1) -> list[int]:
+    account = service.accounts.create(cdn=1, username="jb")["id"]
+    service.accounts.allow_buckets(str(account), ["b"])
+    return [
+        service.requests.enqueue(
+            NewRequest(account, 1, f"sestore1/jb/{i}", f"out/{i}", "b", "private", {}, "", f"s{i}")
+        ).id
+        for i in range(n)
+    ]
+
+
+class FakeUpload:
+    """The transfer step: each call runs the next behaviour (the last one repeats)."""
+
+    def __init__(self, *behaviours: Callable[[dict[str, Any]], UploadResult]) -> None:
+        self.behaviours = list(behaviours)
+        self.calls: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, client: Any, job: Any, ledger: Any, **kw: Any) -> UploadResult:
+        call = {"job": job, "ledger": ledger, **kw}
+        with self.lock:
+            self.calls.append(call)
+            behaviour = self.behaviours[min(len(self.calls), len(self.behaviours)) - 1]
+        return behaviour(call)
+
+
+def _state(service: Service, rid: int) -> Any:
+    row = service.requests.get(rid)
+    assert row is not None
+    return row
+
+
+def _run(worker: Worker, timeout: float = 20) -> None:
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True})
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        worker.stop(0)
+        thread.join(5)
+        pytest.fail("the worker did not finish its burst")
+
+
+def test_claims_every_request_and_records_success(service: Service) -> None:
+    ids = _enqueue(service, 5)
+    fake = FakeUpload(lambda call: OK)
+    _run(Worker(service, concurrency=2, uploader=fake))
+    assert len(fake.calls) == 5
+    assert sorted(c["job"].key for c in fake.calls) == [f"out/{i}" for i in range(5)]
+    call = fake.calls[0]
+    assert call["threshold"] == service.settings.multipart_threshold
+    assert call["ledger"].load() is None  # a fresh claim has no checkpoint
+    for rid in ids:
+        row = _state(service, rid)
+        assert (row.state, row.attempts, row.bytes_done) == ("succeeded", 1, 10)
+    assert service.queue.depth()["succeeded"] == 5
+
+
+def test_a_transient_error_is_retried_then_succeeds(service: Service) -> None:
+    (rid,) = _enqueue(service)
+
+    def flaky(call: dict[str, Any]) -> UploadResult:
+        raise UploadError("S3 said SlowDown", transient=True, http_status=503, code="SlowDown")
+
+    fake = FakeUpload(flaky, lambda call: OK)
+    _run(Worker(service, uploader=fake))
+    row = _state(service, rid)
+    assert (row.state, row.attempts, len(fake.calls)) == ("succeeded", 2, 2)
+
+
+def test_transient_errors_give_up_after_max_attempts(service: Service) -> None:
+    (rid,) = _enqueue(service)
+
+    def down(call: dict[str, Any]) -> UploadResult:
+        raise UploadError("connection refused", transient=True, code="EndpointConnectionError")
+
+    fake = FakeUpload(down)
+    _run(Worker(service, uploader=fake))
+    row = _state(service, rid)
+    assert (row.state, row.attempts, len(fake.calls)) == ("failed", 3, 3)
+    assert row.message == "Upload failed: connection refused"
+    assert row.error_code == "EndpointConnectionError"
+
+
+def test_a_permanent_error_fails_at_once(service: Service) -> None:
+    (rid,) = _enqueue(service)
+
+    def denied(call: dict[str, Any]) -> UploadResult:
+        raise UploadError("Access Denied", transient=False, http_status=403, code="AccessDenied")
+
+    fake = FakeUpload(denied)
+    _run(Worker(service, uploader=fake))
+    row = _state(service, rid)
+    assert (row.state, row.attempts, row.http_status, len(fake.calls)) == ("failed", 1, 403, 1)
+
+
+def test_an_unexpected_error_fails_the_request_instead_of_leaving_it_leased(
+    service: Service,
+) -> None:
+    (rid,) = _enqueue(service)
+
+    def crash(call: dict[str, Any]) -> UploadResult:
+        raise RuntimeError("bug")
+
+    _run(Worker(service, uploader=FakeUpload(crash)))
+    row = _state(service, rid)
+    assert (row.state, row.error_code) == ("failed", "InternalError")
+
+
+def test_the_heartbeat_renews_the_lease_and_writes_progress(service: Service) -> None:
+    (rid,) = _enqueue(service)
+    seen: list[Any] = []
+
+    def slow(call: dict[str, Any]) -> UploadResult:
+        call["progress"](5, 10)
+        deadline = time.monotonic() + 10
+        while _state(service, rid).bytes_done != 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(_state(service, rid))
+        return OK
+
+    _run(Worker(service, uploader=FakeUpload(slow)))
+    assert (seen[0].bytes_done, seen[0].bytes_total, seen[0].state) == (5, 10, "running")
+    assert _state(service, rid).state == "succeeded"
+
+
+def test_shutdown_interrupts_and_releases_without_counting_the_attempt(service: Service) -> None:
+    (rid,) = _enqueue(service)
+    started = threading.Event()
+
+    def until_stopped(call: dict[str, Any]) -> UploadResult:
+        started.set()
+        while not call["should_stop"]():
+            time.sleep(0.02)
+        raise UploadInterrupted()
+
+    worker = Worker(service, uploader=FakeUpload(until_stopped))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    assert started.wait(10)
+    worker.stop(grace=0.1)
+    thread.join(10)
+    assert not thread.is_alive()
+    row = _state(service, rid)
+    assert (row.state, row.attempts) == ("queued", 0)
+    # Another worker takes it up at once.
+    claimed = service.queue.claim("next", 30)
+    assert claimed is not None and claimed.id == rid
+
+
+def test_a_stop_within_the_grace_lets_the_upload_finish(service: Service) -> None:
+    (rid,) = _enqueue(service)
+    started, go = threading.Event(), threading.Event()
+
+    def finishing(call: dict[str, Any]) -> UploadResult:
+        started.set()
+        go.wait(10)
+        assert not call["should_stop"]()
+        return OK
+
+    worker = Worker(service, uploader=FakeUpload(finishing))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    assert started.wait(10)
+    worker.stop(grace=30)
+    go.set()
+    thread.join(10)
+    assert _state(service, rid).state == "succeeded"
+
+
+def _run_until(worker: Worker, done: threading.Event) -> None:
+    """Run the worker (not in burst: a lost request stays running) until ``done``, then a
+    moment for the runner to handle what the upload raised or returned, then stop it."""
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    assert done.wait(15)
+    time.sleep(0.3)
+    worker.stop(0)
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def _steal(service: Service, rid: int, owner: str) -> None:
+    """Another worker takes the request over (as after an expired lease)."""
+    service.queue.release(rid, owner)
+    claimed = service.queue.claim("thief", 30)
+    assert claimed is not None and claimed.id == rid
+
+
+def test_a_lost_lease_stops_the_upload(service: Service) -> None:
+    (rid,) = _enqueue(service)
+    done = threading.Event()
+    stopped: list[bool] = []
+
+    def stolen(call: dict[str, Any]) -> UploadResult:
+        _steal(service, rid, worker.owner)
+        # The next heartbeat finds the lease gone: the upload is asked to stop.
+        deadline = time.monotonic() + 10
+        while not call["should_stop"]() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stopped.append(call["should_stop"]())
+        done.set()
+        raise UploadInterrupted()
+
+    worker = Worker(service, uploader=FakeUpload(stolen))
+    _run_until(worker, done)
+    assert stopped == [True]
+    row = _state(service, rid)
+    # Still the thief's: neither released nor failed by the worker that lost it.
+    assert (row.state, row.message, row.attempts) == ("running", "Uploading", 1)
+    service.queue.heartbeat(rid, "thief", 30)
+
+
+def test_an_outcome_after_a_lost_lease_is_dropped(service: Service) -> None:
+    (rid,) = _enqueue(service)
+    done = threading.Event()
+
+    def stolen_then_done(call: dict[str, Any]) -> UploadResult:
+        _steal(service, rid, worker.owner)
+        done.set()
+        return OK  # the runner's succeed() meets LeaseLost
+
+    worker = Worker(service, uploader=FakeUpload(stolen_then_done))
+    _run_until(worker, done)
+    row = _state(service, rid)
+    assert (row.state, row.attempts) == ("running", 1)
+    service.queue.heartbeat(rid, "thief", 30)  # still the thief's lease
+
+
+def test_a_request_of_a_disabled_account_is_held_not_uploaded(service: Service) -> None:
+    (rid,) = _enqueue(service)
+    service.accounts.set_enabled("1/jb", False)
+    fake = FakeUpload(lambda call: OK)
+    _run(Worker(service, uploader=fake))  # burst: ends at once, nothing it may do
+    assert fake.calls == [] and _state(service, rid).state == "queued"
+    service.accounts.set_enabled("1/jb", True)
+    _run(Worker(service, uploader=fake))
+    assert len(fake.calls) == 1 and _state(service, rid).state == "succeeded"

@@ -1,0 +1,340 @@
+"""One contract for every store (core.ports): the same tests run on the in-memory stores
+(vodpush.memory), SQLite and PostgreSQL (which must be there under CI=true). A store that
+passes here can stand in for another; the runner's tests (test_runner.py) rely on that."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vodpush.config import Settings
+from vodpush.core import records
+from vodpush.core.accounts import AccountError, S3Settings
+from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
+from vodpush.core.clock import utcnow
+from vodpush.core.requests import LeaseLost, NewRequest
+from vodpush.crypto import generate_key
+from vodpush.service import Service
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    """A Service on one kind of store, fresh and empty."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'vodpush.db'}"
+    settings = Settings(
+        database_url=url,
+        sestore_root=tmp_path,
+        secret_key=generate_key(),
+        secret_key_file=tmp_path / "unused.key",
+    )
+    service = Service.in_memory(settings) if request.param == "memory" else Service.open(settings)
+    yield service
+    service.close()
+
+
+def _account(s: Service, username: str = "jb") -> int:
+    return int(s.accounts.create(cdn=158, username=username)["id"])
+
+
+def _enqueue(s: Service, account_id: int, n: int = 1, *, callback: str = "") -> list[int]:
+    ids = []
+    for _ in range(n):
+        new = NewRequest(
+            account_id=account_id,
+            cdn_id=158,
+            path=f"sestore1/jb/{len(ids)}.mp4",
+            destination_path=f"out/{len(ids)}.mp4",
+            bucket="b",
+            acl="private",
+            metadata={"title": "café"},
+            callback=callback,
+            signature=f"sig-{account_id}-{utcnow().isoformat()}-{len(ids)}",
+        )
+        ids.append(s.requests.enqueue(new).id)
+    return ids
+
+
+def _succeed(s: Service, rid: int, owner: str, *, has_callback: bool = False) -> None:
+    s.queue.succeed(
+        rid,
+        owner,
+        results={"ETag": '"x"'},
+        http_status=200,
+        sha256="ab" * 32,
+        size=10,
+        has_callback=has_callback,
+    )
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def test_enqueue_once_per_signature_and_account(stores: Service) -> None:
+    a, b = _account(stores, "a"), _account(stores, "b")
+    new = NewRequest(a, 158, "sestore1/a/x", "x", "b", "private", {}, "", "S" * 44)
+    first = stores.requests.enqueue(new)
+    again = stores.requests.enqueue(new)
+    assert not first.replayed and again.replayed and again.id == first.id
+    # The same signature under another account is another request.
+    other = stores.requests.enqueue(NewRequest(**{**new.__dict__, "account_id": b}))
+    assert not other.replayed and other.id != first.id
+
+
+def test_list_pages_newest_first_and_never_shows_another_account(stores: Service) -> None:
+    a, b = _account(stores, "a"), _account(stores, "b")
+    mine = _enqueue(stores, a, 5)
+    theirs = _enqueue(stores, b, 2)
+    page = stores.requests.list_for_account(a, limit=2, offset=0)
+    assert [r.id for r in page] == mine[::-1][:2]
+    assert [r.id for r in stores.requests.list_for_account(a, limit=10, offset=4)] == mine[:1]
+    assert stores.requests.list_for_account(a, limit=10, offset=0, request_id=theirs[0]) == []
+    one = stores.requests.list_for_account(b, limit=10, offset=0, request_id=theirs[0])
+    entry = records.render(one[0])
+    assert entry["id"] == theirs[0] and entry["state"] == "queued"
+    assert entry["message"] == records.QUEUED_MESSAGE and entry["metadata"] == {"title": "café"}
+    assert records.render(stores.requests.get(mine[0]))["destination_path"] == "out/0.mp4"
+    assert stores.requests.get(10**9) is None
+
+
+# -- claims and leases -----------------------------------------------------------------------
+
+
+def test_claim_takes_the_oldest_and_counts_the_attempt(stores: Service) -> None:
+    ids = _enqueue(stores, _account(stores), 2)
+    first = stores.queue.claim("w1", 30)
+    second = stores.queue.claim("w2", 30)
+    assert first is not None and second is not None
+    assert (first.id, second.id) == (ids[0], ids[1])
+    assert first.attempts == 1 and first.metadata == {"title": "café"}
+    assert not first.has_checkpoint
+    assert stores.queue.claim("w3", 30) is None
+    row = stores.requests.get(first.id)
+    assert row is not None and row.state == "running" and row.message == records.UPLOADING_MESSAGE
+    stores.queue.heartbeat(first.id, "w1", 30, bytes_done=5, bytes_total=10)
+    row = stores.requests.get(first.id)
+    assert row is not None and (row.bytes_done, row.bytes_total) == (5, 10)
+    with pytest.raises(LeaseLost):
+        stores.queue.heartbeat(first.id, "w2", 30)
+
+
+def test_an_expired_lease_is_taken_over_and_every_write_of_the_loser_raises(
+    stores: Service,
+) -> None:
+    (rid,) = _enqueue(stores, _account(stores))
+    lost = stores.queue.claim("w1", -1)  # already expired
+    taken = stores.queue.claim("w2", 30)
+    assert lost is not None and taken is not None and taken.id == rid and taken.attempts == 2
+    writes: list[Any] = [
+        lambda: stores.queue.heartbeat(rid, "w1", 30),
+        lambda: _succeed(stores, rid, "w1"),
+        lambda: stores.queue.fail(rid, "w1", message="m", http_status=None, code=None,
+                                  has_callback=False),
+        lambda: stores.queue.retry_later(rid, "w1", at=utcnow(), message="m", http_status=None,
+                                         code=None),
+        lambda: stores.queue.release(rid, "w1"),
+        lambda: stores.ledger(rid, "w1").begin(MultipartCheckpoint("u", 5, 10, 1, True)),
+    ]  # fmt: skip
+    for write in writes:
+        with pytest.raises(LeaseLost):
+            write()
+    row = stores.requests.get(rid)
+    assert row is not None and row.state == "running" and row.attempts == 2
+    stores.queue.heartbeat(rid, "w2", 30)  # the winner's lease is untouched
+
+
+def test_outcomes(stores: Service) -> None:
+    ok, bad = _enqueue(stores, _account(stores), 2)
+    assert stores.queue.claim("w", 30) is not None and stores.queue.claim("w", 30) is not None
+    _succeed(stores, ok, "w")
+    stores.queue.fail(bad, "w", message="Upload failed: no", http_status=403, code="AccessDenied",
+                      has_callback=False)  # fmt: skip
+    done, failed = records.render(stores.requests.get(ok)), records.render(stores.requests.get(bad))
+    assert done["state"] == "succeeded" and done["message"] == records.SUCCESS_MESSAGE
+    assert done["results"]["ETag"] == '"x"' and done["status"] == 200
+    assert (done["bytes_done"], done["sha256"]) == (10, "ab" * 32)
+    assert failed["state"] == "failed" and failed["error_code"] == "AccessDenied"
+    assert failed["status"] == 403 and failed["callback_state"] == "none"
+    with pytest.raises(LeaseLost):  # finished: no longer leased by anyone
+        stores.queue.heartbeat(ok, "w", 30)
+    depth = stores.queue.depth()
+    assert (depth["succeeded"], depth["failed"], depth["queued"], depth["running"]) == (1, 1, 0, 0)
+    assert not stores.queue.has_work()
+
+
+def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) -> None:
+    later, now = _enqueue(stores, _account(stores), 2)
+    assert stores.queue.claim("w", 30).id == later  # type: ignore[union-attr]
+    assert stores.queue.claim("w", 30).id == now  # type: ignore[union-attr]
+    stores.queue.retry_later(later, "w", at=utcnow() + timedelta(hours=1), message="Retrying",
+                             http_status=503, code="SlowDown")  # fmt: skip
+    stores.queue.retry_later(now, "w", at=utcnow() - timedelta(seconds=1), message="Retrying",
+                             http_status=None, code="RequestTimeout")  # fmt: skip
+    row = stores.requests.get(later)
+    assert row is not None and row.state == "queued" and row.error_code == "SlowDown"
+    again = stores.queue.claim("w", 30)
+    assert again is not None and again.id == now and again.attempts == 2
+    assert stores.queue.claim("w", 30) is None  # the other is not due for an hour
+    assert stores.queue.has_work()
+    stores.queue.release(now, "w")
+    row = stores.requests.get(now)
+    assert row is not None and row.state == "queued" and row.attempts == 1
+    assert row.message == records.QUEUED_MESSAGE
+    assert stores.queue.claim("w", 30).attempts == 2  # type: ignore[union-attr]
+
+
+def test_a_disabled_accounts_requests_and_callbacks_are_held(stores: Service) -> None:
+    held, other = _account(stores, "held"), _account(stores, "other")
+    (rid,) = _enqueue(stores, held)
+    (cb,) = _enqueue(stores, held, callback="http://127.0.0.1:9/cb")
+    assert stores.queue.claim("w", 30).id == rid  # type: ignore[union-attr]
+    assert stores.queue.claim("w", 30).id == cb  # type: ignore[union-attr]
+    _succeed(stores, cb, "w", has_callback=True)
+    stores.queue.release(rid, "w")
+    stores.accounts.set_enabled(str(held), False)
+    assert stores.queue.claim("w", 30) is None and stores.queue.claim_callback(30) is None
+    depth = stores.queue.depth()
+    assert depth["held_account_disabled"] == 1 and depth["callbacks_held_account_disabled"] == 1
+    assert not stores.queue.has_work()
+    (mine,) = _enqueue(stores, other)
+    assert stores.queue.claim("w", 30).id == mine  # type: ignore[union-attr]
+    stores.accounts.set_enabled(str(held), True)
+    assert stores.queue.claim("w", 30).id == rid  # type: ignore[union-attr]
+    assert stores.queue.claim_callback(30).id == cb  # type: ignore[union-attr]
+
+
+def test_concurrent_claims_never_hand_one_request_to_two_workers(stores: Service) -> None:
+    ids = _enqueue(stores, _account(stores), 12)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def work(owner: str) -> None:
+        while (claimed := stores.queue.claim(owner, 30)) is not None:
+            with lock:
+                got.append(claimed.id)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(got) == ids
+
+
+# -- callbacks -------------------------------------------------------------------------------
+
+
+def test_callbacks_are_due_claimed_and_recorded(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores), callback="http://127.0.0.1:9/cb")
+    assert stores.queue.claim_callback(30) is None  # nothing finished yet
+    assert stores.queue.claim("w", 30) is not None
+    _succeed(stores, rid, "w", has_callback=True)
+    assert stores.queue.depth()["callbacks_pending"] == 1 and stores.queue.has_work()
+    due = stores.queue.claim_callback(30)
+    assert due is not None and (due.id, due.attempts, due.msg_id) == (rid, 0, None)
+    assert due.callback == "http://127.0.0.1:9/cb"
+    assert stores.queue.claim_callback(30) is None  # leased to the first deliverer
+    state = stores.queue.record_callback(
+        rid, msg_id="msg_1", at=utcnow(), ok=False, http_status=500, error="HTTP 500",
+        duration=0.1, next_at=utcnow() - timedelta(seconds=1),
+    )  # fmt: skip
+    assert state == "pending"
+    again = stores.queue.claim_callback(30)
+    assert again is not None and (again.attempts, again.msg_id) == (1, "msg_1")
+    state = stores.queue.record_callback(
+        rid, msg_id="msg_1", at=utcnow(), ok=True, http_status=204, error=None, duration=0.1,
+        next_at=None,
+    )  # fmt: skip
+    assert state == "delivered"
+    with pytest.raises(LeaseLost):  # no longer pending
+        stores.queue.record_callback(rid, msg_id="msg_1", at=utcnow(), ok=True, http_status=204,
+                                     error=None, duration=0.1, next_at=None)  # fmt: skip
+    attempts = stores.queue.callback_attempts(rid)
+    assert [(a["ok"], a["http_status"]) for a in attempts] == [(False, 500), (True, 204)]
+    entry = records.render(stores.requests.get(rid))
+    assert entry["callback_state"] == "delivered" and entry["callback_attempts"] == 2
+    assert stores.queue.depth()["callbacks_pending"] == 0 and not stores.queue.has_work()
+
+
+def test_a_permanent_callback_failure_ends_the_schedule(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores), callback="http://127.0.0.1:9/cb")
+    assert stores.queue.claim("w", 30) is not None
+    stores.queue.fail(rid, "w", message="no", http_status=None, code="X", has_callback=True)
+    assert stores.queue.claim_callback(30) is not None
+    state = stores.queue.record_callback(
+        rid, msg_id="m", at=utcnow(), ok=False, http_status=None, error="refused address",
+        duration=0.0, next_at=utcnow(), permanent=True,
+    )  # fmt: skip
+    assert state == "failed"
+    assert records.render(stores.requests.get(rid))["callback_error"] == "refused address"
+
+
+# -- the part ledger -------------------------------------------------------------------------
+
+
+def test_the_ledger_keeps_parts_for_the_next_lease_holder(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores))
+    first = stores.queue.claim("w1", -1)
+    assert first is not None and not first.has_checkpoint
+    ledger = stores.ledger(rid, "w1", empty=True)
+    assert ledger.load() is None
+    ledger.begin(MultipartCheckpoint("up-1", 5, 12, 99, True, {1: PartRecord("e0", "c0", 5)}))
+    ledger.part_done(2, PartRecord("e2", None, 5))
+    ledger.part_done(1, PartRecord("e1", "c1", 5))  # a part sent again overwrites
+    loaded = ledger.load()
+    assert loaded is not None and loaded.upload_id == "up-1" and loaded.mtime_ns == 99
+    assert loaded.parts == {1: PartRecord("e1", "c1", 5), 2: PartRecord("e2", None, 5)}
+
+    second = stores.queue.claim("w2", 30)  # the lease of w1 had run out
+    assert second is not None and second.id == rid and second.has_checkpoint
+    resumed = stores.ledger(rid, "w2", empty=not second.has_checkpoint)
+    assert resumed.load() == loaded
+    resumed.clear()
+    assert resumed.load() is None and stores.ledger(rid, "w2").load() is None
+    resumed.begin(MultipartCheckpoint("up-2", 5, 12, 99, True))
+    _succeed(stores, rid, "w2")  # the outcome drops the checkpoint with its parts
+    assert stores.ledger(rid, "w2").load() is None
+
+
+# -- accounts --------------------------------------------------------------------------------
+
+
+def test_accounts(stores: Service) -> None:
+    creds = stores.accounts.create(
+        cdn=158, username="jb", s3=S3Settings(access_key_id="AK", secret_access_key="SK")
+    )
+    account = stores.accounts.by_api_key(creds["api_key"])
+    assert account is not None and account.id == creds["id"] and account.enabled
+    assert stores.accounts.api_secret(account) == creds["api_secret"]
+    assert stores.accounts.webhook_secret(account) == creds["api_secret"]
+    assert account.s3.secret_access_key == "SK" and "SK" not in repr(account)
+    assert stores.accounts.find("158/jb").id == stores.accounts.find(str(account.id)).id
+    assert stores.accounts.by_id(10**6) is None and stores.accounts.by_api_key("nope") is None
+    with pytest.raises(AccountError, match="exists"):
+        stores.accounts.create(cdn=7, username="jb")
+    with pytest.raises(AccountError, match="no such account"):
+        stores.accounts.find("158/nobody")
+    other = stores.accounts.create(cdn=158, username="other")
+    with pytest.raises(AccountError, match="exists"):
+        stores.accounts.rename(str(other["id"]), "jb")
+    assert stores.accounts.rename(str(other["id"]), "renamed").username == "renamed"
+    assert stores.accounts.allow_buckets("158/jb", ["a-*", "b"]).allowed_buckets == ("a-*", "b")
+    with pytest.raises(AccountError, match="matches a-"):
+        stores.accounts.disallow_buckets("158/jb", ["a-1"])
+    assert stores.accounts.disallow_buckets("158/jb", ["b"]).allowed_buckets == ("a-*",)
+    rotated = stores.accounts.rotate_webhook_secret("158/jb")
+    assert rotated["webhook_secret"].startswith("whsec_")
+    account = stores.accounts.find("158/jb")
+    assert stores.accounts.webhook_secret(account) == rotated["webhook_secret"]
+    new = stores.accounts.rotate_secret("158/jb")["api_secret"]
+    assert stores.accounts.api_secret(stores.accounts.find("158/jb")) == new != creds["api_secret"]
+    assert not stores.accounts.set_enabled("158/jb", False).enabled
+    assert [a.username for a in stores.accounts.list()] == ["jb", "renamed"]
+    assert stores.accounts.ensure_unique_usernames() == []
