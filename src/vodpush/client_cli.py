@@ -32,7 +32,7 @@ _CREDENTIALS = (
 
 
 class _Failed(click.ClickException):
-    """``error: ...`` on stderr, exit code 1, no traceback (as vodpush.cli.UserError)."""
+    """``error: ...`` on stderr, exit code 1, no traceback (as vodpush.cli.common.UserError)."""
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)

@@ -1,0 +1,63 @@
+"""What every ``vodpush`` subcommand shares: settings, the service, user errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from vodpush.config import Settings, load_settings
+from vodpush.core.accounts import AccountError
+from vodpush.operations import Refused
+from vodpush.service import Service
+
+
+class UserError(click.ClickException):
+    """Shown as ``error: ...`` on stderr with exit code 1, no traceback."""
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def settings_or_fail() -> Settings:
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"VODPUSH_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise UserError(f"bad configuration: {problems}") from exc
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def open_service() -> Service:
+    try:
+        return Service.open(settings_or_fail())
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's user-facing errors into clean CLI errors."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (AccountError, Refused) as exc:
+            raise UserError(str(exc)) from exc
+
+    return wrapper
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))

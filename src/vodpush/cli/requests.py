@@ -1,0 +1,59 @@
+"""``vodpush request``: an account's upload requests, through the same operations as the API."""
+
+from __future__ import annotations
+
+import click
+
+from vodpush.cli.common import open_service, print_json, user_errors
+from vodpush.operations import OperationContext, StatusQuery, status
+
+
+@click.group("request")
+def request_group() -> None:
+    """Look at an account's upload requests (the operations the API runs)."""
+
+
+@request_group.command("list")
+@click.argument("ref")
+@click.option("--limit", type=int, help="At most this many (default 25), newest first.")
+@click.option("--offset", type=int, help="Skip this many of the newest first.")
+@click.option("--id", "request_id", type=int, help="Only the request with this id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the aws.status records as JSON.")
+@user_errors
+def request_list(
+    ref: str, limit: int | None, offset: int | None, request_id: int | None, as_json: bool
+) -> None:
+    """An account's requests (REF: api_key, id or cdn/username), as its aws.status shows
+    them."""
+    service = open_service()
+    try:
+        ctx = OperationContext(
+            account=service.accounts.find(ref), settings=service.settings, requests=service.requests
+        )
+        query = StatusQuery.from_values(
+            {"limit": limit, "offset": offset, "id": request_id}, service.settings
+        )
+        found = status(ctx, query).records()
+    finally:
+        service.close()
+    if as_json:
+        print_json(found)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "state", "bucket", "destination_path", "path", "message", "updated")
+    for record in found:
+        table.add_row(
+            str(record["id"]),
+            record["state"],
+            record["bucket"],
+            record["destination_path"],
+            record["path"],
+            record["message"],
+            record["last_updated"],
+        )
+    Console().print(table)
+
+
+# -- secrets at rest -----------------------------------------------------------------------
