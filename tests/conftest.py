@@ -31,6 +31,9 @@ PG_ADMIN_URL = os.environ.get(
     "VODPUSH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# An S3 client built without credentials would ask the EC2 instance metadata service
+# (169.254.169.254) for some: tests talk to loopback only.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 _TEMPLATE_DB = f"vodpush_template_{os.getpid()}"
 
 
@@ -246,3 +249,82 @@ def live_server(service: Service) -> Iterator[LiveServer]:
     server.start()
     yield server
     server.stop()
+
+
+# -- tiers ---------------------------------------------------------------------------------
+#
+# Every test is in one tier, told by what it needs (`pytest -m unit` runs the fast tier):
+#   unit         no I/O beyond temporary files: pure functions, the in-memory stores, the
+#                runner on the fake transfer step;
+#   contract     the store contract (tests/test_store_contract.py) on the in-memory stores;
+#   integration  a real database (SQLite file or PostgreSQL), a moto S3 process, a live HTTP
+#                server or receiver, subprocesses, real clients (PHP, Perl, Ruby, curl).
+# The contract tests on SQLite and PostgreSQL are integration tests too.
+
+# Fixtures that stand for a real outside thing: a test that uses one (directly or through
+# another fixture) is an integration test.
+_INTEGRATION_FIXTURES = frozenset(
+    {
+        "database_url",
+        "pg_url",
+        "pg_template",
+        "empty_database_url",
+        "s3",
+        "moto",
+        "live_server",
+        "limited_server",
+        "slow_server",
+        "receiver",
+        "tls_receiver",
+        "_running_receiver",
+        "php",
+        "script",
+        "trickler",
+        "closed_port",
+    }
+)
+# Modules whose tests start servers or subprocesses themselves, not through a fixture.
+_INTEGRATION_MODULES = frozenset(
+    {
+        "test_dos",
+        "test_faults",
+        "test_interop_clients",
+        "test_interop_php",
+        "test_secrets_rotation",
+        "test_uploader",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("integration"):  # marked by hand: opens sockets itself
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        param = getattr(getattr(item, "callspec", None), "params", {})
+        if (
+            module in _INTEGRATION_MODULES
+            or fixtures & _INTEGRATION_FIXTURES
+            or param.get("stores") in ("sqlite", "postgresql")
+        ):
+            item.add_marker(pytest.mark.integration)
+        elif module == "test_store_contract":
+            item.add_marker(pytest.mark.contract)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
+def _no_network(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError(
+        "a unit or contract test opened a network socket: mark it @pytest.mark.integration "
+        "or give it a fixture that stands for the real thing"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _tier_has_no_network(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast tiers are checked, not trusted: their tests may not connect or listen."""
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setattr(socket.socket, "connect", _no_network)
+        monkeypatch.setattr(socket.socket, "bind", _no_network)

@@ -321,6 +321,7 @@ def test_unexpected_data_shapes_are_transport_errors() -> None:
         mock_client(lambda r: ok({"id": 1})).status()
 
 
+@pytest.mark.integration  # opens its own sockets
 def test_a_server_that_never_answers_times_out() -> None:
     # A real socket that accepts and stays silent: the timeout must end the call.
     listener = socket.socket()
@@ -435,6 +436,7 @@ def test_verify_callback_accepts_a_signed_body_and_refuses_a_changed_one() -> No
         verify_callback("other", headers, body)
 
 
+@pytest.mark.integration  # opens its own sockets
 def test_the_readme_receiver_verifies_a_real_callback() -> None:
     # The receiver of the README, with the server's own callback signer on the other end.
     received: list[StatusRecord] = []
@@ -637,6 +639,7 @@ def test_cli_api_failure_is_one_error_line_with_the_code(client_env, capsys) -> 
     assert "Traceback" not in captured.err and len(captured.err.splitlines()) == 1
 
 
+@pytest.mark.integration  # opens its own sockets
 def test_cli_user_errors(capsys, monkeypatch) -> None:
     for name in ("VODPUSH_URL", "VODPUSH_CDN", "VODPUSH_API_KEY", "VODPUSH_API_SECRET"):
         monkeypatch.delenv(name, raising=False)
