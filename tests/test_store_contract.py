@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from vodpush.config import Settings
 from vodpush.core import records
@@ -241,24 +242,23 @@ def test_callbacks_are_due_claimed_and_recorded(stores: Service) -> None:
     _succeed(stores, rid, "w", has_callback=True)
     assert stores.queue.depth()["callbacks_pending"] == 1 and stores.queue.has_work()
     due = stores.queue.claim_callback(30)
-    assert due is not None and (due.id, due.attempts, due.msg_id) == (rid, 0, None)
+    # The delivery id was fixed when the callback became due (issue 9: no longer None here).
+    assert due is not None and (due.id, due.attempts) == (rid, 0)
+    assert due.msg_id.startswith("msg_")
     assert due.callback == "http://127.0.0.1:9/cb"
     assert stores.queue.claim_callback(30) is None  # leased to the first deliverer
     state = stores.queue.record_callback(
-        rid, msg_id="msg_1", at=utcnow(), ok=False, http_status=500, error="HTTP 500",
+        rid, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500, error="HTTP 500",
         duration=0.1, next_at=utcnow() - timedelta(seconds=1),
     )  # fmt: skip
     assert state == "pending"
     again = stores.queue.claim_callback(30)
-    assert again is not None and (again.attempts, again.msg_id) == (1, "msg_1")
+    assert again is not None and (again.attempts, again.msg_id) == (1, due.msg_id)
     state = stores.queue.record_callback(
-        rid, msg_id="msg_1", at=utcnow(), ok=True, http_status=204, error=None, duration=0.1,
-        next_at=None,
+        rid, msg_id=due.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
+        duration=0.1, next_at=None,
     )  # fmt: skip
     assert state == "delivered"
-    with pytest.raises(LeaseLost):  # no longer pending
-        stores.queue.record_callback(rid, msg_id="msg_1", at=utcnow(), ok=True, http_status=204,
-                                     error=None, duration=0.1, next_at=None)  # fmt: skip
     attempts = stores.queue.callback_attempts(rid)
     assert [(a["ok"], a["http_status"]) for a in attempts] == [(False, 500), (True, 204)]
     entry = records.render(stores.requests.get(rid))
@@ -266,13 +266,110 @@ def test_callbacks_are_due_claimed_and_recorded(stores: Service) -> None:
     assert stores.queue.depth()["callbacks_pending"] == 0 and not stores.queue.has_work()
 
 
+def _stored_msg_id(s: Service, rid: int) -> str | None:
+    """The webhook-id as the store keeps it, read without claiming the callback."""
+    if s.engine is None:
+        return s.queue._t.requests[rid].callback_msg_id  # type: ignore[attr-defined]
+    with s.engine.connect() as conn:
+        return conn.execute(
+            text("SELECT callback_msg_id FROM upload_requests WHERE id = :rid"), {"rid": rid}
+        ).scalar_one()
+
+
+def _clear_msg_id(s: Service, rid: int) -> None:
+    """A callback made due by a version that left the id to the first attempt."""
+    if s.engine is None:
+        s.queue._t.requests[rid].callback_msg_id = None  # type: ignore[attr-defined]
+        return
+    with s.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE upload_requests SET callback_msg_id = NULL WHERE id = :rid"),
+            {"rid": rid},
+        )
+
+
+def test_the_callback_id_is_fixed_when_due_and_kept_by_every_claim(stores: Service) -> None:
+    account = _account(stores)
+    ok_rid, failed_rid, plain_rid = _enqueue(stores, account, 3, callback="http://127.0.0.1:9/cb")
+    for _ in range(3):
+        assert stores.queue.claim("w", 30) is not None
+    assert _stored_msg_id(stores, ok_rid) is None  # not due yet: no id
+    _succeed(stores, ok_rid, "w", has_callback=True)
+    stores.queue.fail(failed_rid, "w", message="no", http_status=None, code="X", has_callback=True)
+    _succeed(stores, plain_rid, "w", has_callback=False)
+    fixed = {rid: _stored_msg_id(stores, rid) for rid in (ok_rid, failed_rid)}
+    # Set by succeed/fail themselves, before any claim or POST; one id per delivery.
+    assert all(m is not None and m.startswith("msg_") for m in fixed.values())
+    assert len(set(fixed.values())) == 2 and _stored_msg_id(stores, plain_rid) is None
+
+    # Every claim (each a new worker) and every attempt sees the same id; recording
+    # attempts does not change it.
+    seen: dict[int, set[str]] = {ok_rid: set(), failed_rid: set()}
+    for _ in range(3):
+        claimed = [stores.queue.claim_callback(30), stores.queue.claim_callback(30)]
+        assert stores.queue.claim_callback(30) is None
+        for due in claimed:
+            assert due is not None
+            seen[due.id].add(due.msg_id)
+            state = stores.queue.record_callback(
+                due.id, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500,
+                error="HTTP 500", duration=0.1, next_at=utcnow() - timedelta(seconds=1),
+            )  # fmt: skip
+            assert state == "pending"
+    assert seen == {rid: {m} for rid, m in fixed.items()}
+    assert {rid: _stored_msg_id(stores, rid) for rid in fixed} == fixed
+
+
+def test_a_callback_due_without_an_id_gets_one_at_its_first_claim(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores), callback="http://127.0.0.1:9/cb")
+    assert stores.queue.claim("w", 30) is not None
+    _succeed(stores, rid, "w", has_callback=True)
+    _clear_msg_id(stores, rid)
+    first = stores.queue.claim_callback(-1)
+    assert first is not None and first.msg_id.startswith("msg_")
+    assert _stored_msg_id(stores, rid) == first.msg_id
+    second = stores.queue.claim_callback(-1)  # another worker: the first id sticks
+    assert second is not None and second.msg_id == first.msg_id
+
+
+def test_an_attempt_made_after_the_callback_lease_moved_on_is_kept(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores), callback="http://127.0.0.1:9/cb")
+    assert stores.queue.claim("w", 30) is not None
+    _succeed(stores, rid, "w", has_callback=True)
+    slow = stores.queue.claim_callback(-1)  # worker A: its POST outlives the lease
+    fast = stores.queue.claim_callback(30)  # worker B takes the callback over
+    assert slow is not None and fast is not None and slow.msg_id == fast.msg_id
+    state = stores.queue.record_callback(
+        rid, msg_id=fast.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
+        duration=0.1, next_at=None,
+    )  # fmt: skip
+    assert state == "delivered"
+    # A's attempt comes in late: the POST was made, so it is recorded; the state it would
+    # set is refused (the callback is delivered, not pending).
+    with pytest.raises(LeaseLost):
+        stores.queue.record_callback(
+            rid, msg_id=slow.msg_id, at=utcnow(), ok=False, http_status=None,
+            error="timed out", duration=9.0, next_at=utcnow() + timedelta(seconds=60),
+        )  # fmt: skip
+    attempts = stores.queue.callback_attempts(rid)
+    assert [(a["ok"], a["http_status"], a["error"]) for a in attempts] == [
+        (True, 204, None),
+        (False, None, "timed out"),
+    ]
+    entry = records.render(stores.requests.get(rid))
+    assert (entry["callback_state"], entry["callback_attempts"]) == ("delivered", 2)
+    assert entry["callback_error"] is None
+    assert stores.queue.depth()["callbacks_pending"] == 0 and not stores.queue.has_work()
+
+
 def test_a_permanent_callback_failure_ends_the_schedule(stores: Service) -> None:
     (rid,) = _enqueue(stores, _account(stores), callback="http://127.0.0.1:9/cb")
     assert stores.queue.claim("w", 30) is not None
     stores.queue.fail(rid, "w", message="no", http_status=None, code="X", has_callback=True)
-    assert stores.queue.claim_callback(30) is not None
+    due = stores.queue.claim_callback(30)
+    assert due is not None
     state = stores.queue.record_callback(
-        rid, msg_id="m", at=utcnow(), ok=False, http_status=None, error="refused address",
+        rid, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=None, error="refused address",
         duration=0.0, next_at=utcnow(), permanent=True,
     )  # fmt: skip
     assert state == "failed"

@@ -183,8 +183,8 @@ class QueueStorePort(Protocol):
         next_at: datetime | None,
         permanent: bool = False,
     ) -> str:
-        """Record one attempt; returns the callback's new state (LeaseLost if no longer
-        pending)."""
+        """Record one attempt, always (even a late one); returns the callback's new state.
+        LeaseLost, with the attempt kept, if it is no longer pending under ``msg_id``."""
         ...
 
     def callback_attempts(self, request_id: int) -> list[dict[str, Any]]: ...

@@ -73,4 +73,4 @@ class DueCallback:
     account_id: int
     callback: str
     attempts: int
-    msg_id: str | None
+    msg_id: str  # the webhook-id, fixed when the callback became due; same for every attempt

@@ -22,6 +22,7 @@ from vodpush.core.requests import (
     State,
 )
 from vodpush.memory.tables import PENDING, REQUEST_FIELDS, RequestRow, StatusTuple, Tables
+from vodpush.webhooks import new_message_id
 
 
 class MemoryRequestStore:
@@ -150,7 +151,14 @@ class MemoryQueueStore:
     def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
         if not has_callback:
             return {}
-        return {"callback_state": PENDING, "callback_next_at": now, "callback_attempts": 0}
+        # The webhook-id is fixed here, once, before any POST: every retry and every worker
+        # sends this same id, so receivers that deduplicate by id see the delivery once.
+        return {
+            "callback_state": PENDING,
+            "callback_next_at": now,
+            "callback_attempts": 0,
+            "callback_msg_id": new_message_id(),
+        }
 
     def succeed(
         self,
@@ -265,6 +273,8 @@ class MemoryQueueStore:
             if row is None:
                 return None
             row.callback_next_at = now + timedelta(seconds=lease_seconds)
+            if row.callback_msg_id is None:  # made due without one: the first claim fixes it
+                row.callback_msg_id = new_message_id()
             return DueCallback(
                 id=row.id,
                 account_id=row.account_id,
@@ -291,10 +301,12 @@ class MemoryQueueStore:
             if ok
             else (CallbackState.PENDING if next_at and not permanent else CallbackState.FAILED)
         ).value
+        # The attempt is recorded whatever happens (the POST was made, even by a worker that
+        # lost the callback lease); only the state transition is guarded.
         with self._t.lock:
             row = self._t.requests.get(request_id)
-            if row is None or row.callback_state != PENDING:
-                raise LeaseLost(f"callback of request {request_id} is no longer pending")
+            if row is None:
+                raise LeaseLost(f"request {request_id} is gone")
             row.callback_log.append(
                 {
                     "id": self._t.next_attempt,
@@ -307,10 +319,11 @@ class MemoryQueueStore:
                 }
             )
             self._t.next_attempt += 1
-            row.callback_state = state
             row.callback_attempts += 1
+            if row.callback_state != PENDING or row.callback_msg_id != msg_id:
+                raise LeaseLost(f"callback of request {request_id} is no longer pending")
+            row.callback_state = state
             row.callback_next_at = next_at if state == PENDING else None
-            row.callback_msg_id = msg_id
             row.callback_last_error = None if ok else error
         return state
 

@@ -32,6 +32,7 @@ from vodpush.core.requests import CallbackState, Claimed, DueCallback, LeaseLost
 from vodpush.persistence import dialect
 from vodpush.persistence.db import write_transaction
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
+from vodpush.webhooks import new_message_id
 
 _T = UploadRequest.__table__
 _P = UploadPart.__table__
@@ -250,7 +251,14 @@ class QueueStore:
     def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
         if not has_callback:
             return {}
-        return {"callback_state": _PENDING, "callback_next_at": now, "callback_attempts": 0}
+        # The webhook-id is fixed here, once, before any POST: every retry and every worker
+        # sends this same id, so receivers that deduplicate by id see the delivery once.
+        return {
+            "callback_state": _PENDING,
+            "callback_next_at": now,
+            "callback_attempts": 0,
+            "callback_msg_id": new_message_id(),
+        }
 
     def retry_later(
         self,
@@ -305,7 +313,12 @@ class QueueStore:
         statement = (
             update(_T)
             .where(_T.c.id == pick.scalar_subquery())
-            .values(callback_next_at=now + timedelta(seconds=lease_seconds))
+            .values(
+                callback_next_at=now + timedelta(seconds=lease_seconds),
+                # A row made due without an id (before ids were fixed at due time) gets one
+                # here, in the claim itself: the first claimer's id sticks.
+                callback_msg_id=func.coalesce(_T.c.callback_msg_id, new_message_id()),
+            )
             .returning(
                 _T.c.id,
                 _T.c.account_id,
@@ -339,13 +352,25 @@ class QueueStore:
         next_at: datetime | None,
         permanent: bool = False,
     ) -> str:
-        """Record one attempt and move the callback on; returns its new state."""
+        """Record one attempt and move the callback on; returns its new state.
+
+        The attempt (its row and the count) is recorded whatever happens: the POST was made,
+        and aws.status must say so even when this worker lost the callback lease and another
+        one re-sent it. Only the state transition is guarded: it needs the callback still
+        pending under this delivery id, else LeaseLost (after the attempt is committed)."""
         state = (
             CallbackState.DELIVERED
             if ok
             else (CallbackState.PENDING if next_at and not permanent else CallbackState.FAILED)
         ).value
         with write_transaction(self._engine) as conn:
+            counted = conn.execute(
+                update(_T)
+                .where(_T.c.id == request_id)
+                .values(callback_attempts=_T.c.callback_attempts + 1)
+            )
+            if counted.rowcount != 1:
+                raise LeaseLost(f"request {request_id} is gone")
             conn.execute(
                 insert(_A).values(
                     request_id=request_id,
@@ -356,19 +381,21 @@ class QueueStore:
                     duration=duration,
                 )
             )
-            result = conn.execute(
+            moved = conn.execute(
                 update(_T)
-                .where(_T.c.id == request_id, _T.c.callback_state == _PENDING)
+                .where(
+                    _T.c.id == request_id,
+                    _T.c.callback_state == _PENDING,
+                    _T.c.callback_msg_id == msg_id,
+                )
                 .values(
                     callback_state=state,
-                    callback_attempts=_T.c.callback_attempts + 1,
                     callback_next_at=next_at if state == _PENDING else None,
-                    callback_msg_id=msg_id,
                     callback_last_error=None if ok else error,
                 )
-            )
-            if result.rowcount != 1:
-                raise LeaseLost(f"callback of request {request_id} is no longer pending")
+            ).rowcount
+        if moved != 1:
+            raise LeaseLost(f"callback of request {request_id} is no longer pending")
         return state
 
     def callback_attempts(self, request_id: int) -> list[dict[str, Any]]:

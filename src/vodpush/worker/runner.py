@@ -47,7 +47,6 @@ from vodpush.transfer import (
     upload,
 )
 from vodpush.transfer.s3client import make_s3_client
-from vodpush.webhooks import new_message_id
 from vodpush.worker import retry
 
 log = logging.getLogger(__name__)
@@ -512,7 +511,7 @@ class Worker:
         row = self.service.requests.get(due.id)
         if account is None or row is None or not account.enabled:
             return  # a disabled account's callback is due again after the lease, and held
-        msg_id = due.msg_id or new_message_id()
+        msg_id = due.msg_id  # fixed by the store when the callback became due; never made here
         delivery = build_delivery(
             records.render(row), self.service.accounts.webhook_secret(account), msg_id, time.time()
         )
