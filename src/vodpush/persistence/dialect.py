@@ -156,10 +156,11 @@ class _SQLite(Dialect):
 
     def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
         # 'now' is UTC in SQLite, to the millisecond. SQLAlchemy stores a DateTime as text
-        # with six decimals, and SQLite compares text: the same layout ('000' appended)
-        # keeps comparisons with stored times right and reads back as a datetime.
+        # with six decimals, and SQLite compares text: the same layout keeps comparisons
+        # with stored times right and reads back as a datetime. '999': the end of the
+        # millisecond, so a time stored by Python within it (enqueue's not_before) is due.
         stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
-        return type_coerce(stamp.op("||")(literal("000")), DateTime)
+        return type_coerce(stamp.op("||")(literal("999")), DateTime)
 
     def upsert(
         self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
