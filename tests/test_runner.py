@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from vodpush.config import Settings
-from vodpush.core.requests import NewRequest
+from vodpush.core.requests import LeaseLost, NewRequest
 from vodpush.crypto import generate_key
 from vodpush.service import Service
-from vodpush.transfer import UploadError, UploadInterrupted, UploadResult
+from vodpush.transfer import UploadError, UploadInterrupted, UploadResult, upload
 from vodpush.worker.runner import Worker
 
 OK = UploadResult(
@@ -289,3 +289,76 @@ def test_a_request_of_a_disabled_account_is_held_not_uploaded(service: Service) 
     service.accounts.set_enabled("1/jb", True)
     _run(Worker(service, uploader=fake))
     assert len(fake.calls) == 1 and _state(service, rid).state == "succeeded"
+
+
+class RecordingS3:
+    """The S3 calls the real transfer engine makes, answered in memory (no socket)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def create_multipart_upload(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append("CreateMultipartUpload")
+        return {"UploadId": "up-1"}
+
+    def upload_part(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append(f"UploadPart {kw['PartNumber']}")
+        return {"ETag": f'"{kw["PartNumber"]}"'}
+
+    def put_object(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append("PutObject")
+        raise AssertionError("PutObject after the lease was lost")
+
+    def complete_multipart_upload(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append("CompleteMultipartUpload")
+        raise AssertionError("CompleteMultipartUpload after the lease was lost")
+
+    def abort_multipart_upload(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append("AbortMultipartUpload")
+        raise AssertionError("the new holder's multipart upload aborted")
+
+
+@pytest.mark.parametrize("size", [1024, 6 * 1024 * 1024], ids=["put", "multipart"])
+def test_a_lease_lost_before_the_final_call_means_no_final_call(
+    service: Service, tmp_path: Path, size: int
+) -> None:
+    """The real engine, stopped by ledger.confirm() just before PutObject or
+    CompleteMultipartUpload when the lease was taken over (after the last part)."""
+    (rid,) = _enqueue(service)
+    (tmp_path / "sestore1" / "jb").mkdir(parents=True)
+    (tmp_path / "sestore1" / "jb" / "0").write_bytes(b"v" * size)
+    s3 = RecordingS3()
+    done = threading.Event()
+    raised: list[BaseException] = []
+
+    def real_engine(client: Any, job: Any, ledger: Any, **kw: Any) -> UploadResult:
+        report = kw["progress"]
+
+        def progress(sent: int, total: int) -> None:
+            report(sent, total)
+            if sent == total:  # every part stored: the final call comes next
+                _steal(service, rid, worker.owner)
+
+        if size < 5 * 1024 * 1024:
+            _steal(service, rid, worker.owner)
+        kw |= {"threshold": 5 * 1024 * 1024, "chunksize": 5 * 1024 * 1024, "progress": progress}
+        try:
+            return upload(s3, job, ledger, **kw)  # type: ignore[arg-type]
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+        finally:
+            done.set()
+
+    worker = Worker(service, uploader=real_engine)
+    _run_until(worker, done)
+    assert "PutObject" not in s3.calls and "CompleteMultipartUpload" not in s3.calls
+    assert "AbortMultipartUpload" not in s3.calls
+    if size > 5 * 1024 * 1024:
+        assert s3.calls[0] == "CreateMultipartUpload" and len(s3.calls) == 3
+    assert [type(e) for e in raised] == [LeaseLost]
+    row = _state(service, rid)
+    # Handled as a lost lease: neither failed, retried nor released by the loser.
+    assert (row.state, row.message, row.attempts) == ("running", "Uploading", 1)
+    service.queue.heartbeat(rid, "thief", 30)
+    assert service.ledger(rid, "thief").load() is not None or size < 5 * 1024 * 1024

@@ -4,9 +4,10 @@ passes here can stand in for another; the runner's tests (test_runner.py) rely o
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from vodpush.config import Settings
-from vodpush.core import records
+from vodpush.core import clock, records
 from vodpush.core.accounts import AccountError, S3Settings
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.clock import utcnow
@@ -401,6 +402,64 @@ def test_the_ledger_keeps_parts_for_the_next_lease_holder(stores: Service) -> No
     resumed.begin(MultipartCheckpoint("up-2", 5, 12, 99, True))
     _succeed(stores, rid, "w2")  # the outcome drops the checkpoint with its parts
     assert stores.ledger(rid, "w2").load() is None
+
+
+def test_a_loser_cannot_touch_the_new_holders_checkpoint(stores: Service) -> None:
+    """A worker frozen past its lease and thawed: its part records and checkpoint clears
+    are refused (LeaseLost) and the new holder's checkpoint stays as it was."""
+    (rid,) = _enqueue(stores, _account(stores))
+    assert stores.queue.claim("w1", -1) is not None  # already run out
+    loser = stores.ledger(rid, "w1", empty=True)
+    loser.begin(MultipartCheckpoint("up-1", 5, 15, 99, True, {1: PartRecord("e1", "c1", 5)}))
+    with pytest.raises(LeaseLost):  # still ours, but run out: no final S3 call
+        loser.confirm()
+    assert stores.queue.claim("w2", 30) is not None
+    winner = stores.ledger(rid, "w2")
+    winner.part_done(2, PartRecord("e2", "c2", 5))
+    before = winner.load()
+    for write in (
+        lambda: loser.part_done(3, PartRecord("x3", "y3", 5)),
+        lambda: loser.part_done(2, PartRecord("x2", "y2", 5)),
+        loser.clear,
+        loser.confirm,
+    ):
+        with pytest.raises(LeaseLost):
+            write()
+    after = winner.load()
+    assert after is not None and after == before and after.upload_id == "up-1"
+    assert after.parts == {1: PartRecord("e1", "c1", 5), 2: PartRecord("e2", "c2", 5)}
+    winner.confirm()  # the holder's lease is live
+    winner.clear()
+    assert winner.load() is None
+
+
+def _worker_clock_ahead(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every vodpush module's view of the Python clock runs ``seconds`` ahead."""
+    real = clock.utcnow
+
+    def ahead() -> datetime:
+        return real() + timedelta(seconds=seconds)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vodpush") and getattr(module, "utcnow", None) is real:
+            monkeypatch.setattr(module, "utcnow", ahead)
+
+
+def test_a_worker_clock_ahead_cannot_steal_a_live_lease(
+    stores: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases run on the store's clock: a worker whose clock is 15 s ahead sees a renewed
+    10 s lease as live, as it is."""
+    (rid,) = _enqueue(stores, _account(stores))
+    assert stores.queue.claim("w1", 10) is not None
+    stores.queue.heartbeat(rid, "w1", 10)
+    _worker_clock_ahead(monkeypatch, 15)
+    assert clock.utcnow() > utcnow() + timedelta(seconds=14)  # the lie is in place
+    assert stores.queue.claim("w2", 10) is None
+    stores.queue.heartbeat(rid, "w1", 10)  # still w1's, renewed
+    stores.ledger(rid, "w1").confirm()
+    row = stores.requests.get(rid)
+    assert row is not None and row.state == "running" and row.attempts == 1
 
 
 # -- accounts --------------------------------------------------------------------------------

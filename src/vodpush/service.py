@@ -4,7 +4,9 @@ part ledgers and the wake-up channel of its workers, built once."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine
 
@@ -59,10 +61,17 @@ class Service:
         )
 
     @classmethod
-    def in_memory(cls, settings: Settings, box: SecretBox | None = None) -> Service:
-        """Every store in memory (vodpush.memory): nothing survives the process."""
+    def in_memory(
+        cls,
+        settings: Settings,
+        box: SecretBox | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> Service:
+        """Every store in memory (vodpush.memory): nothing survives the process. ``clock``:
+        the stores' own clock (naive UTC), as a database has its own; tests move it."""
         box = box or load_secret_box(settings)
-        stores = MemoryStores(box)
+        stores = MemoryStores(box, clock=clock)
         return cls(
             settings=settings,
             engine=None,

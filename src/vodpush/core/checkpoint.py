@@ -85,6 +85,12 @@ class PartLedger(Protocol):
         """Forget the checkpoint (upload completed or aborted)."""
         ...
 
+    def confirm(self) -> None:
+        """Called just before the final S3 call (PutObject, CompleteMultipartUpload): raise
+        ``core.requests.LeaseLost`` if the job's lease is gone. Ledgers of a request guard
+        every write the same way (``begin``, ``part_done``, ``clear``)."""
+        ...
+
 
 class MemoryLedger:
     """The in-memory PartLedger: for tests and one-shot uploads. Thread-safe."""
@@ -113,3 +119,6 @@ class MemoryLedger:
     def clear(self) -> None:
         with self._lock:
             self._checkpoint = None
+
+    def confirm(self) -> None:
+        pass  # a one-shot upload has no lease to lose

@@ -5,6 +5,9 @@ tests/test_store_contract.py holds these and the SQLAlchemy stores to the same b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 from vodpush.crypto import SecretBox
 from vodpush.memory.accounts import MemoryAccountStore
 from vodpush.memory.queue import MemoryQueueStore, MemoryRequestLedger, MemoryRequestStore
@@ -22,8 +25,8 @@ __all__ = [
 class MemoryStores:
     """One in-memory database: its account, request and queue stores, and its ledgers."""
 
-    def __init__(self, box: SecretBox) -> None:
-        self.tables = Tables()
+    def __init__(self, box: SecretBox, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.tables = Tables(clock)
         self.accounts = MemoryAccountStore(self.tables, box)
         self.requests = MemoryRequestStore(self.tables)
         self.queue = MemoryQueueStore(self.tables)

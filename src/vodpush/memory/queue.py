@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
-from vodpush.core.clock import utcnow
 from vodpush.core.ports import StatusRow
 from vodpush.core.records import QUEUED_MESSAGE, SUCCESS_MESSAGE, UPLOADING_MESSAGE
 from vodpush.core.requests import (
@@ -33,7 +32,7 @@ class MemoryRequestStore:
         self.on_enqueue: Callable[[], None] | None = None
 
     def enqueue(self, new: NewRequest) -> Enqueued:
-        now = utcnow()
+        now = self._t.now()
         with self._t.lock:
             for row in self._t.requests.values():
                 if row.account_id == new.account_id and row.signature == new.signature:
@@ -89,7 +88,7 @@ class MemoryQueueStore:
         self._t = tables
 
     def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
-        now = utcnow()
+        now = self._t.now()
         with self._t.lock:
             for row in sorted(self._t.requests.values(), key=lambda r: r.id):
                 due = (row.state == State.QUEUED.value and row.not_before <= now) or (
@@ -141,7 +140,7 @@ class MemoryQueueStore:
         bytes_done: int | None = None,
         bytes_total: int | None = None,
     ) -> None:
-        now = utcnow()
+        now = self._t.now()
         values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds)}
         if bytes_done is not None:
             values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=now)
@@ -171,7 +170,7 @@ class MemoryQueueStore:
         size: int,
         has_callback: bool,
     ) -> None:
-        now = utcnow()
+        now = self._t.now()
         self._change(
             request_id,
             owner,
@@ -201,7 +200,7 @@ class MemoryQueueStore:
         code: str | None,
         has_callback: bool,
     ) -> None:
-        now = utcnow()
+        now = self._t.now()
         self._change(
             request_id,
             owner,
@@ -237,11 +236,11 @@ class MemoryQueueStore:
             error_code=code,
             lease_owner=None,
             lease_expires_at=None,
-            updated_at=utcnow(),
+            updated_at=self._t.now(),
         )
 
     def release(self, request_id: int, owner: str) -> None:
-        now = utcnow()
+        now = self._t.now()
         with self._t.lock:
             row = self._change(
                 request_id,
@@ -267,7 +266,7 @@ class MemoryQueueStore:
         return min(due, key=lambda r: (r.callback_next_at, r.id), default=None)
 
     def claim_callback(self, lease_seconds: float) -> DueCallback | None:
-        now = utcnow()
+        now = self._t.now()
         with self._t.lock:
             row = self._due_callback(now)
             if row is None:
@@ -343,7 +342,7 @@ class MemoryQueueStore:
         return result
 
     def has_work(self) -> bool:
-        now = utcnow()
+        now = self._t.now()
         busy = (State.QUEUED.value, State.RUNNING.value)
         with self._t.lock:
             return any(
@@ -391,15 +390,17 @@ class MemoryRequestLedger:
 
     def part_done(self, part_number: int, record: PartRecord) -> None:
         with self._t.lock:
-            row = self._t.requests.get(self._request_id)
-            if row is None:
-                raise LookupError(f"no request {self._request_id}")  # the foreign key
-            row.parts[part_number] = record
+            self._t.leased(self._request_id, self._owner).parts[part_number] = record
 
     def clear(self) -> None:
         with self._t.lock:
-            row = self._t.requests.get(self._request_id)
-            if row is not None:
-                row.multipart_json = None
-                row.parts.clear()
+            row = self._t.leased(self._request_id, self._owner)
+            row.multipart_json = None
+            row.parts.clear()
         self._empty = True
+
+    def confirm(self) -> None:
+        with self._t.lock:
+            row = self._t.leased(self._request_id, self._owner)
+            if row.lease_expires_at is None or row.lease_expires_at <= self._t.now():
+                raise LeaseLost(f"the lease of request {self._request_id} has run out")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import namedtuple
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from vodpush.core.accounts import S3Settings
@@ -73,10 +74,18 @@ class RequestRow:
 REQUEST_FIELDS = {f.name for f in fields(RequestRow)}
 
 
+def _utc_now() -> datetime:
+    # Not core.clock.utcnow: a patched caller clock must not move the store's.
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 class Tables:
     """The shared state of one in-memory database."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
+        # The store's own clock, as a database has its own: leases and due times are
+        # measured on it, never on a caller's. Tests inject one they can move.
+        self.now: Callable[[], datetime] = clock or _utc_now
         self.lock = threading.RLock()
         self.accounts: dict[int, AccountRow] = {}
         self.requests: dict[int, RequestRow] = {}

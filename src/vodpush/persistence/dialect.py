@@ -15,13 +15,27 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, Table, create_engine, event, text
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Select,
+    Table,
+    create_engine,
+    event,
+    func,
+    literal,
+    text,
+    type_coerce,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql.elements import ColumnElement
 
 from vodpush.filemodes import create_private, restrict_to_owner
 
@@ -58,6 +72,11 @@ class Dialect:
     def skip_locked(self, pick: Select[Any]) -> Select[Any]:
         """The row-picking subquery of a claim: let concurrent claimers pass each other."""
         return pick
+
+    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+        """The database's own time (naive UTC, as the columns store it), ``plus_seconds``
+        later: leases are measured on this one clock, never a worker's."""
+        raise NotImplementedError(self.name)
 
     def for_update(self, read: Select[Any]) -> Select[Any]:
         """A read whose rows the transaction will then write: lock them."""
@@ -135,6 +154,14 @@ class _SQLite(Dialect):
         # A write transaction holds the database's write lock from its start (IMMEDIATE).
         return read
 
+    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+        # 'now' is UTC in SQLite, to the millisecond. SQLAlchemy stores a DateTime as text
+        # with six decimals, and SQLite compares text: the same layout keeps comparisons
+        # with stored times right and reads back as a datetime. '999': the end of the
+        # millisecond, so a time stored by Python within it (enqueue's not_before) is due.
+        stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
+        return type_coerce(stamp.op("||")(literal("999")), DateTime)
+
     def upsert(
         self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
     ) -> Any:
@@ -155,6 +182,11 @@ class _PostgreSQL(Dialect):
 
     def skip_locked(self, pick: Select[Any]) -> Select[Any]:
         return pick.with_for_update(skip_locked=True)
+
+    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+        # now(): the transaction's start, the same for every statement in it.
+        utc = func.timezone("UTC", func.now(), type_=DateTime)
+        return utc + timedelta(seconds=plus_seconds) if plus_seconds else utc
 
     def upsert(
         self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]

@@ -65,7 +65,9 @@ class QueueStore:
         self._dialect = dialect.for_engine(engine)
         # Built once: constructing these costs more than running them, and the worker runs
         # them after every upload.
-        self._claim = self._claim_statement()
+        # One claim statement per lease length (a worker uses one): the lease is computed
+        # by the database, on its clock.
+        self._claims: dict[float, Any] = {}
         self._updates: dict[tuple[str, ...], Any] = {}
         self._due_callback = (
             select(_T.c.id)
@@ -80,8 +82,8 @@ class QueueStore:
 
     # -- claiming --------------------------------------------------------------------------
 
-    def _claim_statement(self) -> Any:
-        now = bindparam("now")
+    def _claim_statement(self, lease_seconds: float) -> Any:
+        now = self._dialect.now()
         runnable = or_(
             and_(_T.c.state == State.QUEUED.value, _T.c.not_before <= now),
             and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
@@ -94,7 +96,7 @@ class QueueStore:
             .values(
                 state=State.RUNNING.value,
                 lease_owner=bindparam("owner"),
-                lease_expires_at=bindparam("lease_until"),
+                lease_expires_at=self._dialect.now(lease_seconds),
                 attempts=_T.c.attempts + 1,
                 message=UPLOADING_MESSAGE,
                 updated_at=now,
@@ -117,15 +119,14 @@ class QueueStore:
 
     def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
         """Take the oldest runnable request (queued and due, or running with an expired
-        lease) in one statement; None when there is none."""
-        now = utcnow()
-        params = {
-            "now": now,
-            "owner": owner,
-            "lease_until": now + timedelta(seconds=lease_seconds),
-        }
+        lease) in one statement; None when there is none. Due and expired are judged by
+        the database's clock, which also sets the lease: a worker's own clock, fast or
+        slow, cannot steal a live lease."""
+        statement = self._claims.get(lease_seconds)
+        if statement is None:
+            statement = self._claims[lease_seconds] = self._claim_statement(lease_seconds)
         with write_transaction(self._engine) as conn:
-            row = conn.execute(self._claim, params).first()
+            row = conn.execute(statement, {"owner": owner}).first()
         if row is None:
             return None
         return Claimed(
@@ -181,11 +182,12 @@ class QueueStore:
         bytes_done: int | None = None,
         bytes_total: int | None = None,
     ) -> None:
-        """Extend the lease, and record progress when given."""
-        now = utcnow()
-        values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds)}
+        """Extend the lease (on the database's clock), and record progress when given."""
+        values: dict[str, Any] = {"lease_expires_at": self._dialect.now(lease_seconds)}
         if bytes_done is not None:
-            values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=now)
+            values.update(
+                bytes_done=bytes_done, bytes_total=bytes_total, updated_at=self._dialect.now()
+            )
         self._change(request_id, owner, **values)
 
     # -- outcomes --------------------------------------------------------------------------
@@ -285,7 +287,7 @@ class QueueStore:
 
     def release(self, request_id: int, owner: str) -> None:
         """Give a request back untouched (shutdown): it does not count as an attempt."""
-        now = utcnow()
+        now = self._dialect.now()  # due at once by the clock claims are judged by
         self._change(
             request_id,
             owner,
@@ -455,6 +457,7 @@ class QueueStore:
 # Built once: a single-PUT upload looks for a checkpoint too.
 _LEDGER_HEADER = select(_T.c.multipart_json).where(_T.c.id == bindparam("rid"))
 _LEDGER_PARTS = select(_P).where(_P.c.request_id == bindparam("rid"))
+_LEDGER_CLEAR = update(_T).where(_LEASED).values(multipart_json=None)
 
 
 class DbLedger:
@@ -522,10 +525,35 @@ class DbLedger:
             update=["etag", "checksum_sha256", "size"],
         )
         with self._lock, write_transaction(self._engine) as conn:
+            # The lease row is locked first (PostgreSQL: a takeover waits for this commit),
+            # so a worker that lost its lease cannot write into the new holder's ledger.
+            self._hold(conn)
             conn.execute(statement)
 
     def clear(self) -> None:
         with write_transaction(self._engine) as conn:
-            conn.execute(update(_T).where(_T.c.id == self._request_id).values(multipart_json=None))
+            result = conn.execute(_LEDGER_CLEAR, self._params)
+            if result.rowcount != 1:
+                raise self._lost()
             conn.execute(delete(_P).where(_P.c.request_id == self._request_id))
         self._empty = True
+
+    def confirm(self) -> None:
+        """Before the final S3 call: the lease is still ours and has not run out by the
+        database's clock, else LeaseLost."""
+        live = select(_T.c.id).where(_LEASED, _T.c.lease_expires_at > self._dialect.now())
+        with self._engine.connect() as conn:
+            if conn.execute(live, self._params).first() is None:
+                raise self._lost()
+
+    @property
+    def _params(self) -> dict[str, Any]:
+        return {"rid": self._request_id, "owner": self._owner}
+
+    def _lost(self) -> LeaseLost:
+        return LeaseLost(f"request {self._request_id} is no longer leased by {self._owner}")
+
+    def _hold(self, conn: Any) -> None:
+        held = conn.execute(self._dialect.for_update(select(_T.c.id).where(_LEASED)), self._params)
+        if held.first() is None:
+            raise self._lost()

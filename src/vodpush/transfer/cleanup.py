@@ -48,6 +48,8 @@ def abandon(client: BaseClient, job: UploadJob, ledger: PartLedger) -> bool:
     checkpoint = ledger.load()
     if checkpoint is None:
         return True  # nothing to abort, nothing to clear (and no write)
+    # The checkpoint may be a new lease holder's: only the holder aborts (else LeaseLost).
+    ledger.confirm()
     if not abort_multipart(client, job.bucket, job.key, checkpoint.upload_id):
         return False
     ledger.clear()

@@ -225,6 +225,9 @@ class Multipart:
             if self.job.options.checksums and record.checksum_sha256:
                 entry["ChecksumSHA256"] = record.checksum_sha256
             parts.append(entry)
+        # A worker that lost its lease must not complete: the new holder may be sending
+        # (or have completed) the same object.
+        self.ledger.confirm()
         return s3_call(
             self.client.complete_multipart_upload,
             Bucket=self.job.bucket,

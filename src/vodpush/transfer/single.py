@@ -36,6 +36,7 @@ def put_single(
         args["ContentMD5"] = b64(md5)
     if checksums:
         args["ChecksumSHA256"] = b64(sha)  # ChecksumAlgorithm comes with the options
+    ledger.confirm()  # a worker that lost its lease must not write the object
     response = s3_call(client.put_object, **args)
     if progress is not None:
         progress(source.size, source.size)
