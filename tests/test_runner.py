@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +363,53 @@ def test_a_lease_lost_before_the_final_call_means_no_final_call(
     assert (row.state, row.message, row.attempts) == ("running", "Uploading", 1)
     service.queue.heartbeat(rid, "thief", 30)
     assert service.ledger(rid, "thief").load() is not None or size < 5 * 1024 * 1024
+
+
+def test_a_permanent_error_after_the_lease_ran_out_leaves_the_upload_to_the_next_holder(
+    service: Service, tmp_path: Path
+) -> None:
+    """A worker whose lease ran out (nobody took over yet) meets a permanent S3 error: it may
+    neither abort the multipart upload nor fail the request (that would drop a checkpoint
+    whose upload was not aborted); the next holder resumes, meets the error, cleans up."""
+    from botocore.exceptions import ClientError
+
+    now = [datetime(2026, 1, 1)]
+    store = Service.in_memory(service.settings, clock=lambda: now[0])
+    (rid,) = _enqueue(store)
+    (tmp_path / "sestore1" / "jb").mkdir(parents=True)
+    (tmp_path / "sestore1" / "jb" / "0").write_bytes(b"v" * (6 * 1024 * 1024))
+
+    class DeniedAfterExpiry(RecordingS3):
+        def upload_part(self, **kw: Any) -> dict[str, Any]:
+            if kw["PartNumber"] == 1:
+                return super().upload_part(**kw)
+            now[0] += timedelta(seconds=600)  # the lease (5 s) ran out while this part went
+            self.calls.append("UploadPart 2 denied")
+            raise ClientError({"Error": {"Code": "AccessDenied"}}, "UploadPart")
+
+    s3 = DeniedAfterExpiry()
+    done = threading.Event()
+    raised: list[BaseException] = []
+
+    def real_engine(client: Any, job: Any, ledger: Any, **kw: Any) -> UploadResult:
+        kw |= {"threshold": 5 * 1024 * 1024, "chunksize": 5 * 1024 * 1024, "concurrency": 1}
+        try:
+            return upload(s3, job, ledger, **kw)  # type: ignore[arg-type]
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+        finally:
+            worker.stop(0)  # no second claim of the expired request by this same worker
+            done.set()
+
+    worker = Worker(store, uploader=real_engine)
+    _run_until(worker, done)
+    assert [type(e) for e in raised] == [LeaseLost]
+    assert "AbortMultipartUpload" not in s3.calls
+    row = _state(store, rid)
+    assert (row.state, row.message) == ("running", "Uploading")  # neither failed nor retried
+    # The next holder finds the checkpoint, so it can abort the upload when it fails too.
+    claimed = store.queue.claim("next", 30)
+    assert claimed is not None and claimed.id == rid and claimed.has_checkpoint
+    checkpoint = store.ledger(rid, "next").load()
+    assert checkpoint is not None and checkpoint.upload_id == "up-1"
