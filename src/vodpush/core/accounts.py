@@ -4,6 +4,7 @@ buckets, whose files), and the checks of what an operator may set. No storage he
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
@@ -118,6 +119,35 @@ class AccountRecord:
             "username_shared": self.username_shared,
             "created": format_time(self.created_at),
         }
+
+
+def with_patterns_added(have: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The bucket list with ``patterns`` (checked by ``check_bucket_pattern``) added, sorted
+    and bounded."""
+    return _bounded(set(have) | set(patterns))
+
+
+def with_patterns_removed(have: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The bucket list without ``patterns``, each of which must be on it exactly as listed;
+    a refusal names the wildcard that covers a pattern, if one does."""
+    have, patterns = set(have), list(patterns)
+    for pattern in patterns:
+        if pattern not in have:
+            covering = [p for p in sorted(have) if fnmatchcase(pattern, p)]
+            hint = (
+                f" (it matches {', '.join(covering)}: remove that pattern and allow "
+                "the buckets to keep one by one)"
+                if covering
+                else ""
+            )
+            raise AccountError(f"{pattern!r} is not on the account's list{hint}")
+    return _bounded(have - set(patterns))
+
+
+def _bounded(patterns: set[str]) -> list[str]:
+    if len(patterns) > MAX_BUCKET_PATTERNS:
+        raise AccountError(f"an account may have at most {MAX_BUCKET_PATTERNS} patterns")
+    return sorted(patterns)
 
 
 def check_bucket_pattern(pattern: str) -> None:

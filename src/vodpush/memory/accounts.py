@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from fnmatch import fnmatchcase
 from typing import Any
 
 from vodpush.core.accounts import (
-    MAX_BUCKET_PATTERNS,
     AccountError,
     AccountRecord,
     S3Settings,
     check_bucket_pattern,
     check_s3,
     check_username,
+    with_patterns_added,
+    with_patterns_removed,
 )
 from vodpush.core.clock import utcnow
 from vodpush.crypto import SecretBox, new_api_key, new_api_secret, new_webhook_secret
@@ -173,32 +173,18 @@ class MemoryAccountStore:
         return self._edit(ref, change)
 
     def allow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord:
-        for pattern in patterns:
+        for pattern in patterns:  # before the account is looked up, as a CLI error
             check_bucket_pattern(pattern)
-        return self._edit_buckets(ref, lambda have: have | set(patterns))
+        return self._edit_buckets(ref, lambda have: with_patterns_added(have, patterns))
 
     def disallow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord:
-        def remove(have: set[str]) -> set[str]:
-            for pattern in patterns:
-                if pattern not in have:
-                    covering = [p for p in sorted(have) if fnmatchcase(pattern, p)]
-                    hint = (
-                        f" (it matches {', '.join(covering)}: remove that pattern and allow "
-                        "the buckets to keep one by one)"
-                        if covering
-                        else ""
-                    )
-                    raise AccountError(f"{pattern!r} is not on the account's list{hint}")
-            return have - set(patterns)
+        return self._edit_buckets(ref, lambda have: with_patterns_removed(have, patterns))
 
-        return self._edit_buckets(ref, remove)
-
-    def _edit_buckets(self, ref: str, change: Callable[[set[str]], set[str]]) -> AccountRecord:
+    def _edit_buckets(
+        self, ref: str, change: Callable[[tuple[str, ...]], list[str]]
+    ) -> AccountRecord:
         def edit(a: AccountRow) -> None:
-            patterns = sorted(change(set(a.allowed_buckets)))
-            if len(patterns) > MAX_BUCKET_PATTERNS:
-                raise AccountError(f"an account may have at most {MAX_BUCKET_PATTERNS} patterns")
-            a.allowed_buckets = tuple(patterns)
+            a.allowed_buckets = tuple(change(a.allowed_buckets))
 
         return self._edit(ref, edit)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
 
@@ -13,13 +12,14 @@ from sqlalchemy import Connection, Engine, bindparam, exists, func, inspect, sel
 from sqlalchemy.exc import IntegrityError
 
 from vodpush.core.accounts import (
-    MAX_BUCKET_PATTERNS,
     AccountError,
     AccountRecord,
     S3Settings,
     check_bucket_pattern,
     check_s3,
     check_username,
+    with_patterns_added,
+    with_patterns_removed,
 )
 from vodpush.core.clock import utcnow
 from vodpush.crypto import SecretBox, new_api_key, new_api_secret, new_webhook_secret
@@ -214,29 +214,17 @@ class AccountStore:
 
     def allow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord:
         """Add bucket patterns to an account's list."""
-        for pattern in patterns:
+        for pattern in patterns:  # before the account is looked up, as a CLI error
             check_bucket_pattern(pattern)
-        return self._edit_buckets(ref, lambda have: have | set(patterns))
+        return self._edit_buckets(ref, lambda have: with_patterns_added(have, patterns))
 
     def disallow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord:
         """Remove patterns (exactly as listed) from an account's list."""
+        return self._edit_buckets(ref, lambda have: with_patterns_removed(have, patterns))
 
-        def remove(have: set[str]) -> set[str]:
-            for pattern in patterns:
-                if pattern not in have:
-                    covering = [p for p in sorted(have) if fnmatchcase(pattern, p)]
-                    hint = (
-                        f" (it matches {', '.join(covering)}: remove that pattern and allow "
-                        "the buckets to keep one by one)"
-                        if covering
-                        else ""
-                    )
-                    raise AccountError(f"{pattern!r} is not on the account's list{hint}")
-            return have - set(patterns)
-
-        return self._edit_buckets(ref, remove)
-
-    def _edit_buckets(self, ref: str, change: Callable[[set[str]], set[str]]) -> AccountRecord:
+    def _edit_buckets(
+        self, ref: str, change: Callable[[tuple[str, ...]], list[str]]
+    ) -> AccountRecord:
         account = self.find(ref)
         # Read and write under the write lock (SQLite) or the row lock (PostgreSQL), so two
         # operators' edits do not lose one another.
@@ -245,9 +233,7 @@ class AccountStore:
             current = conn.execute(self._dialect.for_update(read)).scalar_one_or_none()
             if current is None:
                 raise AccountError(f"account {account.id} vanished during the update")
-            patterns = sorted(change(set(_load_patterns(current))))
-            if len(patterns) > MAX_BUCKET_PATTERNS:
-                raise AccountError(f"an account may have at most {MAX_BUCKET_PATTERNS} patterns")
+            patterns = change(_load_patterns(current))
             conn.execute(
                 update(_A)
                 .where(_A.c.id == account.id)
