@@ -8,9 +8,10 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from vodpush.core import outcomes
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.ports import StatusRow
-from vodpush.core.records import QUEUED_MESSAGE, SUCCESS_MESSAGE, UPLOADING_MESSAGE
+from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE
 from vodpush.core.requests import (
     CallbackState,
     Claimed,
@@ -146,19 +147,6 @@ class MemoryQueueStore:
             values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=now)
         self._change(request_id, owner, **values)
 
-    @staticmethod
-    def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
-        if not has_callback:
-            return {}
-        # The webhook-id is fixed here, once, before any POST: every retry and every worker
-        # sends this same id, so receivers that deduplicate by id see the delivery once.
-        return {
-            "callback_state": PENDING,
-            "callback_next_at": now,
-            "callback_attempts": 0,
-            "callback_msg_id": new_message_id(),
-        }
-
     def succeed(
         self,
         request_id: int,
@@ -170,24 +158,19 @@ class MemoryQueueStore:
         size: int,
         has_callback: bool,
     ) -> None:
-        now = self._t.now()
         self._change(
             request_id,
             owner,
-            state=State.SUCCEEDED.value,
-            message=SUCCESS_MESSAGE,
-            results_json=json.dumps(results),
-            http_status=http_status,
-            error_code=None,
-            sha256=sha256,
-            bytes_done=size,
-            bytes_total=size,
-            multipart_json=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
             drop_parts=True,
-            **self._callback_due(has_callback, now),
+            **outcomes.succeeded(
+                results=results,
+                http_status=http_status,
+                sha256=sha256,
+                size=size,
+                has_callback=has_callback,
+                now=self._t.now(),
+                new_msg_id=new_message_id,
+            ),
         )
 
     def fail(
@@ -200,20 +183,18 @@ class MemoryQueueStore:
         code: str | None,
         has_callback: bool,
     ) -> None:
-        now = self._t.now()
         self._change(
             request_id,
             owner,
-            state=State.FAILED.value,
-            message=message,
-            http_status=http_status or 0,
-            error_code=code,
-            multipart_json=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
             drop_parts=True,
-            **self._callback_due(has_callback, now),
+            **outcomes.failed(
+                message=message,
+                http_status=http_status,
+                code=code,
+                has_callback=has_callback,
+                now=self._t.now(),
+                new_msg_id=new_message_id,
+            ),
         )
 
     def retry_later(

@@ -25,9 +25,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ClauseElement
 
+from vodpush.core import outcomes
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.clock import utcnow
-from vodpush.core.records import QUEUED_MESSAGE, SUCCESS_MESSAGE, UPLOADING_MESSAGE
+from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE
 from vodpush.core.requests import CallbackState, Claimed, DueCallback, LeaseLost, State
 from vodpush.persistence import dialect
 from vodpush.persistence.db import write_transaction
@@ -203,24 +204,19 @@ class QueueStore:
         size: int,
         has_callback: bool,
     ) -> None:
-        now = utcnow()
         self._change(
             request_id,
             owner,
-            state=State.SUCCEEDED.value,
-            message=SUCCESS_MESSAGE,
-            results_json=json.dumps(results),
-            http_status=http_status,
-            error_code=None,
-            sha256=sha256,
-            bytes_done=size,
-            bytes_total=size,
-            multipart_json=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
             drop_parts=True,
-            **self._callback_due(has_callback, now),
+            **outcomes.succeeded(
+                results=results,
+                http_status=http_status,
+                sha256=sha256,
+                size=size,
+                has_callback=has_callback,
+                now=utcnow(),
+                new_msg_id=new_message_id,
+            ),
         )
 
     def fail(
@@ -233,34 +229,19 @@ class QueueStore:
         code: str | None,
         has_callback: bool,
     ) -> None:
-        now = utcnow()
         self._change(
             request_id,
             owner,
-            state=State.FAILED.value,
-            message=message,
-            http_status=http_status or 0,
-            error_code=code,
-            multipart_json=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
             drop_parts=True,
-            **self._callback_due(has_callback, now),
+            **outcomes.failed(
+                message=message,
+                http_status=http_status,
+                code=code,
+                has_callback=has_callback,
+                now=utcnow(),
+                new_msg_id=new_message_id,
+            ),
         )
-
-    @staticmethod
-    def _callback_due(has_callback: bool, now: datetime) -> dict[str, Any]:
-        if not has_callback:
-            return {}
-        # The webhook-id is fixed here, once, before any POST: every retry and every worker
-        # sends this same id, so receivers that deduplicate by id see the delivery once.
-        return {
-            "callback_state": _PENDING,
-            "callback_next_at": now,
-            "callback_attempts": 0,
-            "callback_msg_id": new_message_id(),
-        }
 
     def retry_later(
         self,

@@ -1,0 +1,80 @@
+"""What a request row holds once its upload has an outcome: the column values both stores
+(SQL and in-memory) write, defined once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from vodpush.core.records import SUCCESS_MESSAGE
+from vodpush.core.requests import CallbackState, State
+
+
+def succeeded(
+    *,
+    results: dict[str, str],
+    http_status: int,
+    sha256: str,
+    size: int,
+    has_callback: bool,
+    now: datetime,
+    new_msg_id: Callable[[], str],
+) -> dict[str, Any]:
+    return {
+        "state": State.SUCCEEDED.value,
+        "message": SUCCESS_MESSAGE,
+        "results_json": json.dumps(results),
+        "http_status": http_status,
+        "error_code": None,
+        "sha256": sha256,
+        "bytes_done": size,
+        "bytes_total": size,
+        **_finished(now),
+        **callback_due(has_callback, now, new_msg_id),
+    }
+
+
+def failed(
+    *,
+    message: str,
+    http_status: int | None,
+    code: str | None,
+    has_callback: bool,
+    now: datetime,
+    new_msg_id: Callable[[], str],
+) -> dict[str, Any]:
+    return {
+        "state": State.FAILED.value,
+        "message": message,
+        "http_status": http_status or 0,
+        "error_code": code,
+        **_finished(now),
+        **callback_due(has_callback, now, new_msg_id),
+    }
+
+
+def _finished(now: datetime) -> dict[str, Any]:
+    # No lease, no multipart checkpoint (the caller drops the part ledger with it).
+    return {
+        "multipart_json": None,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "updated_at": now,
+    }
+
+
+def callback_due(
+    has_callback: bool, now: datetime, new_msg_id: Callable[[], str]
+) -> dict[str, Any]:
+    if not has_callback:
+        return {}
+    # The webhook-id is fixed here, once, before any POST: every retry and every worker
+    # sends this same id, so receivers that deduplicate by id see the delivery once.
+    return {
+        "callback_state": CallbackState.PENDING.value,
+        "callback_next_at": now,
+        "callback_attempts": 0,
+        "callback_msg_id": new_msg_id(),
+    }
