@@ -86,6 +86,13 @@ class Dialect:
         self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
     ) -> Any:
         """INSERT ``values``, or on a conflict of ``keys`` set the columns ``update``."""
+        statement = self._insert(table).values(**values)
+        return statement.on_conflict_do_update(
+            index_elements=keys, set_={k: statement.excluded[k] for k in update}
+        )
+
+    def _insert(self, table: Table) -> Any:
+        """The dialect's INSERT with ON CONFLICT (both spell the upsert alike)."""
         raise NotImplementedError(self.name)
 
     def notify_queued(self, conn: Connection) -> None:
@@ -162,13 +169,8 @@ class _SQLite(Dialect):
         stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
         return type_coerce(stamp.op("||")(literal("999")), DateTime)
 
-    def upsert(
-        self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
-    ) -> Any:
-        statement = sqlite_insert(table).values(**values)
-        return statement.on_conflict_do_update(
-            index_elements=keys, set_={k: statement.excluded[k] for k in update}
-        )
+    def _insert(self, table: Table) -> Any:
+        return sqlite_insert(table)
 
 
 class _PostgreSQL(Dialect):
@@ -188,13 +190,8 @@ class _PostgreSQL(Dialect):
         utc = func.timezone("UTC", func.now(), type_=DateTime)
         return utc + timedelta(seconds=plus_seconds) if plus_seconds else utc
 
-    def upsert(
-        self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
-    ) -> Any:
-        statement = pg_insert(table).values(**values)
-        return statement.on_conflict_do_update(
-            index_elements=keys, set_={k: statement.excluded[k] for k in update}
-        )
+    def _insert(self, table: Table) -> Any:
+        return pg_insert(table)
 
     def notify_queued(self, conn: Connection) -> None:
         conn.execute(text(f"NOTIFY {QUEUE_CHANNEL}"))
