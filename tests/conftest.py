@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 from tests.s3server import MotoServer
 from vodpush.api.app import create_app
 from vodpush.api.connections import server_config
+from vodpush.cli import main
 from vodpush.config import Settings
 from vodpush.crypto import generate_key
 from vodpush.persistence import db
@@ -173,6 +174,25 @@ def make_account(service: Service, sestore_root: Path) -> Any:
 @pytest.fixture
 def account(make_account: Any) -> Creds:
     return make_account()
+
+
+# -- the operator CLI ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
+    """The vodpush command pointed at the test's database, key and sestore."""
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("VODPUSH_SECRET_KEY", settings.secret_key.get_secret_value())
+    monkeypatch.setenv("VODPUSH_SESTORE_ROOT", str(settings.sestore_root))
+    return settings
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``vodpush ARGV`` in process: (exit code, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 # -- S3 ----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.netguard import NetworkLog, guard_network
 from vodpush.callbacks.delivery import DeliveryAttempt, deliver
 from vodpush.callbacks.payload import Delivery, build_delivery
 from vodpush.callbacks.policy import (
@@ -69,40 +70,10 @@ def fresh_delivery(secret: str = SECRET, *, now: float | None = None) -> Deliver
 # -- network guard ------------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclasses.dataclass
-class NetworkLog:
-    lookups: list[str] = dataclasses.field(default_factory=list)
-    connects: list[tuple[str, int]] = dataclasses.field(default_factory=list)
-
-
 @pytest.fixture(autouse=True)
 def network(monkeypatch: pytest.MonkeyPatch) -> NetworkLog:
     """Allow lookups of localhost and connections to loopback only; log both."""
-    log = NetworkLog()
-    real_getaddrinfo = socket.getaddrinfo
-    real_create_connection = socket.create_connection
-
-    def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        log.lookups.append(str(host))
-        if host == "localhost" or _is_loopback(str(host)):
-            return real_getaddrinfo(host, *args, **kwargs)
-        raise socket.gaierror(socket.EAI_NONAME, f"test forbids looking up {host!r}")
-
-    def guarded_create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
-        assert _is_loopback(address[0]), f"test forbids connecting to {address}"
-        log.connects.append((address[0], address[1]))
-        return real_create_connection(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
-    monkeypatch.setattr(socket, "create_connection", guarded_create_connection)
-    return log
+    return guard_network(monkeypatch)
 
 
 def fake_dns(table: dict[str, Sequence[str]]) -> Callable[[str, int], Sequence[str]]:

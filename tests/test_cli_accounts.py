@@ -11,23 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
-from vodpush.cli import main
+from tests.conftest import run_cli as run
 from vodpush.persistence.accounts import ENCRYPTED_COLUMNS
 from vodpush.persistence.models import Account, Base
-
-
-@pytest.fixture
-def cli_env(monkeypatch, settings):
-    monkeypatch.setenv("VODPUSH_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("VODPUSH_SECRET_KEY", settings.secret_key.get_secret_value())
-    monkeypatch.setenv("VODPUSH_SESTORE_ROOT", str(settings.sestore_root))
-    return settings
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_account_lifecycle(cli_env, capsys, service, caplog):

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import run_cli as run
 from tests.wire import call
-from vodpush.cli import main
 from vodpush.commands import COMMANDS, CommandContext
 from vodpush.operations import (
     InvalidField,
@@ -243,20 +243,6 @@ def test_status_query_reads_digit_strings_and_defaults(ctx, settings):
 
 
 # -- the operator CLI: the same operation, a second caller --------------------------------
-
-
-@pytest.fixture
-def cli_env(monkeypatch, settings):
-    monkeypatch.setenv("VODPUSH_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("VODPUSH_SECRET_KEY", settings.secret_key.get_secret_value())
-    monkeypatch.setenv("VODPUSH_SESTORE_ROOT", str(settings.sestore_root))
-    return settings
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_request_list_shows_what_aws_status_shows(live_server, account, clip, cli_env, capsys):

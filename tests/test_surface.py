@@ -9,8 +9,6 @@ lookups fail as a name that does not exist would), and records both.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import os
 import signal
 import socket
@@ -27,6 +25,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.conftest import LiveServer, free_port
+from tests.netguard import NetworkLog, guard_network
 from tests.wire import call
 from vodpush.api.app import create_app
 from vodpush.callbacks.delivery import deliver
@@ -40,39 +39,9 @@ from vodpush.worker.runner import Worker
 FILE = "sestore1/jb/clip.mp4"
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclasses.dataclass
-class NetworkLog:
-    lookups: list[str] = dataclasses.field(default_factory=list)
-    connects: list[tuple[str, int]] = dataclasses.field(default_factory=list)
-
-
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch) -> NetworkLog:
-    log = NetworkLog()
-    real_getaddrinfo = socket.getaddrinfo
-    real_create_connection = socket.create_connection
-
-    def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        log.lookups.append(str(host))
-        if host == "localhost" or _is_loopback(str(host)):
-            return real_getaddrinfo(host, *args, **kwargs)
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    def guarded_create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
-        assert _is_loopback(address[0]), f"test forbids connecting to {address}"
-        log.connects.append((address[0], address[1]))
-        return real_create_connection(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
-    monkeypatch.setattr(socket, "create_connection", guarded_create_connection)
-    return log
+    return guard_network(monkeypatch, missing="Name or service not known")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError as RefVerificationError
 
 from tests.conftest import PG_ADMIN_URL, _pg_url, s3_client
+from tests.conftest import run_cli as cli
 from tests.s3server import MotoServer, TcpProxy
 from tests.test_worker import Receiver, run_worker
 from tests.wire import call
@@ -114,20 +115,6 @@ def operator_s3(monkeypatch: pytest.MonkeyPatch, s3: MotoServer) -> MotoServer:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     return s3
-
-
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
-    monkeypatch.setenv("VODPUSH_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("VODPUSH_SECRET_KEY", settings.secret_key.get_secret_value())
-    monkeypatch.setenv("VODPUSH_SESTORE_ROOT", str(settings.sestore_root))
-    return settings
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- 1. buckets belong to accounts ----------------------------------------------------------
