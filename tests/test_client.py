@@ -108,6 +108,7 @@ def record(**overrides: Any) -> dict[str, Any]:
         "status": 0,
         "bucket": "b",
         "state": "queued",
+        "next_attempt_at": "",
         "attempts": 0,
         "bytes_done": 0,
         "bytes_total": None,

@@ -413,3 +413,27 @@ def test_a_permanent_error_after_the_lease_ran_out_leaves_the_upload_to_the_next
     assert claimed is not None and claimed.id == rid and claimed.has_checkpoint
     checkpoint = store.ledger(rid, "next").load()
     assert checkpoint is not None and checkpoint.upload_id == "up-1"
+
+
+def test_a_request_whose_workers_keep_dying_is_failed_not_reclaimed_forever(
+    service: Service,
+) -> None:
+    (rid,) = _enqueue(service)
+    for n in range(service.settings.max_attempts):  # each claimer dies: its lease runs out
+        assert service.queue.claim(f"dead-{n}", 0.001) is not None
+        time.sleep(0.005)
+    fake = FakeUpload(lambda call: OK)
+    _run(Worker(service, uploader=fake))
+    row = _state(service, rid)
+    assert fake.calls == []  # not handed to yet another worker
+    assert (row.state, row.error_code) == ("failed", "WorkerDied")
+    assert row.message == "Upload failed: worker died while uploading (3 times)"
+
+
+def test_a_release_at_shutdown_is_not_a_death(service: Service) -> None:
+    (rid,) = _enqueue(service)
+    for n in range(service.settings.max_attempts):
+        assert service.queue.claim(f"polite-{n}", 30) is not None
+        service.queue.release(rid, f"polite-{n}")
+    _run(Worker(service, uploader=FakeUpload(lambda call: OK)))
+    assert _state(service, rid).state == "succeeded"

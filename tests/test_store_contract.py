@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -183,7 +184,10 @@ def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) 
     stores.queue.retry_later(now, "w", at=utcnow() - timedelta(seconds=1), message="Retrying",
                              http_status=None, code="RequestTimeout")  # fmt: skip
     row = stores.requests.get(later)
-    assert row is not None and row.state == "queued" and row.error_code == "SlowDown"
+    assert row is not None and row.state == "retrying" and row.error_code == "SlowDown"
+    shown = records.render(row)
+    assert shown["state"] == "retrying" and shown["next_attempt_at"] > records.format_time(utcnow())
+    assert stores.queue.depth()["retrying"] == 2
     again = stores.queue.claim("w", 30)
     assert again is not None and again.id == now and again.attempts == 2
     assert stores.queue.claim("w", 30) is None  # the other is not due for an hour
@@ -193,6 +197,18 @@ def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) 
     assert row is not None and row.state == "queued" and row.attempts == 1
     assert row.message == records.QUEUED_MESSAGE
     assert stores.queue.claim("w", 30).attempts == 2  # type: ignore[union-attr]
+
+
+def test_a_claim_that_takes_over_an_expired_lease_counts_it(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores))
+    first = stores.queue.claim("w1", 0.001)
+    assert first is not None and first.lease_expiries == 0
+    time.sleep(0.01)
+    second = stores.queue.claim("w2", 30)  # w1's lease ran out: it died or hung
+    assert second is not None and second.id == rid and second.lease_expiries == 1
+    stores.queue.release(rid, "w2")  # a graceful release is not an expiry
+    third = stores.queue.claim("w3", 30)
+    assert third is not None and third.lease_expiries == 1
 
 
 def test_a_disabled_accounts_requests_and_callbacks_are_held(stores: Service) -> None:

@@ -145,7 +145,8 @@ class StatusRecord:
     last_updated: str
     status: int  # HTTP status of the S3 upload; 0 until there is one
     # Extras beyond the reference page.
-    state: str | None = None  # queued, running, succeeded, failed
+    state: str | None = None  # queued, running, retrying, succeeded, failed
+    next_attempt_at: str | None = None  # when a retrying request is tried next
     bucket: str | None = None
     attempts: int | None = None
     bytes_done: int | None = None
@@ -175,6 +176,7 @@ class StatusRecord:
             last_updated=_as_str(data.get("last_updated")),
             status=_as_int(data.get("status"), 0) or 0,
             state=_opt_str(data.get("state")),
+            next_attempt_at=_opt_str(data.get("next_attempt_at")),
             bucket=_opt_str(data.get("bucket")),
             attempts=_as_int(data.get("attempts")),
             bytes_done=_as_int(data.get("bytes_done")),

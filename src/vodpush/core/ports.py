@@ -51,6 +51,7 @@ class StatusRow(Protocol):
     callback_state: str
     callback_attempts: int
     callback_last_error: str | None
+    not_before: datetime | str  # when a retrying request is next tried
 
 
 class AccountStorePort(Protocol):

@@ -62,6 +62,8 @@ def render(row: Any) -> dict[str, Any]:
         # Extras beyond the reference page.
         "bucket": row.bucket,
         "state": row.state,
+        # When a retrying request is tried next ("" in every other state).
+        "next_attempt_at": format_time(row.not_before) if row.state == "retrying" else "",
         "attempts": row.attempts,
         "bytes_done": row.bytes_done,
         "bytes_total": row.bytes_total,

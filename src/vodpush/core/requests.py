@@ -12,6 +12,8 @@ class State(enum.StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    # Queued again after a transient failure, waiting for its next attempt (not_before).
+    RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
@@ -26,8 +28,18 @@ class CallbackState(enum.StrEnum):
     FAILED = "failed"
 
 
+# The states a worker may claim from (when due): waiting for a first or a next attempt.
+WAITING_STATES = (State.QUEUED.value, State.RETRYING.value)
+
+
 class LeaseLost(RuntimeError):
     """The request is no longer ours (lease expired and another worker took it)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not answer for a reason that passes (a dropped or refused database
+    connection, a restart, a serialization failure, SQLite busy): try again later. Whether
+    the write was applied is unknown, so only idempotent steps are simply repeated."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class Claimed:
     callback: str
     attempts: int
     has_checkpoint: bool = False  # a multipart upload of an earlier attempt may resume
+    # How often a worker's lease on it ran out (the worker died or hung): counted at the
+    # claim that took it over. A request that kills every worker ends at max_attempts.
+    lease_expiries: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.ports import StatusRow
 from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE
 from vodpush.core.requests import (
+    WAITING_STATES,
     CallbackState,
     Claimed,
     DueCallback,
@@ -92,7 +93,7 @@ class MemoryQueueStore:
         now = self._t.now()
         with self._t.lock:
             for row in sorted(self._t.requests.values(), key=lambda r: r.id):
-                due = (row.state == State.QUEUED.value and row.not_before <= now) or (
+                due = (row.state in WAITING_STATES and row.not_before <= now) or (
                     row.state == State.RUNNING.value
                     and row.lease_expires_at is not None
                     and row.lease_expires_at < now
@@ -101,6 +102,8 @@ class MemoryQueueStore:
                     break
             else:
                 return None
+            if row.state == State.RUNNING.value:
+                row.lease_expiries += 1  # its worker died or hung
             row.state = State.RUNNING.value
             row.lease_owner = owner
             row.lease_expires_at = now + timedelta(seconds=lease_seconds)
@@ -118,6 +121,7 @@ class MemoryQueueStore:
                 callback=row.callback,
                 attempts=row.attempts,
                 has_checkpoint=row.multipart_json is not None,
+                lease_expiries=row.lease_expiries,
             )
 
     def _change(
@@ -210,7 +214,7 @@ class MemoryQueueStore:
         self._change(
             request_id,
             owner,
-            state=State.QUEUED.value,
+            state=State.RETRYING.value,
             not_before=at,
             message=message,
             http_status=http_status or 0,
@@ -318,13 +322,13 @@ class MemoryQueueStore:
             held = [r for r in rows if not self._t.account_enabled(r.account_id)]
         result = {state.value: sum(r.state == state.value for r in rows) for state in State}
         result["callbacks_pending"] = sum(r.callback_state == PENDING for r in rows)
-        result["held_account_disabled"] = sum(r.state == State.QUEUED.value for r in held)
+        result["held_account_disabled"] = sum(r.state in WAITING_STATES for r in held)
         result["callbacks_held_account_disabled"] = sum(r.callback_state == PENDING for r in held)
         return result
 
     def has_work(self) -> bool:
         now = self._t.now()
-        busy = (State.QUEUED.value, State.RUNNING.value)
+        busy = (*WAITING_STATES, State.RUNNING.value)
         with self._t.lock:
             return any(
                 (

@@ -56,6 +56,7 @@ class RequestRow:
     http_status: int = 0
     error_code: str | None = None
     attempts: int = 0
+    lease_expiries: int = 0
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
     bytes_total: int | None = None

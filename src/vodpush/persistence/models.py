@@ -107,6 +107,10 @@ class UploadRequest(Base):
 
     # Queue bookkeeping
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # Claims that took the request over from a worker whose lease ran out (core.requests).
+    lease_expiries: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
     not_before: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -168,3 +172,28 @@ class CallbackAttempt(Base):
     http_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     duration: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class OrphanUpload(Base):
+    """A multipart upload that was given up but whose abort S3 did not confirm: the reaper
+    (vodpush.worker.reaper, `vodpush reap`) aborts it until S3 does, then deletes the row."""
+
+    __tablename__ = "orphan_uploads"
+    __table_args__ = (
+        UniqueConstraint("account_id", "bucket", "upload_id"),
+        Index("ix_orphan_uploads_next_at", "next_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The credentials and endpoint the abort needs are the account's.
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False
+    )
+    request_id: Mapped[int | None] = mapped_column(BigId)  # for the operator; may be gone
+    bucket: Mapped[str] = mapped_column(String(255), nullable=False)
+    key: Mapped[str] = mapped_column(Text, nullable=False)
+    upload_id: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    next_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)

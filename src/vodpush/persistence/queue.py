@@ -29,7 +29,14 @@ from vodpush.core import outcomes
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.clock import utcnow
 from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE
-from vodpush.core.requests import CallbackState, Claimed, DueCallback, LeaseLost, State
+from vodpush.core.requests import (
+    WAITING_STATES,
+    CallbackState,
+    Claimed,
+    DueCallback,
+    LeaseLost,
+    State,
+)
 from vodpush.persistence import dialect
 from vodpush.persistence.db import write_transaction
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
@@ -86,9 +93,11 @@ class QueueStore:
     def _claim_statement(self, lease_seconds: float) -> Any:
         now = self._dialect.now()
         runnable = or_(
-            and_(_T.c.state == State.QUEUED.value, _T.c.not_before <= now),
+            and_(_T.c.state.in_(WAITING_STATES), _T.c.not_before <= now),
             and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
         )
+        # A claim of a running request takes over a lease that ran out: its worker died.
+        expired = case((_T.c.state == State.RUNNING.value, 1), else_=0)
         pick = select(_T.c.id).where(runnable, _ACCOUNT_ENABLED).order_by(_T.c.id).limit(1)
         pick = self._dialect.skip_locked(pick)
         return (
@@ -99,6 +108,7 @@ class QueueStore:
                 lease_owner=bindparam("owner"),
                 lease_expires_at=self._dialect.now(lease_seconds),
                 attempts=_T.c.attempts + 1,
+                lease_expiries=_T.c.lease_expiries + expired,
                 message=UPLOADING_MESSAGE,
                 updated_at=now,
             )
@@ -112,6 +122,7 @@ class QueueStore:
                 _T.c.metadata_json,
                 _T.c.callback,
                 _T.c.attempts,
+                _T.c.lease_expiries,
                 # The column, not "multipart_json IS NOT NULL": SQLite 3.40 evaluates that
                 # wrongly in RETURNING (1 for a NULL column added by ALTER TABLE).
                 _T.c.multipart_json,
@@ -141,6 +152,7 @@ class QueueStore:
             callback=row.callback,
             attempts=row.attempts,
             has_checkpoint=row.multipart_json is not None,
+            lease_expiries=row.lease_expiries,
         )
 
     def _update_of(self, columns: tuple[str, ...]) -> Any:
@@ -256,7 +268,7 @@ class QueueStore:
         self._change(
             request_id,
             owner,
-            state=State.QUEUED.value,
+            state=State.RETRYING.value,
             not_before=at,
             message=message,
             http_status=http_status or 0,
@@ -405,7 +417,7 @@ class QueueStore:
                 select(func.count()).where(_T.c.callback_state == _PENDING)
             ).scalar_one()
             held_requests = conn.execute(
-                select(func.count()).where(_T.c.state == State.QUEUED.value, held)
+                select(func.count()).where(_T.c.state.in_(WAITING_STATES), held)
             ).scalar_one()
             held_callbacks = conn.execute(
                 select(func.count()).where(_T.c.callback_state == _PENDING, held)
@@ -425,7 +437,7 @@ class QueueStore:
                 select(_T.c.id)
                 .where(
                     or_(
-                        _T.c.state.in_((State.QUEUED.value, State.RUNNING.value)),
+                        _T.c.state.in_((*WAITING_STATES, State.RUNNING.value)),
                         and_(_T.c.callback_state == _PENDING, _T.c.callback_next_at <= now),
                     ),
                     _ACCOUNT_ENABLED,

@@ -42,6 +42,7 @@ STATUS_COLUMNS = (
     _T.c.callback_state,
     _T.c.callback_attempts,
     _T.c.callback_last_error,
+    _T.c.not_before,
 )
 
 

@@ -26,7 +26,7 @@ Failure policy, in one place:
 
 from __future__ import annotations
 
-from vodpush.transfer.cleanup import abandon, abort_multipart
+from vodpush.transfer.cleanup import abandon, abandon_quietly, abort_multipart
 from vodpush.transfer.content_types import guess_content_type
 from vodpush.transfer.engine import upload
 from vodpush.transfer.errors import UploadError, UploadInterrupted, classify
@@ -46,6 +46,7 @@ __all__ = [
     "UploadJob",
     "UploadResult",
     "abandon",
+    "abandon_quietly",
     "abort_multipart",
     "classify",
     "guess_content_type",

@@ -44,6 +44,7 @@ from vodpush.transfer import (
     UploadInterrupted,
     UploadJob,
     abandon,
+    abandon_quietly,
     upload,
 )
 from vodpush.transfer.s3client import make_s3_client
@@ -296,6 +297,18 @@ class Worker:
         )
         client = self._client(account)
         ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
+        if request.lease_expiries >= self.settings.max_attempts:
+            # Every worker that took it died or hung (a crash, the OOM killer): end it
+            # rather than hand it to the next one, and leave no multipart upload behind.
+            abandon_quietly(client, job, ledger)
+            self._fail(
+                request,
+                f"Upload failed: worker died while uploading ({request.lease_expiries} times)",
+                None,
+                "WorkerDied",
+                extra,
+            )
+            return
         log.info("upload started", extra={"action": "upload.started", **extra})
         try:
             result = self._transfer(
