@@ -356,6 +356,32 @@ def test_a_single_put_retried_overwrites_other_bytes(
     assert sent[0] == "PutObject"
 
 
+def test_the_same_bytes_stored_otherwise_are_written_again(
+    s3: MotoServer, vbucket: str, tmp_path: Path
+) -> None:
+    """Another request's object with these very bytes but other metadata or Content-Type
+    is not this request's upload."""
+    client = make_s3_client(s3.settings())
+    data = os.urandom(1000)
+    (tmp_path / "t.mp4").write_bytes(data)
+    options = ObjectOptions(metadata={"title": "new"})
+    job = UploadJob(
+        source=tmp_path / "t.mp4", bucket=vbucket, key="t.mp4", options=options, may_exist=True
+    )
+    for other in ({"Metadata": {"title": "old"}}, {"ContentType": "text/plain"}):
+        client.put_object(
+            Bucket=vbucket, Key="t.mp4", Body=data, **({"Metadata": {"title": "new"}} | other)
+        )
+        sent = operations(client)
+        run(client, job, MemoryLedger())
+        assert "PutObject" in sent, other
+        head = client.head_object(Bucket=vbucket, Key="t.mp4")
+        assert (head["Metadata"], head["ContentType"]) == ({"title": "new"}, "video/mp4")
+    sent.clear()
+    run(client, job, MemoryLedger())  # now it is stored as asked: claimed
+    assert sent == ["HeadObject"]
+
+
 def test_only_proof_counts_as_the_same_object() -> None:
     sha = "q" * 43 + "="
     assert holds_same({"ContentLength": 5, "ChecksumSHA256": sha}, size=5, sha256=sha)

@@ -222,7 +222,12 @@ class Multipart:
             return None
         composite, etag = expected
         stored = find_same(
-            self.client, self.job, size=checkpoint.size, sha256_composite=composite, etag=etag
+            self.client,
+            self.job,
+            file_name=self.source.name,
+            size=checkpoint.size,
+            sha256_composite=composite,
+            etag=etag,
         )
         if stored is None:
             return None
@@ -276,7 +281,12 @@ class Multipart:
             return None
         composite, etag = expected
         stored = find_same(
-            self.client, self.job, size=done.size, sha256_composite=composite, etag=etag
+            self.client,
+            self.job,
+            file_name=self.source.name,
+            size=done.size,
+            sha256_composite=composite,
+            etag=etag,
         )
         if stored is None:
             return None

@@ -37,6 +37,7 @@ def put_single(
         stored = find_same(
             client,
             job,
+            file_name=source.name,
             size=source.size,
             sha256=b64(sha),
             etag=(lambda: (content_md5 or md5(data)).hex()),
