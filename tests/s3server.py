@@ -7,10 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 from vodpush.core.accounts import S3Settings
@@ -99,25 +102,97 @@ class MotoServer:
         self.stop()
 
 
+@dataclass
+class Intercept:
+    """What a TcpProxy does to the first request whose head holds ``marker`` (a request
+    line such as ``b"POST /bucket/key?uploadId="``), once.
+
+    ``before()`` runs before the request goes on; ``after()`` once its whole response has
+    reached the client (or, with ``cut``, once the connection is closed instead of passing
+    the response on: S3 did the work, the client never hears of it). ``answer`` answers the
+    request in S3's place (S3 never sees it): a server behaviour moto lacks.
+    """
+
+    marker: bytes
+    before: Callable[[], None] | None = None
+    after: Callable[[], None] | None = None
+    cut: bool = False
+    answer: bytes | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def s3_error(status: int, code: str, message: str) -> bytes:
+    """An S3 error response, as S3 sends it."""
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _message_length(buffer: bytes, *, response: bool) -> int | None:
+    """The length of the HTTP message at the start of ``buffer`` (interim 1xx responses
+    included), or None while it is incomplete."""
+    offset = 0
+    while True:
+        end = buffer.find(b"\r\n\r\n", offset)
+        if end < 0:
+            return None
+        head = buffer[offset:end].decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in head[1:])
+        }
+        body_start = end + 4
+        if response:
+            status = int(head[0].split()[1])
+            if 100 <= status < 200:
+                offset = body_start
+                continue
+            if status in (204, 304):
+                return body_start
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            tail = buffer.find(b"0\r\n\r\n", body_start)
+            return None if tail < 0 else tail + 5
+        length = int(headers.get("content-length", "0"))
+        return body_start + length if len(buffer) >= body_start + length else None
+
+
 class TcpProxy:
     """A loopback TCP forwarder in front of a server. ``stop()`` closes the listener and
     every open connection, so clients see the endpoint vanish (connection refused/reset);
     ``start()`` brings it back at the same address while the server behind keeps its state.
+    ``intercept()`` acts on one chosen request (see Intercept).
     """
 
     def __init__(self, target_port: int, port: int | None = None) -> None:
-        import threading
-
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._target = ("127.0.0.1", target_port)
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._intercepts: list[Intercept] = []
+
+    def intercept(self, rule: Intercept) -> Intercept:
+        with self._lock:
+            self._intercepts.append(rule)
+        return rule
+
+    def _take(self, data: bytes) -> Intercept | None:
+        with self._lock:
+            for rule in self._intercepts:
+                if rule.marker in data:
+                    self._intercepts.remove(rule)
+                    return rule
+        return None
 
     def start(self) -> TcpProxy:
-        import threading
-
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -127,8 +202,6 @@ class TcpProxy:
         return self
 
     def _accept(self, listener: socket.socket) -> None:
-        import threading
-
         while True:
             try:
                 client, _ = listener.accept()
@@ -141,20 +214,74 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+            pending: list[Intercept] = []  # the rule whose request awaits its response
+            threading.Thread(
+                target=self._requests, args=(client, upstream, pending), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._responses, args=(upstream, client, pending), daemon=True
+            ).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _requests(self, src: socket.socket, dst: socket.socket, pending: list[Intercept]) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                rule = self._take(data) if self._intercepts else None
+                if rule is None:
+                    dst.sendall(data)
+                    continue
+                if rule.before is not None:
+                    rule.before()
+                if rule.answer is None:
+                    pending.append(rule)  # before the request goes: its answer may be quick
+                    dst.sendall(data)
+                    continue
+                # Answered here: take the whole request in, send none of it on.
+                while _message_length(data, response=False) is None:
+                    more = src.recv(65536)
+                    if not more:
+                        return
+                    data += more
+                src.sendall(rule.answer)
+                rule.done.set()
+                if rule.after is not None:
+                    rule.after()
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            self._close(src, dst)
+
+    def _responses(self, src: socket.socket, dst: socket.socket, pending: list[Intercept]) -> None:
+        response = b""
+        try:
+            while data := src.recv(65536):
+                if not pending:
+                    dst.sendall(data)
+                    continue
+                rule = pending[0]
+                if rule.cut:
+                    self._close(src, dst)
+                else:
+                    dst.sendall(data)
+                    response += data
+                    if _message_length(response, response=True) is None:
+                        continue
+                pending.clear()
+                response = b""
+                rule.done.set()
+                if rule.after is not None:
+                    rule.after()
+                if rule.cut:
+                    return
+        except OSError:
+            pass
+        finally:
+            self._close(src, dst)
+
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         if self._listener is not None:

@@ -122,6 +122,29 @@ def test_a_transient_error_is_retried_then_succeeds(service: Service) -> None:
     assert (row.state, row.attempts, len(fake.calls)) == ("succeeded", 2, 2)
 
 
+def test_a_retry_or_a_takeover_looks_for_the_object_before_writing(service: Service) -> None:
+    """The attempt after a failure, or after a dead worker, may find the object the earlier
+    one wrote (its answer lost, or the worker killed before recording it): the engine is
+    told so (UploadJob.may_exist); a first attempt is not."""
+    first, second = _enqueue(service, 2)
+    failed: set[str] = set()
+
+    def once_flaky(call: dict[str, Any]) -> UploadResult:
+        if call["job"].key in failed:
+            return OK
+        failed.add(call["job"].key)
+        raise UploadError("S3 did not answer in time", transient=True, code="ReadTimeoutError")
+
+    fake = FakeUpload(once_flaky)
+    assert service.queue.claim("dead", 0.001) is not None  # takes ``first`` and dies
+    time.sleep(0.005)
+    _run(Worker(service, concurrency=1, uploader=fake))
+    looked = [(c["job"].key, c["job"].may_exist) for c in fake.calls]
+    # ``first``: taken over from the dead worker, then retried; ``second``: failed, retried.
+    assert sorted(looked) == [("out/0", True), ("out/0", True), ("out/1", False), ("out/1", True)]
+    assert {_state(service, rid).state for rid in (first, second)} == {"succeeded"}
+
+
 def test_transient_errors_give_up_after_max_attempts(service: Service) -> None:
     (rid,) = _enqueue(service)
 

@@ -402,11 +402,16 @@ def test_the_ledger_keeps_parts_for_the_next_lease_holder(stores: Service) -> No
     assert first is not None and not first.has_checkpoint
     ledger = stores.ledger(rid, "w1", empty=True)
     assert ledger.load() is None
-    ledger.begin(MultipartCheckpoint("up-1", 5, 12, 99, True, {1: PartRecord("e0", "c0", 5)}))
+    ledger.begin(
+        MultipartCheckpoint(
+            "up-1", 5, 12, 99, True, {1: PartRecord("e0", "c0", 5)}, ctime_ns=98, inode=7
+        )
+    )
     ledger.part_done(2, PartRecord("e2", None, 5))
     ledger.part_done(1, PartRecord("e1", "c1", 5))  # a part sent again overwrites
     loaded = ledger.load()
     assert loaded is not None and loaded.upload_id == "up-1" and loaded.mtime_ns == 99
+    assert (loaded.ctime_ns, loaded.inode) == (98, 7)  # the file's identity, for a resume
     assert loaded.parts == {1: PartRecord("e1", "c1", 5), 2: PartRecord("e2", None, 5)}
 
     second = stores.queue.claim("w2", 30)  # the lease of w1 had run out

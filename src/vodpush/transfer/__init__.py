@@ -7,10 +7,10 @@ botocore client is always passed in (``s3client.make_s3_client`` builds one).
 
 One module per concern: ``job`` (what to upload and the result), ``options`` (the object
 options as one checked value), ``source`` (the file, read by offset), ``errors`` (UploadError
-and ``classify``), ``verify`` (what S3 stored), ``single`` (one PutObject), ``multipart``
-(parts, resume), ``cleanup`` (abort, abandon), ``checkpoint`` (the ledger), ``engine``
-(``upload``, choosing single or multipart), ``s3client``; with ``limits``, ``hashing`` and
-``content_types`` beneath them.
+and ``classify``), ``verify`` (what S3 stored), ``existing`` (an object an earlier attempt
+wrote), ``single`` (one PutObject), ``multipart`` (parts, resume), ``cleanup`` (abort,
+abandon), ``checkpoint`` (the ledger), ``engine`` (``upload``, choosing single or
+multipart), ``s3client``; with ``limits``, ``hashing`` and ``content_types`` beneath them.
 
 Failure policy, in one place:
 
@@ -21,7 +21,14 @@ Failure policy, in one place:
   so the next attempt resumes from the completed parts (``abandon`` cleans up when the
   caller gives up);
 - any other exception (a bug, a ledger/database failure) propagates unchanged and keeps the
-  upload, like an interruption.
+  upload, like an interruption;
+- success leaves the checkpoint of a multipart upload in the ledger: the caller drops it
+  with its record of the outcome. An attempt killed between S3's answer and that record is
+  recognised by the next one, which claims the object S3 holds when it provably holds the
+  file's bytes instead of writing it again (a single PUT looks when ``UploadJob.may_exist``);
+- the source must be unchanged (size, mtime, ctime, and the inode its name leads to) from
+  its opening until the object is written, else ``SourceChanged``: transient, the
+  multipart upload is aborted and the next attempt sends the file as it is then.
 """
 
 from __future__ import annotations

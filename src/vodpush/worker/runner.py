@@ -294,6 +294,9 @@ class Worker:
             bucket=request.bucket,
             key=request.destination_path,
             options=object_options(request, account),
+            # An earlier attempt may have written the object and died (or lost the answer)
+            # before its success was recorded: look before writing a second version.
+            may_exist=request.attempts > 1 or request.lease_expiries > 0,
         )
         client = self._client(account)
         ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
