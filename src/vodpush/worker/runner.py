@@ -51,7 +51,7 @@ from vodpush.transfer import (
 )
 from vodpush.worker import retry
 from vodpush.worker.clients import S3Clients
-from vodpush.worker.reaper import Reaper
+from vodpush.worker.reaper import ClientFor, Reaper
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,14 @@ class _Active:
 
 class Worker:
     def __init__(
-        self, service: Service, *, concurrency: int | None = None, uploader: Uploader = upload
+        self,
+        service: Service,
+        *,
+        concurrency: int | None = None,
+        uploader: Uploader = upload,
+        clients: ClientFor | None = None,
     ) -> None:
+        """``clients(account)``: the account's S3 client (``S3Clients`` unless given)."""
         self.service = service
         self._transfer = uploader
         self.settings = service.settings
@@ -113,7 +119,9 @@ class Worker:
         self._callback_news = threading.Event()
         self._next_callback_poll = 0.0
         self._lock = threading.Lock()
-        self._clients = S3Clients(max_pool_connections=max(16, self.settings.part_concurrency * 2))
+        self._clients = clients or S3Clients(
+            max_pool_connections=max(16, self.settings.part_concurrency * 2)
+        )
         self._reaper = Reaper(service, self._clients)
 
     # -- lifecycle --------------------------------------------------------------------------
