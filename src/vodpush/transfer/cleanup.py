@@ -70,7 +70,8 @@ def abandon(client: BaseClient, job: UploadJob, ledger: PartLedger) -> bool:
     """Give up on ``job``: abort its multipart upload, if any, and clear the ledger.
 
     False when the abort failed (network, permissions): the checkpoint is then kept, so
-    the upload id is not lost and a later call can try again.
+    the upload id is not lost: a later attempt tries again, or the request's outcome
+    records it as an orphan for the reaper.
     """
     checkpoint = ledger.load()
     if checkpoint is None:
