@@ -285,6 +285,10 @@ class TcpProxy:
 
     def stop(self) -> None:
         if self._listener is not None:
+            # shutdown() first: close() alone does not wake the thread blocked in accept(),
+            # which would then let one more connection through after the "outage" began.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:

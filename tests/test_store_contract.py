@@ -518,3 +518,136 @@ def test_accounts(stores: Service) -> None:
     assert not stores.accounts.set_enabled("158/jb", False).enabled
     assert [a.username for a in stores.accounts.list()] == ["jb", "renamed"]
     assert stores.accounts.ensure_unique_usernames() == []
+
+
+# -- orphaned multipart uploads --------------------------------------------------------------
+
+
+def _orphan(s: Service, account_id: int, upload_id: str, *, owner: str = "w") -> int:
+    """A request that began a multipart upload, then failed without aborting it."""
+    (rid,) = _enqueue(s, account_id)
+    claimed = s.queue.claim(owner, 30)
+    assert claimed is not None and claimed.id == rid
+    s.ledger(rid, owner, empty=True).begin(MultipartCheckpoint(upload_id, 5, 12, 99, True))
+    s.queue.fail(rid, owner, message="Upload failed: S3 is down", http_status=None,
+                 code="EndpointConnectionError", has_callback=False)  # fmt: skip
+    return rid
+
+
+def test_an_outcome_records_an_unaborted_checkpoint_as_an_orphan(stores: Service) -> None:
+    account = _account(stores)
+    before = utcnow() - timedelta(seconds=5)
+    failed = _orphan(stores, account, "up-failed")
+    (orphan,) = stores.orphans.list()
+    assert (orphan.account_id, orphan.request_id, orphan.bucket, orphan.key) == (
+        account, failed, "b", "out/0.mp4",
+    )  # fmt: skip
+    assert (orphan.upload_id, orphan.attempts, orphan.last_error) == ("up-failed", 0, None)
+    assert before < orphan.created_at == orphan.next_at < utcnow() + timedelta(seconds=5)
+    row = stores.requests.get(failed)
+    assert row is not None and row.state == "failed"
+    assert stores.ledger(failed, "w").load() is None  # the checkpoint went with the outcome
+
+    # A single PUT that succeeded after a failed abort of an earlier checkpoint: the same.
+    (done,) = _enqueue(stores, account)
+    assert stores.queue.claim("w", 30) is not None
+    stores.ledger(done, "w", empty=True).begin(MultipartCheckpoint("up-left", 5, 12, 99, True))
+    _succeed(stores, done, "w")
+    # Without a checkpoint (completed, or aborted and cleared) there is nothing to record.
+    (clean,) = _enqueue(stores, account)
+    assert stores.queue.claim("w", 30) is not None
+    ledger = stores.ledger(clean, "w", empty=True)
+    ledger.begin(MultipartCheckpoint("up-aborted", 5, 12, 99, True))
+    ledger.clear()
+    stores.queue.fail(clean, "w", message="no", http_status=403, code="AccessDenied",
+                      has_callback=False)  # fmt: skip
+    assert [(o.request_id, o.upload_id) for o in stores.orphans.list()] == [
+        (failed, "up-failed"),
+        (done, "up-left"),
+    ]
+    assert stores.orphans.count() == 2
+
+
+def test_give_up_moves_the_checkpoint_to_the_orphans_at_once(stores: Service) -> None:
+    account = _account(stores)
+    (rid,) = _enqueue(stores, account)
+    assert stores.queue.claim("w", 30) is not None
+    ledger = stores.ledger(rid, "w", empty=True)
+    ledger.begin(MultipartCheckpoint("up-1", 5, 12, 99, True, {1: PartRecord("e1", None, 5)}))
+    ledger.give_up()  # the source changed and S3 refused the abort: start a new upload
+    assert ledger.load() is None and stores.ledger(rid, "w").load() is None
+    ledger.begin(MultipartCheckpoint("up-2", 5, 12, 100, True))
+    ledger.give_up()
+    ledger.give_up()  # nothing left to give up: no write, no error
+    # The same upload id given up again (a retry that met the same checkpoint) is one row.
+    ledger.begin(MultipartCheckpoint("up-1", 5, 12, 99, True))
+    stores.queue.fail(rid, "w", message="no", http_status=None, code="X", has_callback=False)
+    assert [(o.request_id, o.upload_id) for o in stores.orphans.list()] == [
+        (rid, "up-1"),
+        (rid, "up-2"),
+    ]
+
+
+def test_only_the_lease_holder_records_an_orphan(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores))
+    assert stores.queue.claim("w1", -1) is not None  # already run out
+    stores.ledger(rid, "w1", empty=True).begin(MultipartCheckpoint("up-1", 5, 12, 99, True))
+    assert stores.queue.claim("w2", 30) is not None  # taken over: the checkpoint is w2's
+    for write in (
+        stores.ledger(rid, "w1").give_up,
+        lambda: stores.queue.fail(rid, "w1", message="m", http_status=None, code=None,
+                                  has_callback=False),
+        lambda: _succeed(stores, rid, "w1"),
+    ):  # fmt: skip
+        with pytest.raises(LeaseLost):
+            write()
+    assert stores.orphans.list() == []  # nothing recorded by the loser, not even rolled in
+    loaded = stores.ledger(rid, "w2").load()
+    assert loaded is not None and loaded.upload_id == "up-1"  # the holder resumes it
+
+
+def test_orphans_are_claimed_when_due_and_wait_after_a_failed_abort(stores: Service) -> None:
+    account = _account(stores)
+    _orphan(stores, account, "up-1")
+    _orphan(stores, account, "up-2")
+    first = stores.orphans.claim(300)
+    second = stores.orphans.claim(300)
+    assert first is not None and second is not None
+    assert (first.upload_id, first.attempts, second.upload_id) == ("up-1", 1, "up-2")
+    assert first.next_at > utcnow() + timedelta(seconds=250)  # leased
+    assert stores.orphans.claim(300) is None  # both held
+    assert stores.orphans.retry_later(first.id, delay=-1, error="S3 connection error")
+    assert stores.orphans.retry_later(second.id, delay=3600, error="S3 error AccessDenied")
+    again = stores.orphans.claim(300)
+    assert again is not None and (again.id, again.attempts) == (first.id, 2)
+    assert again.last_error == "S3 connection error"
+    assert stores.orphans.claim(300) is None  # the other waits an hour
+    # On demand (vodpush reap): the one named, due or not.
+    forced = stores.orphans.claim(300, orphan_id=second.id)
+    assert forced is not None and forced.attempts == 2 and forced.last_error.endswith("Denied")  # type: ignore[union-attr]
+    assert stores.orphans.aborted(first.id) and not stores.orphans.aborted(first.id)
+    assert not stores.orphans.retry_later(first.id, delay=1, error="late")  # confirmed gone
+    assert stores.orphans.claim(300, orphan_id=first.id) is None
+    assert [o.upload_id for o in stores.orphans.list()] == ["up-2"]
+    assert stores.orphans.count() == 1
+
+
+def test_concurrent_orphan_claims_never_hand_one_to_two_reapers(stores: Service) -> None:
+    account = _account(stores)
+    for n in range(12):
+        _orphan(stores, account, f"up-{n}")
+    expected = sorted(o.id for o in stores.orphans.list())
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def reap() -> None:
+        while (orphan := stores.orphans.claim(300)) is not None:
+            with lock:
+                got.append(orphan.id)
+
+    threads = [threading.Thread(target=reap) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(got) == expected

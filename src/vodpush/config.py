@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     multipart_chunksize: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     part_concurrency: int = Field(default=8, ge=1, le=64)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    # Multipart uploads given up while S3 could not confirm their abort are recorded, and
+    # the worker aborts the due ones every reap_interval seconds. After a failed abort one
+    # waits reap_backoff seconds, doubling with each failure up to reap_backoff_max.
+    reap_interval: float = Field(default=60.0, gt=0)
+    reap_backoff: float = Field(default=60.0, gt=0)
+    reap_backoff_max: float = Field(default=3600.0, gt=0)
 
     # Callbacks
     callback_timeout: float = Field(default=10.0, gt=0)

@@ -17,6 +17,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -33,6 +34,16 @@ UPLOAD_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
 CALLBACKS = Counter("vodpush_callbacks_total", "Callback delivery attempts by outcome", ["outcome"])
+# Set by the worker's reaper after each pass (worker.reaper).
+ORPHANS_PENDING = Gauge(
+    "vodpush_orphan_uploads",
+    "Multipart uploads given up whose abort S3 has not confirmed yet, at the last reaper pass",
+)
+ORPHAN_ABORTS = Counter(
+    "vodpush_orphan_aborts_total",
+    "Aborts of orphaned multipart uploads by outcome (aborted: S3 confirmed; failed)",
+    ["outcome"],
+)
 
 
 class QueueDepth(Protocol):

@@ -10,6 +10,7 @@ import click
 from vodpush import logs
 from vodpush.cli.accounts import account
 from vodpush.cli.common import open_service, print_json, settings_or_fail
+from vodpush.cli.orphans import reap
 from vodpush.cli.requests import request_group
 from vodpush.cli.secrets import secrets_group
 from vodpush.client_cli import client as client_group
@@ -144,6 +145,7 @@ def show_config() -> None:
 
 
 cli.add_command(account)
+cli.add_command(reap)
 cli.add_command(request_group)
 cli.add_command(secrets_group)
 cli.add_command(client_group)

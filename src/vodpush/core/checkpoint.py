@@ -114,6 +114,12 @@ class PartLedger(Protocol):
         an attempt killed in between is recognised (see transfer.multipart)."""
         ...
 
+    def give_up(self) -> None:
+        """Forget the checkpoint although its upload may still exist (the abort was not
+        confirmed): its upload id is recorded as an orphan for the reaper, in the same
+        write. An upload id is never dropped any other way."""
+        ...
+
     def confirm(self) -> None:
         """Called just before the final S3 call (PutObject, CompleteMultipartUpload): raise
         ``core.requests.LeaseLost`` if the job's lease is gone. Ledgers of a request guard
@@ -127,6 +133,9 @@ class MemoryLedger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._checkpoint: MultipartCheckpoint | None = None
+        # Upload ids given up without a confirmed abort: a one-shot caller has no reaper,
+        # so it must look here.
+        self.given_up: list[str] = []
 
     def load(self) -> MultipartCheckpoint | None:
         with self._lock:
@@ -147,6 +156,12 @@ class MemoryLedger:
 
     def clear(self) -> None:
         with self._lock:
+            self._checkpoint = None
+
+    def give_up(self) -> None:
+        with self._lock:
+            if self._checkpoint is not None:
+                self.given_up.append(self._checkpoint.upload_id)
             self._checkpoint = None
 
     def confirm(self) -> None:

@@ -1,7 +1,7 @@
-"""The stores as the rest of the service sees them: what accounts, requests, the queue and
-the part ledger can do, typed with core values only. ``persistence`` implements them on
-SQLAlchemy (SQLite, PostgreSQL), ``vodpush.memory`` in memory; tests/test_store_contract.py
-holds every implementation to the same behaviour."""
+"""The stores as the rest of the service sees them: what accounts, requests, the queue, the
+part ledger and the orphaned multipart uploads can do, typed with core values only.
+``persistence`` implements them on SQLAlchemy (SQLite, PostgreSQL), ``vodpush.memory`` in
+memory; tests/test_store_contract.py holds every implementation to the same behaviour."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from typing import Any, Protocol
 
 from vodpush.core.accounts import AccountRecord, S3Settings
 from vodpush.core.checkpoint import PartLedger
+from vodpush.core.orphans import Orphan
 from vodpush.core.requests import Claimed, DueCallback, Enqueued, NewRequest
 
 __all__ = [
     "AccountStorePort",
     "LedgerFactory",
     "Notifications",
+    "OrphanStorePort",
     "PartLedger",
     "QueueStorePort",
     "RequestStorePort",
@@ -152,7 +154,11 @@ class QueueStorePort(Protocol):
         http_status: int | None,
         code: str | None,
         has_callback: bool,
-    ) -> None: ...
+    ) -> None:
+        """Like ``succeed``, this drops the request's checkpoint: one still there names an
+        upload nobody confirmed gone, so it becomes an orphan (OrphanStorePort) in the same
+        write."""
+        ...
 
     def retry_later(
         self,
@@ -193,6 +199,34 @@ class QueueStorePort(Protocol):
     def depth(self) -> dict[str, int]: ...
 
     def has_work(self) -> bool: ...
+
+
+class OrphanStorePort(Protocol):
+    """Multipart uploads that were given up but whose abort S3 did not confirm. They are
+    recorded by the stores themselves, in the write that drops a request's checkpoint (an
+    outcome, or ``PartLedger.give_up``); reapers claim them, abort them, and delete them
+    once S3 confirms. Times are the store's clock."""
+
+    def claim(self, lease_seconds: float, *, orphan_id: int | None = None) -> Orphan | None:
+        """The orphan due first (or the one ``orphan_id`` names, due or not), its next time
+        pushed ``lease_seconds`` ahead so that no other reaper takes it meanwhile, its
+        attempts counted one more; None when there is none (or another claim holds it)."""
+        ...
+
+    def aborted(self, orphan_id: int) -> bool:
+        """S3 confirmed the upload gone: forget it. False when it was gone already."""
+        ...
+
+    def retry_later(self, orphan_id: int, *, delay: float, error: str) -> bool:
+        """The abort failed: due again ``delay`` seconds from now. False when it was gone
+        already (another reaper's abort was confirmed)."""
+        ...
+
+    def list(self) -> list[Orphan]:
+        """Every recorded orphan, oldest first."""
+        ...
+
+    def count(self) -> int: ...
 
 
 class LedgerFactory(Protocol):

@@ -129,6 +129,8 @@ class MemoryQueueStore:
     ) -> RequestRow:
         with self._t.lock:
             row = self._t.leased(request_id, owner)
+            if drop_parts:
+                self._t.record_checkpoint(row)  # before the values drop it
             for name, value in values.items():
                 assert name in REQUEST_FIELDS, name
                 setattr(row, name, value)
@@ -380,6 +382,14 @@ class MemoryRequestLedger:
     def clear(self) -> None:
         with self._t.lock:
             row = self._t.leased(self._request_id, self._owner)
+            row.multipart_json = None
+            row.parts.clear()
+        self._empty = True
+
+    def give_up(self) -> None:
+        with self._t.lock:
+            row = self._t.leased(self._request_id, self._owner)
+            self._t.record_checkpoint(row)
             row.multipart_json = None
             row.parts.clear()
         self._empty = True

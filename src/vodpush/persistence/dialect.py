@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     DateTime,
     Engine,
     Select,
+    String,
     Table,
+    cast,
     create_engine,
     event,
     func,
@@ -90,6 +93,21 @@ class Dialect:
         return statement.on_conflict_do_update(
             index_elements=keys, set_={k: statement.excluded[k] for k in update}
         )
+
+    def insert_new(
+        self, table: Table, columns: list[str], rows: Select[Any], keys: list[Any]
+    ) -> Any:
+        """INSERT the ``rows`` selected into ``columns``, skipping any that conflict on
+        ``keys`` (already there)."""
+        return (
+            self._insert(table)
+            .from_select(columns, rows)
+            .on_conflict_do_nothing(index_elements=keys)
+        )
+
+    def json_text(self, column: Any, key: str) -> ColumnElement[str]:
+        """The text member ``key`` of a JSON document stored as text in ``column``."""
+        raise NotImplementedError(self.name)
 
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT with ON CONFLICT (both spell the upsert alike)."""
@@ -169,6 +187,9 @@ class _SQLite(Dialect):
         stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
         return type_coerce(stamp.op("||")(literal("999")), DateTime)
 
+    def json_text(self, column: Any, key: str) -> ColumnElement[str]:
+        return func.json_extract(column, f"$.{key}", type_=String)
+
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table)
 
@@ -189,6 +210,9 @@ class _PostgreSQL(Dialect):
         # now(): the transaction's start, the same for every statement in it.
         utc = func.timezone("UTC", func.now(), type_=DateTime)
         return utc + timedelta(seconds=plus_seconds) if plus_seconds else utc
+
+    def json_text(self, column: Any, key: str) -> ColumnElement[str]:
+        return func.json_extract_path_text(cast(column, JSON), key, type_=String)
 
     def _insert(self, table: Table) -> Any:
         return pg_insert(table)

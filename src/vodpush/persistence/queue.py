@@ -1,6 +1,11 @@
 """The queue as workers see it: claim with a lease, renew, finish, retry, release; the
 multipart ledger; due callbacks. Every state change names the state and the lease it
-expects to find, and "no row updated" raises LeaseLost instead of passing silently."""
+expects to find, and "no row updated" raises LeaseLost instead of passing silently.
+
+A checkpoint is dropped in one of three ways: ``DbLedger.clear`` (its upload was completed
+or its abort confirmed), ``DbLedger.give_up``, or an outcome (succeed, fail). The last two
+record a checkpoint still there as an orphan upload in the same transaction
+(``persistence.orphans``): an upload id is never forgotten before S3 confirms it gone."""
 
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from vodpush.core.requests import (
 from vodpush.persistence import dialect
 from vodpush.persistence.db import write_transaction
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
+from vodpush.persistence.orphans import record_checkpoint
 from vodpush.webhooks import new_message_id
 
 _T = UploadRequest.__table__
@@ -172,7 +178,9 @@ class QueueStore:
         self, request_id: int, owner: str, *, drop_parts: bool = False, **values: Any
     ) -> None:
         """Update our leased request; with ``drop_parts`` also forget its multipart ledger,
-        in the same transaction. Values are plain values, or SQL expressions (not cached)."""
+        in the same transaction, recording a checkpoint still there as an orphan (the
+        caller sets multipart_json to NULL). Values are plain values, or SQL expressions
+        (not cached)."""
         params: dict[str, Any] = {"rid": request_id, "owner": owner}
         if any(isinstance(v, ClauseElement) for v in values.values()):
             statement = update(_T).where(_LEASED).values(**values)
@@ -180,6 +188,9 @@ class QueueStore:
             statement = self._update_of(tuple(sorted(values)))
             params |= {f"new_{k}": v for k, v in values.items()}
         with write_transaction(self._engine) as conn:
+            if drop_parts:
+                lease = {"rid": request_id, "owner": owner}
+                conn.execute(record_checkpoint(self._dialect, _LEASED), lease)
             result = conn.execute(statement, params)
             if result.rowcount != 1:
                 raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
@@ -525,6 +536,15 @@ class DbLedger:
 
     def clear(self) -> None:
         with write_transaction(self._engine) as conn:
+            result = conn.execute(_LEDGER_CLEAR, self._params)
+            if result.rowcount != 1:
+                raise self._lost()
+            conn.execute(delete(_P).where(_P.c.request_id == self._request_id))
+        self._empty = True
+
+    def give_up(self) -> None:
+        with write_transaction(self._engine) as conn:
+            conn.execute(record_checkpoint(self._dialect, _LEASED), self._params)
             result = conn.execute(_LEDGER_CLEAR, self._params)
             if result.rowcount != 1:
                 raise self._lost()

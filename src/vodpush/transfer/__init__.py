@@ -16,7 +16,9 @@ Failure policy, in one place:
 
 - every error leaves as ``UploadError`` with ``transient`` set by ``classify`` (a pure
   function; only named transient errors are retryable);
-- permanent failure: the multipart upload is aborted and the ledger cleared;
+- permanent failure: the multipart upload is aborted and the ledger cleared (an abort that
+  fails keeps the checkpoint, so the upload id is not lost: the request's outcome records it
+  as an orphan, which the worker's reaper aborts later);
 - transient failure or ``UploadInterrupted``: the multipart upload and the ledger are kept,
   so the next attempt resumes from the completed parts (``abandon`` cleans up when the
   caller gives up);
@@ -33,7 +35,7 @@ Failure policy, in one place:
 
 from __future__ import annotations
 
-from vodpush.transfer.cleanup import abandon, abandon_quietly, abort_multipart
+from vodpush.transfer.cleanup import abandon, abandon_quietly, abort_error, abort_multipart
 from vodpush.transfer.content_types import guess_content_type
 from vodpush.transfer.engine import upload
 from vodpush.transfer.errors import UploadError, UploadInterrupted, classify
@@ -54,6 +56,7 @@ __all__ = [
     "UploadResult",
     "abandon",
     "abandon_quietly",
+    "abort_error",
     "abort_multipart",
     "classify",
     "guess_content_type",

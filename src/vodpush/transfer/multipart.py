@@ -324,8 +324,10 @@ class Multipart:
         self._log(
             f"discarding checkpoint: {why}", "s3.multipart.discard", upload_id=checkpoint.upload_id
         )
-        abort_multipart(self.client, self.job.bucket, self.job.key, checkpoint.upload_id)
-        self.ledger.clear()
+        if abort_multipart(self.client, self.job.bucket, self.job.key, checkpoint.upload_id):
+            self.ledger.clear()
+        else:
+            self.ledger.give_up()  # the reaper aborts it later; this attempt starts anew
 
     def _list_parts(self, upload_id: str) -> dict[int, tuple[str, int]]:
         listed: dict[int, tuple[str, int]] = {}

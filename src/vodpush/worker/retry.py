@@ -1,4 +1,4 @@
-"""When to try an upload again: a pure decision, no I/O."""
+"""When to try an upload, or the abort of an orphaned one, again: pure decisions, no I/O."""
 
 from __future__ import annotations
 
@@ -26,3 +26,9 @@ def decide(
     # "Equal jitter": at least half the backoff, so retries never bunch up at zero.
     delay = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
     return RetryDecision(retry=True, at=now + timedelta(seconds=delay))
+
+
+def abort_delay(attempts_made: int, *, base: float, cap: float) -> float:
+    """Seconds before the abort of an orphaned upload is tried again after its
+    ``attempts_made``-th failure: ``base``, doubling each time, at most ``cap``."""
+    return min(cap, base * 2 ** min(max(attempts_made - 1, 0), 32))

@@ -4,7 +4,9 @@ delivers callbacks.
 Threads: the main loop claims work and hands it to an upload pool; a heartbeat thread
 renews the leases of running uploads and writes their progress about once a second; a
 callback pool delivers callbacks so a slow receiver never holds an upload slot; where the
-stores have a notification channel (PostgreSQL's LISTEN) a listener thread wakes the loop.
+stores have a notification channel (PostgreSQL's LISTEN) a listener thread wakes the loop;
+a reaper thread aborts the multipart uploads given up without a confirmed abort
+(worker.reaper).
 
 The stores are the Service's (core.ports: a database, or vodpush.memory), and the transfer
 itself is ``uploader`` (the S3 engine by default): tests/test_runner.py drives this loop on
@@ -33,7 +35,7 @@ from vodpush.callbacks.delivery import deliver
 from vodpush.callbacks.payload import build_delivery
 from vodpush.callbacks.schedule import next_delivery
 from vodpush.core import records
-from vodpush.core.accounts import AccountRecord, S3Settings
+from vodpush.core.accounts import AccountRecord
 from vodpush.core.checkpoint import PartLedger
 from vodpush.core.clock import utcnow
 from vodpush.core.requests import Claimed, DueCallback, LeaseLost
@@ -47,8 +49,9 @@ from vodpush.transfer import (
     abandon_quietly,
     upload,
 )
-from vodpush.transfer.s3client import make_s3_client
 from vodpush.worker import retry
+from vodpush.worker.clients import S3Clients
+from vodpush.worker.reaper import ClientFor, Reaper
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,14 @@ class _Active:
 
 class Worker:
     def __init__(
-        self, service: Service, *, concurrency: int | None = None, uploader: Uploader = upload
+        self,
+        service: Service,
+        *,
+        concurrency: int | None = None,
+        uploader: Uploader = upload,
+        clients: ClientFor | None = None,
     ) -> None:
+        """``clients(account)``: the account's S3 client (``S3Clients`` unless given)."""
         self.service = service
         self._transfer = uploader
         self.settings = service.settings
@@ -110,7 +119,10 @@ class Worker:
         self._callback_news = threading.Event()
         self._next_callback_poll = 0.0
         self._lock = threading.Lock()
-        self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
+        self._clients = clients or S3Clients(
+            max_pool_connections=max(16, self.settings.part_concurrency * 2)
+        )
+        self._reaper = Reaper(service, self._clients)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -147,6 +159,11 @@ class Worker:
         callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix="callback")
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        # Not waited for (a burst run does not wait for S3 to come back): a reaper stopped
+        # mid-abort leaves its claim to run out, and the orphan is tried again after it.
+        threading.Thread(
+            target=self._reaper.run, args=(self._stopping,), name="reaper", daemon=True
+        ).start()
         if self.service.notifications is not None:
             threading.Thread(
                 target=self.service.notifications.listen,
@@ -229,17 +246,6 @@ class Worker:
     def _should_stop(self, active: _Active) -> bool:
         return active.lost or time.monotonic() > self._deadline
 
-    def _client(self, account: AccountRecord) -> BaseClient:
-        key = (account.id, account.s3)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                client = make_s3_client(
-                    account.s3, max_pool_connections=max(16, self.settings.part_concurrency * 2)
-                )
-                self._clients[key] = client
-            return client
-
     def _run_upload(self, active: _Active) -> None:
         request = active.request
         extra = {"request_id": request.id, "account_id": request.account_id}
@@ -298,11 +304,12 @@ class Worker:
             # before its success was recorded: look before writing a second version.
             may_exist=request.attempts > 1 or request.lease_expiries > 0,
         )
-        client = self._client(account)
+        client = self._clients(account)
         ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
         if request.lease_expiries >= self.settings.max_attempts:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
-            # rather than hand it to the next one, and leave no multipart upload behind.
+            # rather than hand it to the next one, and leave no multipart upload behind
+            # (one whose abort fails is recorded by fail() for the reaper).
             abandon_quietly(client, job, ledger)
             self._fail(
                 request,
@@ -428,7 +435,8 @@ class Worker:
             return
         if err.transient:
             # Out of attempts: the multipart upload will never resume, so abort it now
-            # rather than leave its parts in the bucket.
+            # rather than leave its parts in the bucket. If S3 does not confirm (it is
+            # down), the checkpoint stays and fail() hands its upload id to the reaper.
             abandon(client, job, ledger)
         self._fail(
             request,
