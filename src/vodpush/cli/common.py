@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from pydantic import ValidationError
@@ -57,6 +60,17 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise UserError(str(exc)) from exc
 
     return wrapper
+
+
+def exit_leaving_threads() -> NoReturn:
+    """Exit (code 0) at once, without the interpreter's teardown. For a worker that stopped
+    waiting for threads stuck in S3 calls or callbacks (their requests handed back): tearing
+    the interpreter down around them takes seconds on a busy host (boto3's loaded models are
+    garbage-collected) and can abort if one of them writes a log line at the wrong moment."""
+    logging.shutdown()  # flush the log handlers: nothing written so far is lost
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def print_json(obj: Any) -> None:
