@@ -197,3 +197,23 @@ def test_a_transient_error_while_stopping_hands_the_request_back_uncounted(
     _stop_and_time(worker, thread, grace=30)  # well within the grace
     row = _state(service, rid)
     assert (row.state, row.attempts) == ("queued", 0), row.message
+
+
+def test_the_daemon_pool_runs_reports_and_skips_cancelled_work() -> None:
+    from vodpush.transfer.threads import DaemonPool
+
+    gate = threading.Event()
+    with DaemonPool(1, name="pool-under-test") as pool:
+        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("pool-under-test-"))
+        blocked = pool.submit(gate.wait, 10)
+        queued = pool.submit(lambda: "never")
+        assert queued.cancel()  # still queued behind the blocked call: skipped
+        gate.set()
+        assert blocked.result(10) is True
+        assert pool.submit(lambda x: x * 2, 21).result(10) == 42
+        failed = pool.submit(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failed.result(10)
+    assert not any(t.name.startswith("pool-under-test-") for t in threading.enumerate())  # joined
+    with pytest.raises(RuntimeError):
+        pool.submit(print)
