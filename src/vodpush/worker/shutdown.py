@@ -11,7 +11,7 @@ A stop at time t with ``grace`` seconds:
   try afterwards).
 
 So the process is gone SETTLE_SECONDS after the grace, plus the few database writes of
-the hand-back. A second stop can only bring the deadline nearer (a second Ctrl-C: now).
+the hand-back. A second stop can only bring the deadline nearer (``stop(grace=0)``: now).
 """
 
 from __future__ import annotations
