@@ -39,9 +39,8 @@ class _Server(uvicorn.Server):
             self._worker.stop()
 
 
-def run_server(service: Service, *, host: str, port: int, embedded_worker: bool = True) -> bool:
-    """Serve until SIGTERM/SIGINT. True when the embedded worker left threads behind
-    (calls that never returned): the caller should then exit without the usual teardown."""
+def run_server(service: Service, *, host: str, port: int, embedded_worker: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT; the embedded worker stops with the same grace period."""
     app = create_app(service)
     metrics_server = _start_metrics(service, host)  # first: a busy port stops us here
     worker: Worker | None = None
@@ -84,7 +83,6 @@ def run_server(service: Service, *, host: str, port: int, embedded_worker: bool 
                     extra={"action": "worker.stop_timeout"},
                 )
         service.close()
-    return worker is not None and (worker.abandoned or bool(thread and thread.is_alive()))
 
 
 def _start_metrics(service: Service, api_host: str) -> WSGIServer | None:

@@ -9,7 +9,7 @@ import click
 
 from vodpush import logs
 from vodpush.cli.accounts import account
-from vodpush.cli.common import exit_leaving_threads, open_service, print_json, settings_or_fail
+from vodpush.cli.common import exit_after_stop, open_service, print_json, settings_or_fail
 from vodpush.cli.requests import request_group
 from vodpush.cli.secrets import secrets_group
 from vodpush.client_cli import client as client_group
@@ -39,14 +39,13 @@ def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
     settings = settings_or_fail()
     logs.configure(settings.log_level)
     service = open_service()
-    left_threads = run_server(
+    run_server(
         service,
         host=host or settings.host,
         port=port or settings.port,
         embedded_worker=embedded_worker,
     )
-    if left_threads:
-        exit_leaving_threads()
+    exit_after_stop()  # run_server returns only once a signal stopped it
 
 
 @cli.command()
@@ -89,8 +88,8 @@ def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> No
         runner.run(burst=burst)
     finally:
         service.close()
-    if runner.abandoned:
-        exit_leaving_threads()
+    if runner.stop_requested:
+        exit_after_stop()
 
 
 @cli.command("status")

@@ -169,15 +169,17 @@ class Worker:
         self._next_callback_poll = 0.0
         self._lock = threading.Lock()
         self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
-        # Set when run() returned leaving upload or callback threads in calls that did not
-        # return (their requests handed back): the process should exit without waiting.
-        self.abandoned = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def wake(self) -> None:
         """New work may be there (an API in this process just queued a request)."""
         self._wakeup.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """stop() was called (a signal): not a burst that ran out of work."""
+        return self._deadline != NOT_STOPPING
 
     def stop(self, grace: float | None = None) -> None:
         """Stop claiming; running uploads get ``grace`` seconds to finish, then are
@@ -253,7 +255,6 @@ class Worker:
         with self._lock:
             uploads = list(self._active.values())
             callbacks = list(self._delivering.values())
-        self.abandoned = True
         log.warning(
             "grace period over: handing back what still runs",
             extra={
@@ -327,9 +328,6 @@ class Worker:
 
     def _should_stop(self, active: _Active) -> bool:
         return active.lost or active.released or time.monotonic() > self._deadline
-
-    def _stop_requested(self) -> bool:
-        return self._deadline != NOT_STOPPING
 
     def _release(self, active: _Active) -> bool:
         """Hand the request back (queued, the attempt not counted), once. False when that
@@ -473,7 +471,7 @@ class Worker:
         except UploadError as err:
             # A stopping worker does not judge a transient failure (S3 away as it stops):
             # the request goes back uncounted, and the next worker retries it at once.
-            if err.transient and self._stop_requested() and self._release(active):
+            if err.transient and self.stop_requested and self._release(active):
                 log.info(
                     "upload released for another worker after a transient error",
                     extra={"action": "upload.released", **extra, "error": err.message},
