@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -258,6 +259,11 @@ class RefusingS3(FakeS3):
 
     def create_multipart_upload(self, **kw: Any) -> dict[str, Any]:
         raise ClientError({"Error": {"Code": "AccessDenied"}}, "CreateMultipartUpload")
+
+    def get_paginator(self, name: str) -> Any:
+        # The resume lists the old upload's parts first: S3 still holds it, with none.
+        assert name == "list_parts"
+        return SimpleNamespace(paginate=lambda **kw: iter([{"Parts": []}]))
 
 
 def test_a_discarded_checkpoint_whose_abort_fails_is_given_up_not_forgotten(

@@ -14,7 +14,7 @@ import base64
 import hashlib
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,6 +34,7 @@ from vodpush.transfer.existing import find_same
 from vodpush.transfer.hashing import MD5_ETAG, b64, md5, md5_or_none, multipart_etag
 from vodpush.transfer.job import Progress, ShouldStop, UploadJob, UploadResult
 from vodpush.transfer.source import SourceFile
+from vodpush.transfer.threads import DaemonPool
 from vodpush.transfer.verify import build_result, verify_upload
 
 __all__ = ["Multipart"]
@@ -391,7 +392,8 @@ class Multipart:
         whole = hashlib.sha256()
         stopped = False
         futures: list[Future[None]] = []
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vodpush-part") as pool:
+        # Daemon threads: a part S3 never answers must not hold the process's exit.
+        with DaemonPool(self.concurrency, name="vodpush-part") as pool:
             try:
                 for number in range(1, self.total + 1):
                     if self._failed.is_set():

@@ -1,12 +1,15 @@
 """The worker: claims queued requests with a lease, uploads them, records the outcome, and
 delivers callbacks.
 
-Threads: the main loop claims work and hands it to an upload pool; a heartbeat thread
-renews the leases of running uploads and writes their progress about once a second; a
-callback pool delivers callbacks so a slow receiver never holds an upload slot; where the
-stores have a notification channel (PostgreSQL's LISTEN) a listener thread wakes the loop;
-a reaper thread aborts the multipart uploads given up without a confirmed abort
-(worker.reaper).
+Threads: the main loop claims work and starts an upload thread for each request (as many
+as there are slots); a heartbeat thread renews the leases of running uploads and writes their
+progress about once a second; callback threads deliver callbacks so a slow receiver never
+holds an upload slot; where the stores have a notification channel (PostgreSQL's LISTEN) a
+listener thread wakes the loop. Upload and callback threads are daemons: at shutdown the
+loop waits for them only until the grace period is over (see ``worker.shutdown``), then hands
+back what still runs and returns, so an S3 call or a receiver that never answers cannot hold
+the process. A reaper thread aborts the multipart uploads given up without a
+confirmed abort (worker.reaper).
 
 The stores are the Service's (core.ports: a database, or vodpush.memory), and the transfer
 itself is ``uploader`` (the S3 engine by default): tests/test_runner.py drives this loop on
@@ -24,8 +27,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from botocore.client import BaseClient
@@ -36,7 +39,7 @@ from vodpush.callbacks.payload import build_delivery
 from vodpush.callbacks.schedule import next_delivery
 from vodpush.core import records
 from vodpush.core.accounts import AccountRecord
-from vodpush.core.checkpoint import PartLedger
+from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
 from vodpush.core.clock import utcnow
 from vodpush.core.requests import Claimed, DueCallback, LeaseLost
 from vodpush.service import Service
@@ -52,6 +55,7 @@ from vodpush.transfer import (
 from vodpush.worker import retry
 from vodpush.worker.clients import S3Clients
 from vodpush.worker.reaper import ClientFor, Reaper
+from vodpush.worker.shutdown import NOT_STOPPING, deadline_after, give_up_at, time_left
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def object_options(request: Claimed, account: AccountRecord) -> ObjectOptions:
 
 @dataclass
 class _Active:
-    """A running upload, as the heartbeat thread sees it."""
+    """A running upload, as the heartbeat thread and a stopping worker see it."""
 
     request: Claimed
     bytes_done: int = 0
@@ -85,9 +89,65 @@ class _Active:
     reported: tuple[int, int | None] = (-1, None)
     lost: bool = False
     started: float = field(default_factory=time.monotonic)
+    # Under ``lock``: handed back (released) by this worker, or past ledger.confirm(), its
+    # final S3 call (PutObject, CompleteMultipartUpload, an abort) perhaps in flight. Never
+    # both: a request handed back must not be completed, and one that may be completed must
+    # not be handed back (the next worker would upload it again).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    released: bool = False
+    committing: bool = False
 
     def progress(self, done: int, total: int) -> None:
         self.bytes_done, self.bytes_total = done, total
+
+
+class _GuardedLedger:
+    """The request's ledger, with confirm() (the gate before the final S3 call) refused
+    once this worker has handed the request back, and marking the upload as committing."""
+
+    def __init__(self, ledger: PartLedger, active: _Active) -> None:
+        self._ledger = ledger
+        self._active = active
+
+    def load(self) -> MultipartCheckpoint | None:
+        return self._ledger.load()
+
+    def begin(self, checkpoint: MultipartCheckpoint) -> None:
+        self._ledger.begin(checkpoint)
+
+    def part_done(self, part_number: int, record: PartRecord) -> None:
+        self._ledger.part_done(part_number, record)
+
+    def clear(self) -> None:
+        self._ledger.clear()
+
+    def give_up(self) -> None:
+        self._ledger.give_up()
+
+    def confirm(self) -> None:
+        with self._active.lock:
+            if self._active.released:
+                raise LeaseLost(f"request {self._active.request.id} was handed back")
+            self._ledger.confirm()
+            self._active.committing = True
+
+
+@dataclass
+class _Delivering:
+    """A callback being delivered; ``settled`` (under ``lock``) once its attempt is recorded
+    or about to be, by the delivering thread or by a worker giving up at shutdown."""
+
+    due: DueCallback
+    at: datetime = field(default_factory=utcnow)
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    settled: bool = False
+
+    def settle(self) -> bool:
+        """True for the one caller that is to record the attempt."""
+        with self.lock:
+            first, self.settled = not self.settled, True
+            return first
 
 
 class Worker:
@@ -107,12 +167,12 @@ class Worker:
         self.concurrency = concurrency or self.settings.worker_concurrency
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping = threading.Event()
-        self._deadline = float("inf")  # monotonic time after which uploads are interrupted
+        self._deadline = NOT_STOPPING  # monotonic time after which uploads are interrupted
         self._wakeup = threading.Event()
         self._slots = threading.Semaphore(self.concurrency)
         self._callback_slots = threading.Semaphore(CALLBACK_THREADS)
         self._active: dict[int, _Active] = {}
-        self._callbacks_inflight = 0
+        self._delivering: dict[int, _Delivering] = {}
         # Due callbacks are looked for when one may just have become due (an upload with a
         # callback ended, a delivery slot freed) and otherwise once a poll interval, not
         # after every upload.
@@ -130,13 +190,19 @@ class Worker:
         """New work may be there (an API in this process just queued a request)."""
         self._wakeup.set()
 
+    @property
+    def stop_requested(self) -> bool:
+        """stop() was called (a signal): not a burst that ran out of work."""
+        return self._deadline != NOT_STOPPING
+
     def stop(self, grace: float | None = None) -> None:
         """Stop claiming; running uploads get ``grace`` seconds to finish, then are
-        interrupted and released for another worker (they resume from their parts)."""
+        interrupted and released for another worker (they resume from their parts); run()
+        returns at the latest SETTLE_SECONDS later, leaving behind what did not end."""
         grace = self.settings.shutdown_grace if grace is None else grace
-        deadline = time.monotonic() + grace
         # A second stop (a second signal, or the server's own shutdown after one) can only
         # bring the deadline nearer, never push it away.
+        deadline = deadline_after(time.monotonic(), grace, self._deadline)
         if self._stopping.is_set() and deadline >= self._deadline:
             return
         self._deadline = deadline
@@ -155,8 +221,6 @@ class Worker:
                 "burst": burst,
             },
         )
-        uploads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="upload")
-        callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix="callback")
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         # Not waited for (a burst run does not wait for S3 to come back): a reaper stopped
@@ -173,11 +237,11 @@ class Worker:
             ).start()
         try:
             while not self._stopping.is_set():
-                claimed = self._claim_uploads(uploads)
+                claimed = self._claim_uploads()
                 if self._callback_news.is_set() or time.monotonic() >= self._next_callback_poll:
                     self._callback_news.clear()
                     self._next_callback_poll = time.monotonic() + self.settings.poll_interval
-                    self._claim_callbacks(callbacks)
+                    self._claim_callbacks()
                 if (
                     burst
                     and not self._active
@@ -190,11 +254,41 @@ class Worker:
                     self._wakeup.clear()
         finally:
             self._stopping.set()
-            uploads.shutdown(wait=True)
-            callbacks.shutdown(wait=True)
+            self._wind_down()
             log.info("worker stopped", extra={"action": "worker.stopped", "owner": self.owner})
 
-    def _claim_uploads(self, pool: ThreadPoolExecutor) -> bool:
+    def _wind_down(self) -> None:
+        """Wait for running uploads and callbacks: until they end, or after a stop() until
+        give_up_at(deadline) (recomputed: a second stop brings it nearer); then hand back
+        what still runs, and leave its threads behind."""
+        while True:
+            with self._lock:
+                if not self._active and not self._delivering:
+                    return
+            give_up = give_up_at(self._deadline)
+            now = time.monotonic()
+            if now >= give_up:
+                break
+            self._wakeup.wait(min(time_left(give_up, now), 0.1))
+            self._wakeup.clear()
+        with self._lock:
+            uploads = list(self._active.values())
+            callbacks = list(self._delivering.values())
+        log.warning(
+            "grace period over: handing back what still runs",
+            extra={
+                "action": "worker.give_up",
+                "owner": self.owner,
+                "uploads": [a.request.id for a in uploads],
+                "callbacks": [d.due.id for d in callbacks],
+            },
+        )
+        for active in uploads:
+            self._give_up_upload(active)
+        for delivering in callbacks:
+            self._give_up_callback(delivering)
+
+    def _claim_uploads(self) -> bool:
         claimed = False
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
             try:
@@ -219,14 +313,16 @@ class Worker:
                     "attempt": request.attempts,
                 },
             )
-            pool.submit(self._run_upload, active)
+            threading.Thread(
+                target=self._run_upload, args=(active,), name=f"upload-{request.id}", daemon=True
+            ).start()
         return claimed
 
     def _callbacks_running(self) -> bool:
         with self._lock:
-            return self._callbacks_inflight > 0
+            return bool(self._delivering)
 
-    def _claim_callbacks(self, pool: ThreadPoolExecutor) -> None:
+    def _claim_callbacks(self) -> None:
         while self._callback_slots.acquire(blocking=False):
             try:
                 due = self.queue.claim_callback(lease_seconds=self.settings.callback_timeout * 3)
@@ -237,14 +333,55 @@ class Worker:
             if due is None:
                 self._callback_slots.release()
                 return
+            delivering = _Delivering(due)
             with self._lock:
-                self._callbacks_inflight += 1
-            pool.submit(self._run_callback, due)
+                self._delivering[due.id] = delivering
+            threading.Thread(
+                target=self._run_callback,
+                args=(delivering,),
+                name=f"callback-{due.id}",
+                daemon=True,
+            ).start()
 
     # -- uploads ---------------------------------------------------------------------------
 
     def _should_stop(self, active: _Active) -> bool:
-        return active.lost or time.monotonic() > self._deadline
+        return active.lost or active.released or time.monotonic() > self._deadline
+
+    def _release(self, active: _Active) -> bool:
+        """Hand the request back (queued, the attempt not counted), once. False when that
+        is not done: already handed back, or its final S3 call may be in flight."""
+        with active.lock:
+            if active.released or active.committing:
+                return False
+            self.queue.release(active.request.id, self.owner)
+            active.released = True
+        return True
+
+    def _give_up_upload(self, active: _Active) -> None:
+        """At give_up_at: the upload did not end (an S3 call that does not return). Hand its
+        request back for another worker and stop waiting; the lease guard refuses whatever
+        its thread tries later. One in its final call keeps its lease (the call may still
+        land): the lease runs out after the process is gone, and the next holder takes over."""
+        request = active.request
+        extra = {"request_id": request.id, "account_id": request.account_id}
+        try:
+            released = self._release(active)
+        except Exception:  # LeaseLost, or the database is away: the lease runs out anyway
+            log.exception("hand-back failed", extra={"action": "upload.release_failed", **extra})
+            return
+        if released:
+            with self._lock:
+                self._active.pop(request.id, None)  # no more heartbeats for it
+            log.info(
+                "upload released for another worker; its S3 call is abandoned",
+                extra={"action": "upload.released", **extra, "abandoned": True},
+            )
+        elif active.committing and not active.released:
+            log.warning(
+                "upload in its final S3 call at shutdown: left to its lease",
+                extra={"action": "upload.in_doubt", **extra},
+            )
 
     def _run_upload(self, active: _Active) -> None:
         request = active.request
@@ -252,10 +389,11 @@ class Worker:
         try:
             self._upload(active, extra)
         except LeaseLost:
-            log.warning(
-                "lease lost; another worker has the request",
-                extra={"action": "upload.lease_lost", **extra},
-            )
+            if not active.released:  # else: the refused write of an abandoned upload
+                log.warning(
+                    "lease lost; another worker has the request",
+                    extra={"action": "upload.lease_lost", **extra},
+                )
         except Exception:
             # Never let an unexpected error leave the request leased forever: record it.
             log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
@@ -305,7 +443,9 @@ class Worker:
             may_exist=request.attempts > 1 or request.lease_expiries > 0,
         )
         client = self._clients(account)
-        ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
+        ledger = _GuardedLedger(
+            self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint), active
+        )
         if request.lease_expiries >= self.settings.max_attempts:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
             # rather than hand it to the next one, and leave no multipart upload behind
@@ -334,12 +474,21 @@ class Worker:
         except UploadInterrupted:
             if active.lost:
                 raise LeaseLost(f"request {request.id}") from None
-            self.queue.release(request.id, self.owner)
-            log.info(
-                "upload released for another worker", extra={"action": "upload.released", **extra}
-            )
+            if self._release(active):
+                log.info(
+                    "upload released for another worker",
+                    extra={"action": "upload.released", **extra},
+                )
             return
         except UploadError as err:
+            # A stopping worker does not judge a transient failure (S3 away as it stops):
+            # the request goes back uncounted, and the next worker retries it at once.
+            if err.transient and self.stop_requested and self._release(active):
+                log.info(
+                    "upload released for another worker after a transient error",
+                    extra={"action": "upload.released", **extra, "error": err.message},
+                )
+                return
             self._upload_failed(request, err, client, job, ledger, extra)
             return
         self.queue.succeed(
@@ -516,21 +665,56 @@ class Worker:
         self._callback_news.set()
         self._wakeup.set()
 
-    def _run_callback(self, due: DueCallback) -> None:
+    def _run_callback(self, delivering: _Delivering) -> None:
+        due = delivering.due
         extra = {"request_id": due.id, "account_id": due.account_id}
         try:
-            self._deliver(due, extra)
+            self._deliver(delivering, extra)
         except LeaseLost:
             pass
         except Exception:
             log.exception("callback crashed", extra={"action": "callback.crashed", **extra})
         finally:
             with self._lock:
-                self._callbacks_inflight -= 1
+                self._delivering.pop(due.id, None)
             self._callback_slots.release()
             self._callback_ready()  # the freed slot may take another due callback
 
-    def _deliver(self, due: DueCallback, extra: dict[str, Any]) -> None:
+    def _give_up_callback(self, delivering: _Delivering) -> None:
+        """At give_up_at: the receiver has not answered. Record the attempt (the receiver may
+        have read the POST) as cut by the shutdown, due again at once for another worker
+        (same message id: the receiver can tell a repeat), unless the schedule is used up."""
+        if not delivering.settle():
+            return  # its thread is recording the outcome
+        due = delivering.due
+        extra = {"request_id": due.id, "account_id": due.account_id}
+        now = utcnow()
+        seconds = time.monotonic() - delivering.started
+        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, now)
+        try:
+            state = self.queue.record_callback(
+                due.id,
+                msg_id=due.msg_id,
+                at=delivering.at,
+                ok=False,
+                http_status=None,
+                error=f"interrupted by shutdown: no answer after {seconds:.1f} s",
+                duration=seconds,
+                next_at=now if decision.retry else None,
+            )
+        except Exception:  # the callback is due again when its claim runs out
+            log.exception(
+                "could not record the interrupted callback",
+                extra={"action": "callback.record_failed", **extra},
+            )
+            return
+        log.warning(
+            "callback interrupted by shutdown",
+            extra={"action": f"callback.{state}", **extra, "interrupted": True},
+        )
+
+    def _deliver(self, delivering: _Delivering, extra: dict[str, Any]) -> None:
+        due = delivering.due
         account = self.service.accounts.by_id(due.account_id)
         row = self.service.requests.get(due.id)
         if account is None or row is None or not account.enabled:
@@ -545,6 +729,8 @@ class Worker:
             timeout=self.settings.callback_timeout,
             allow_private=self.settings.callback_allow_private,
         )
+        if not delivering.settle():
+            return  # recorded as interrupted by a worker that stopped waiting for it
         decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, utcnow())
         state = self.queue.record_callback(
             due.id,
