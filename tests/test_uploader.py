@@ -42,9 +42,10 @@ from vodpush.transfer import (
     upload,
     verify_stored,
 )
+from vodpush.transfer.hashing import multipart_etag
 from vodpush.transfer.s3client import make_s3_client
 from vodpush.transfer.source import SourceFile
-from vodpush.transfer.verify import verify_upload
+from vodpush.transfer.verify import made_from_parts, verify_upload
 
 MiB = 1024 * 1024
 PART = 5 * MiB  # S3's minimum part size
@@ -483,6 +484,123 @@ def test_vanished_upload_starts_over(s3: Any, bucket: str, tmp_path: Path) -> No
     result = run(s3, job, ledger)
     assert (result.parts_sent, result.parts_total) == (4, 4)
     assert get_bytes(s3, bucket, "g.mp4") == data
+
+
+class CutAfterComplete(MemoryLedger):
+    """A ledger whose worker is cut off right after CompleteMultipartUpload went through:
+    the upload is complete in S3, but nothing after it (clearing the ledger, recording the
+    outcome) happens; the checkpoint keeps every part."""
+
+    cut = True
+
+    def clear(self) -> None:
+        if self.cut:
+            raise ConnectionError("cut off")
+        super().clear()
+
+
+def _completed_unrecorded(
+    moto: MotoServer, tmp_path: Path, *, checksums: bool, name: str
+) -> tuple[Any, str, UploadJob, CutAfterComplete, bytes]:
+    client = make_s3_client(moto.settings(checksums=checksums))
+    bucket = f"vodpush-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    data = make_file(tmp_path / name, BIG)
+    job = UploadJob(
+        source=tmp_path / name,
+        bucket=bucket,
+        key=name,
+        options=ObjectOptions(checksums=checksums, metadata={"title": "Ünïcödé"}),
+    )
+    ledger = CutAfterComplete()
+    with pytest.raises(ConnectionError):
+        run(client, job, ledger)
+    ledger.cut = False
+    assert sorted(ledger.load().parts) == [1, 2, 3, 4]  # type: ignore[union-attr]
+    return client, bucket, job, ledger, data
+
+
+def versions(client: Any, bucket: str) -> list[dict[str, Any]]:
+    return client.list_object_versions(Bucket=bucket).get("Versions", [])
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "md5"])
+def test_resume_finds_an_upload_completed_but_not_recorded(
+    moto: MotoServer, tmp_path: Path, checksums: bool
+) -> None:
+    """S3 no longer knows the upload (it was completed) and the key holds the object its
+    parts make: the resumed attempt records that object and stores nothing again."""
+    client, bucket, job, ledger, data = _completed_unrecorded(
+        moto, tmp_path, checksums=checksums, name="done.mp4"
+    )
+    (stored,) = versions(client, bucket)
+
+    result = run(client, job, ledger)
+    assert (result.parts_sent, result.parts_total) == (0, 4)
+    assert result.results["VersionId"] == stored["VersionId"]
+    assert result.results["ETag"] == stored["ETag"]
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert [v["VersionId"] for v in versions(client, bucket)] == [stored["VersionId"]]
+    assert ledger.load() is None
+    assert open_uploads(client, bucket) == []
+
+
+def test_resume_starts_over_when_the_key_holds_another_object(
+    moto: MotoServer, tmp_path: Path
+) -> None:
+    """The upload is gone and the key holds something else (a later writer, or the same
+    bytes with other metadata): nothing proves the upload was completed, so it starts over."""
+    client, bucket, job, ledger, data = _completed_unrecorded(
+        moto, tmp_path, checksums=True, name="other.mp4"
+    )
+    client.copy_object(
+        Bucket=bucket,
+        Key="other.mp4",
+        CopySource={"Bucket": bucket, "Key": "other.mp4"},
+        Metadata={"title": "changed"},
+        MetadataDirective="REPLACE",
+    )
+    result = run(client, job, ledger)
+    assert (result.parts_sent, result.parts_total) == (4, 4)
+    assert len(versions(client, bucket)) == 3
+    assert get_bytes(client, bucket, "other.mp4") == data
+
+
+def test_made_from_parts() -> None:
+    parts = [
+        PartRecord(etag='"' + hashlib.md5(x).hexdigest() + '"', checksum_sha256=None, size=1)
+        for x in (b"a", b"b")
+    ]
+    etag = multipart_etag([hashlib.md5(b"a").digest(), hashlib.md5(b"b").digest()])
+    stored = {"ContentLength": 2, "ContentType": "video/mp4", "Metadata": {}, "ETag": f'"{etag}"'}
+    args = {"ContentType": "video/mp4", "Metadata": {}}
+    assert made_from_parts(stored, size=2, parts=parts, arguments=args)
+    assert not made_from_parts(stored, size=3, parts=parts, arguments=args)
+    assert not made_from_parts(stored, size=2, parts=parts[:1], arguments=args)
+    assert not made_from_parts(stored | {"ContentType": "x/y"}, size=2, parts=parts, arguments=args)
+    assert not made_from_parts(
+        stored, size=2, parts=parts, arguments=args | {"Metadata": {"A": "1"}}
+    )
+    assert made_from_parts(
+        stored | {"Metadata": {"a": "1"}},
+        size=2,
+        parts=parts,
+        arguments=args | {"Metadata": {"A": "1"}},
+    )  # S3 gives metadata names in lower case
+    # SSE-KMS ETags are not MD5s: without checksums nothing proves it.
+    kms = stored | {"ServerSideEncryption": "aws:kms"}
+    assert not made_from_parts(kms, size=2, parts=parts, arguments=args)
+    sums = [base64.b64encode(hashlib.sha256(x).digest()).decode() for x in (b"a", b"b")]
+    summed = [replace(p, checksum_sha256=s) for p, s in zip(parts, sums, strict=True)]
+    joined = hashlib.sha256(b"".join(hashlib.sha256(x).digest() for x in (b"a", b"b")))
+    composite = base64.b64encode(joined.digest()).decode()
+    assert made_from_parts(
+        kms | {"ChecksumSHA256": f"{composite}-2"}, size=2, parts=summed, arguments=args
+    )
+    assert not made_from_parts(
+        kms | {"ChecksumSHA256": f"{composite}-3"}, size=2, parts=summed, arguments=args
+    )
 
 
 def test_stop_before_start_creates_nothing(s3: Any, bucket: str, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from vodpush.transfer.errors import (
 from vodpush.transfer.hashing import MD5_ETAG, b64, md5, md5_or_none, multipart_etag
 from vodpush.transfer.job import Progress, ShouldStop, UploadJob, UploadResult
 from vodpush.transfer.source import SourceFile
-from vodpush.transfer.verify import build_result, verify_upload
+from vodpush.transfer.verify import build_result, made_from_parts, verify_upload
 
 __all__ = ["Multipart"]
 
@@ -73,6 +73,9 @@ class Multipart:
         self._errors: list[BaseException] = []
         self._failed = threading.Event()
         self._slots = threading.BoundedSemaphore(concurrency + 1)
+        # The object an earlier holder's CompleteMultipartUpload made (its answer was lost),
+        # found on resume: this attempt completes nothing, it records that object.
+        self._completed_before: dict[str, Any] | None = None
 
     def _log(self, message: str, action: str, **extra: Any) -> None:
         log.info(
@@ -93,7 +96,7 @@ class Multipart:
         self.upload_id = checkpoint.upload_id
         try:
             sha = self._send_parts(checkpoint)
-            response = self._complete()
+            response = self._completed_before or self._complete()
         except UploadError as err:
             # The upload was aborted behind our back (or expired), or S3 lacks a part the
             # ledger claims: the checkpoint is wrong, but a fresh upload will work.
@@ -119,7 +122,15 @@ class Multipart:
             etag=lambda: self._expected_etag(digests),
         )
         self.ledger.clear()
-        self._log("multipart upload completed", "s3.multipart.complete", parts=self.total)
+        if self._completed_before is not None:
+            self._log(
+                "multipart upload found completed by an earlier attempt",
+                "s3.multipart.found_complete",
+                parts=self.total,
+                version_id=response.get("VersionId"),
+            )
+        else:
+            self._log("multipart upload completed", "s3.multipart.complete", parts=self.total)
         return build_result(
             self.client,
             self.job,
@@ -155,6 +166,8 @@ class Multipart:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             if code == "NoSuchUpload":
+                if self._found_completed(checkpoint):
+                    return checkpoint
                 self._drop(checkpoint, "upload gone from S3")
                 return None
             if code not in ("AccessDenied", "NotImplemented"):
@@ -177,6 +190,35 @@ class Multipart:
             parts_done=len(parts),
         )
         return replace(checkpoint, parts=parts)
+
+    def _found_completed(self, checkpoint: MultipartCheckpoint) -> bool:
+        """S3 forgets a multipart upload once it is completed. When the ledger holds every
+        part and the key holds the object they make, an earlier holder's
+        CompleteMultipartUpload went through and its answer was lost (it was cut off from
+        the network, or killed, right after sending it): uploading the file again would
+        store it twice. True then (the object is kept for ``run``)."""
+        if sorted(checkpoint.parts) != list(range(1, self.total + 1)):
+            return False
+        args: dict[str, Any] = {"Bucket": self.job.bucket, "Key": self.job.key}
+        if checkpoint.checksums:
+            args["ChecksumMode"] = "ENABLED"
+        try:
+            stored = self.client.head_object(**args)
+        except ClientError as exc:
+            if classify(exc).http_status == 404:
+                return False
+            raise classify(exc) from exc
+        except BotoCoreError as exc:
+            raise classify(exc) from exc
+        if not made_from_parts(
+            stored,
+            size=self.source.size,
+            parts=[checkpoint.parts[n] for n in range(1, self.total + 1)],
+            arguments=self.job.object_arguments(self.source.name),
+        ):
+            return False
+        self._completed_before = stored
+        return True
 
     def _drop(self, checkpoint: MultipartCheckpoint, why: str) -> None:
         self._log(

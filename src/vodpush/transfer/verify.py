@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
+from vodpush.core.checkpoint import PartRecord
 from vodpush.core.options import SSE_KMS
 from vodpush.core.records import RESULT_KEYS
 from vodpush.transfer.errors import INTEGRITY_ERROR, UploadError, classify
-from vodpush.transfer.hashing import MD5_ETAG
+from vodpush.transfer.hashing import MD5_ETAG, b64, multipart_etag
 from vodpush.transfer.job import UploadJob, UploadResult
 
-__all__ = ["build_result", "object_url", "verify_stored", "verify_upload"]
+__all__ = ["build_result", "made_from_parts", "object_url", "verify_stored", "verify_upload"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,42 @@ def verify_stored(
     if stored_etag != expected:
         return f"S3 reports ETag {stored_etag}, expected {expected}"
     return None
+
+
+def made_from_parts(
+    stored: Mapping[str, Any],
+    *,
+    size: int,
+    parts: Sequence[PartRecord],
+    arguments: Mapping[str, Any],
+) -> bool:
+    """Whether ``stored`` (a HeadObject answer) is the object that completing a multipart
+    upload of ``parts`` (all of them, in order), created with ``arguments``, makes: the same
+    size, Content-Type and metadata, and the same composite SHA-256 (from the parts'
+    checksums) or else the same MD5 ETag (from the parts' ETags). False when neither digest
+    can be compared (SSE-KMS or SSE-C without checksums): nothing then proves it."""
+    if stored.get("ContentLength") != size:
+        return False
+    if stored.get("ContentType") != arguments.get("ContentType"):
+        return False
+    wanted_metadata = {k.lower(): v for k, v in (arguments.get("Metadata") or {}).items()}
+    if dict(stored.get("Metadata") or {}) != wanted_metadata:
+        return False
+    sums = [p.checksum_sha256 for p in parts]
+    if stored.get("ChecksumSHA256") and all(sums):
+        joined = b"".join(base64.b64decode(s or "") for s in sums)
+        composite = f"{b64(hashlib.sha256(joined).digest())}-{len(parts)}"
+        return verify_stored(stored, size=size, sha256=None, sha256_composite=composite) is None
+    etags = [p.etag.strip('"') for p in parts]
+    stored_etag = str(stored.get("ETag") or "").strip('"')
+    if (
+        not MD5_ETAG.match(stored_etag)
+        or not all(MD5_ETAG.match(e) and "-" not in e for e in etags)
+        or str(stored.get("ServerSideEncryption") or "").startswith(SSE_KMS)
+        or stored.get("SSECustomerAlgorithm")
+    ):
+        return False
+    return stored_etag == multipart_etag([bytes.fromhex(e) for e in etags])
 
 
 def object_url(client: BaseClient, bucket: str, key: str) -> str:
