@@ -173,8 +173,8 @@ class _SQLite(Dialect):
         return sqlite_insert(table)
 
 
-# libpq parameters of every connection, unless the URL gives its own (``?keepalives_idle=30``;
-# ``?options=`` replaces ours). A partition leaves TCP connections silent, not closed:
+# libpq parameters of every connection, unless the URL gives its own (``?keepalives_idle=30``).
+# A partition leaves TCP connections silent, not closed:
 _PG_CONNECTION_DEFAULTS: dict[str, Any] = {
     # A server that does not answer a new connection fails it in seconds, not minutes.
     "connect_timeout": 10,
@@ -187,13 +187,14 @@ _PG_CONNECTION_DEFAULTS: dict[str, Any] = {
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
-    # The server side: a client cut off inside a transaction never sends its COMMIT, and
-    # the transaction keeps the request's row locked; every claim skips a locked row, so no
-    # worker could take the request over when the lease runs out. Nothing here waits on
-    # anything but the database inside a transaction: one idle for 5 s (the shortest
-    # lease) is ended by the server, which releases its locks.
-    "options": "-c idle_in_transaction_session_timeout=5000",
 }
+# The server side: a client cut off inside a transaction never sends its COMMIT, and the
+# transaction keeps the request's row locked; every claim skips a locked row, so no worker
+# could take the request over when the lease runs out. Nothing here waits on anything but
+# the database inside a transaction: one idle for 5 s (the shortest lease) is ended by the
+# server, which releases its locks. Set with SET, not the startup ``options`` (PgBouncer
+# refuses those); a URL with ``options`` of its own is left to them.
+_IDLE_IN_TRANSACTION_MS = 5000
 
 
 def _pg_connect_args(url: str | URL) -> dict[str, Any]:
@@ -209,7 +210,18 @@ class _PostgreSQL(Dialect):
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
         kwargs["connect_args"] = {**_pg_connect_args(url), **kwargs.get("connect_args", {})}
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        engine = create_engine(url, pool_pre_ping=True, **kwargs)
+        if "options" not in make_url(url).query:
+
+            @event.listens_for(engine, "connect")
+            def _idle_in_transaction_timeout(dbapi_conn: Any, _record: Any) -> None:
+                with dbapi_conn.cursor() as cur:
+                    cur.execute(
+                        f"SET idle_in_transaction_session_timeout = {_IDLE_IN_TRANSACTION_MS}"
+                    )
+                dbapi_conn.commit()
+
+        return engine
 
     def skip_locked(self, pick: Select[Any]) -> Select[Any]:
         return pick.with_for_update(skip_locked=True)
