@@ -14,8 +14,10 @@ import contextlib
 import os
 import re
 import socket
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 IP = "ip"
@@ -65,6 +67,7 @@ class Host:
         self.ns_ip = ns_ip
         self.host_if = f"{name}h"  # IFNAMSIZ: at most 15 characters
         self.ns_if = f"{name}n"
+        self.cut_at = self.restored_at = 0.0  # wall clock, to compare with the workers' logs
 
     def create(self) -> Host:
         _ip("netns", "add", self.name)
@@ -85,9 +88,11 @@ class Host:
     def cut(self) -> None:
         """Drop everything to and from the host (its side sees no carrier)."""
         _ip("link", "set", self.host_if, "down")
+        self.cut_at = time.time()
 
     def restore(self) -> None:
         _ip("link", "set", self.host_if, "up")
+        self.restored_at = time.time()
 
     def delete(self) -> None:
         """Remove the veth pair and the namespace; safe to call for a half-made host."""
@@ -161,13 +166,16 @@ class Connection:
         sock.sendall(data)
 
     def reset(self) -> None:
-        """What a peer that forgot the connection does: an RST (lost if the link is down;
-        then the client is not told at all), and the server side closed."""
-        with contextlib.suppress(OSError):
-            self.client.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
+        """Forget the connection as a restarted peer does: both sockets are gone (aborted:
+        what is sent on them is lost if the link is down, and the client is then told
+        nothing; a packet it sends later meets a reset), and the server side is closed."""
         for sock in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # shutdown() first: a close() alone leaves the socket alive while a pipe thread
+            # is blocked in recv() on it.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 

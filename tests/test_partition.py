@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +285,10 @@ def partition(pg_url: str, s3: MotoServer, tmp_path: Path, hosts) -> Iterator[Pa
         setting.close()
 
 
+def _log_time(entry: dict[str, Any]) -> float:
+    return datetime.fromisoformat(entry["time"]).timestamp()
+
+
 def start_both(partition: Partition, request_id: int) -> None:
     """A first; B as soon as A holds the lease (B starts while A uploads, and can only
     take the request over once A's lease has run out)."""
@@ -304,6 +309,13 @@ def a_comes_back(partition: Partition, then: Callable[[], None] | None = None) -
     if then is not None:
         then()
     wait_for(lambda: a.events("upload.lease_lost"), 90, "A to notice it lost the lease")
+    # Figures for the docs (pytest -s shows them): cut -> B's claim, restore -> A's notice.
+    claimed = _log_time(partition.b.events("upload.claimed")[0])
+    noticed = _log_time(a.events("upload.lease_lost")[0])
+    print(
+        f"\ntakeover {claimed - a.host.cut_at:.1f} s after the cut, "
+        f"lease loss noticed {noticed - a.host.restored_at:.1f} s after the restore"
+    )
     # Whatever A still had in hand it has given up: it stops at once, sending nothing.
     assert partition.stop_worker(a) == 0
     assert partition.stop_worker(partition.b) == 0
