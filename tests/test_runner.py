@@ -304,6 +304,29 @@ def test_an_outcome_after_a_lost_lease_is_dropped(service: Service) -> None:
     service.queue.heartbeat(rid, "thief", 30)  # still the thief's lease
 
 
+def test_an_error_after_a_lost_lease_is_reported_as_the_lost_lease(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upload that ends in an unexpected error (a database connection that died while
+    the host was cut off) after another worker took the request over: the failure it would
+    record is refused, and the log says the lease was lost, not only that it crashed."""
+    (rid,) = _enqueue(service)
+    done = threading.Event()
+
+    def stolen_then_crash(call: dict[str, Any]) -> UploadResult:
+        _steal(service, rid, worker.owner)
+        done.set()
+        raise ConnectionError("server closed the connection unexpectedly")
+
+    worker = Worker(service, uploader=FakeUpload(stolen_then_crash))
+    with caplog.at_level("INFO", logger="vodpush.worker.runner"):
+        _run_until(worker, done)
+    actions = [getattr(r, "action", None) for r in caplog.records]
+    assert "upload.crashed" in actions and "upload.lease_lost" in actions
+    assert (_state(service, rid).state, _state(service, rid).attempts) == ("running", 1)
+    service.queue.heartbeat(rid, "thief", 30)  # still the thief's lease
+
+
 def test_a_request_of_a_disabled_account_is_held_not_uploaded(service: Service) -> None:
     (rid,) = _enqueue(service)
     service.accounts.set_enabled("1/jb", False)

@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql.elements import ColumnElement
 
 from vodpush.filemodes import create_private, restrict_to_owner
@@ -194,6 +194,35 @@ class _SQLite(Dialect):
         return sqlite_insert(table)
 
 
+# libpq parameters of every connection, unless the URL gives its own (``?keepalives_idle=30``).
+# A partition leaves TCP connections silent, not closed:
+_PG_CONNECTION_DEFAULTS: dict[str, Any] = {
+    # A server that does not answer a new connection fails it in seconds, not minutes.
+    "connect_timeout": 10,
+    # A client waiting for an answer sends nothing, so without keepalives it never finds
+    # out that the server forgot the connection while the network was down (a restart, a
+    # NAT or proxy timing it out: their reset was lost); it would wait forever, holding
+    # its upload slot and, in the heartbeat thread, every lease of the worker. Probes after
+    # 10 s of silence, 5 s apart, 3 unanswered: a dead connection is dropped within ~25 s.
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+# The server side: a client cut off inside a transaction never sends its COMMIT, and the
+# transaction keeps the request's row locked; every claim skips a locked row, so no worker
+# could take the request over when the lease runs out. Nothing here waits on anything but
+# the database inside a transaction: one idle for 5 s (the shortest lease) is ended by the
+# server, which releases its locks. Set with SET, not the startup ``options`` (PgBouncer
+# refuses those); a URL with ``options`` of its own is left to them.
+_IDLE_IN_TRANSACTION_MS = 5000
+
+
+def _pg_connect_args(url: str | URL) -> dict[str, Any]:
+    query = make_url(url).query
+    return {k: v for k, v in _PG_CONNECTION_DEFAULTS.items() if k not in query}
+
+
 class _PostgreSQL(Dialect):
     name = "postgresql"
     prepared_autocommit = True
@@ -201,7 +230,19 @@ class _PostgreSQL(Dialect):
     def make_engine(self, url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        kwargs["connect_args"] = {**_pg_connect_args(url), **kwargs.get("connect_args", {})}
+        engine = create_engine(url, pool_pre_ping=True, **kwargs)
+        if "options" not in make_url(url).query:
+
+            @event.listens_for(engine, "connect")
+            def _idle_in_transaction_timeout(dbapi_conn: Any, _record: Any) -> None:
+                with dbapi_conn.cursor() as cur:
+                    cur.execute(
+                        f"SET idle_in_transaction_session_timeout = {_IDLE_IN_TRANSACTION_MS}"
+                    )
+                dbapi_conn.commit()
+
+        return engine
 
     def skip_locked(self, pick: Select[Any]) -> Select[Any]:
         return pick.with_for_update(skip_locked=True)
@@ -227,6 +268,9 @@ class _PostgreSQL(Dialect):
     def migration_lock(self, engine: Engine) -> Iterator[Connection | None]:
         with engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
+            # The lock is the session's: commit at once, so that the migrator is not idle
+            # in a transaction (and ended by the server) while alembic loads its scripts.
+            conn.commit()
             try:
                 yield conn
                 conn.commit()
@@ -241,13 +285,15 @@ class PostgresNotifications:
 
     def __init__(self, engine: Engine) -> None:
         self._url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # The listening connection idles for good: keepalives find it dead after a partition.
+        self._params = _pg_connect_args(engine.url)
 
     def listen(self, wake: Callable[[], None], stopping: threading.Event) -> None:
         import psycopg
 
         while not stopping.is_set():
             try:
-                with psycopg.connect(self._url, autocommit=True) as conn:
+                with psycopg.connect(self._url, autocommit=True, **self._params) as conn:
                     conn.execute(f"LISTEN {QUEUE_CHANNEL}")
                     while not stopping.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):

@@ -18,7 +18,6 @@ memory stores with a plain function in its place.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -387,17 +386,15 @@ class Worker:
         request = active.request
         extra = {"request_id": request.id, "account_id": request.account_id}
         try:
-            self._upload(active, extra)
-        except LeaseLost:
-            if not active.released:  # else: the refused write of an abandoned upload
-                log.warning(
-                    "lease lost; another worker has the request",
-                    extra={"action": "upload.lease_lost", **extra},
-                )
-        except Exception:
-            # Never let an unexpected error leave the request leased forever: record it.
-            log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
-            with contextlib.suppress(LeaseLost):
+            try:
+                self._upload(active, extra)
+            except LeaseLost:
+                raise
+            except Exception:
+                # Never let an unexpected error leave the request leased forever: record
+                # it. If the lease is gone (the error was a lost database connection, and
+                # another worker took over meanwhile), nothing is recorded: said below.
+                log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
                 self.queue.fail(
                     request.id,
                     self.owner,
@@ -406,7 +403,13 @@ class Worker:
                     code="InternalError",
                     has_callback=bool(request.callback),
                 )
-            metrics.UPLOADS.labels("error").inc()
+                metrics.UPLOADS.labels("error").inc()
+        except LeaseLost:
+            if not active.released:  # else: the refused write of an abandoned upload
+                log.warning(
+                    "lease lost; another worker has the request",
+                    extra={"action": "upload.lease_lost", **extra},
+                )
         finally:
             with self._lock:
                 self._active.pop(request.id, None)
