@@ -43,6 +43,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
         retry_base_delay=0.05,
         retry_max_delay=0.1,
         max_attempts=3,
+        retry_window=0,
         lease_seconds=5,
         shutdown_grace=0.2,
     )

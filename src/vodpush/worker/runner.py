@@ -35,7 +35,6 @@ from vodpush.callbacks.schedule import next_delivery
 from vodpush.core import records
 from vodpush.core.accounts import AccountRecord, S3Settings
 from vodpush.core.checkpoint import PartLedger
-from vodpush.core.clock import utcnow
 from vodpush.core.requests import Claimed, DueCallback, LeaseLost
 from vodpush.service import Service
 from vodpush.transfer import (
@@ -297,7 +296,7 @@ class Worker:
         )
         client = self._client(account)
         ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
-        if request.lease_expiries >= self.settings.max_attempts:
+        if request.lease_expiries >= self.settings.max_lease_expiries:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
             # rather than hand it to the next one, and leave no multipart upload behind.
             abandon_quietly(client, job, ledger)
@@ -388,25 +387,22 @@ class Worker:
         ledger: PartLedger,
         extra: dict[str, Any],
     ) -> None:
-        now = utcnow()
         decision = retry.decide(
             transient=err.transient,
             attempts_made=request.attempts,
             max_attempts=self.settings.max_attempts,
             base_delay=self.settings.retry_base_delay,
             max_delay=self.settings.retry_max_delay,
-            now=now,
         )
-        if decision.retry and decision.at is not None:  # a retry always says when
-            delay = (decision.at - now).total_seconds()
-            self.queue.retry_later(
+        if decision.retry and decision.delay is not None:  # a retry always says when
+            delay = decision.delay
+            # The store puts the delay on its own clock and writes "Retrying at <time>".
+            at = self.queue.retry_later(
                 request.id,
                 self.owner,
-                at=decision.at,
-                message=(
-                    f"Retrying in {delay:.0f} s after attempt {request.attempts} of "
-                    f"{self.settings.max_attempts}: {err.message}"
-                ),
+                delay=delay,
+                cause=err.message,
+                max_attempts=self.settings.max_attempts,
                 http_status=err.http_status,
                 code=err.code,
             )
@@ -419,7 +415,10 @@ class Worker:
                     "error": err.message,
                     "detail": err.detail,
                     "delay": round(delay, 3),
+                    "next_attempt_at": at.isoformat(sep=" ", timespec="seconds"),
                     "attempt": request.attempts,
+                    "max_attempts": self.settings.max_attempts,
+                    "code": err.code,
                 },
             )
             return
@@ -534,7 +533,7 @@ class Worker:
             timeout=self.settings.callback_timeout,
             allow_private=self.settings.callback_allow_private,
         )
-        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, utcnow())
+        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule)
         state = self.queue.record_callback(
             due.id,
             msg_id=msg_id,
@@ -543,7 +542,7 @@ class Worker:
             http_status=attempt.http_status,
             error=attempt.error,
             duration=attempt.duration,
-            next_at=decision.at.replace(tzinfo=None) if decision.retry and decision.at else None,
+            next_delay=decision.delay if decision.retry else None,
             permanent=attempt.permanent,
         )
         metrics.CALLBACKS.labels("delivered" if attempt.ok else "failed").inc()
