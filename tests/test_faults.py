@@ -190,33 +190,63 @@ def test_a_request_that_kills_every_worker_fails_and_leaves_nothing_behind(
     crashes its worker would): each time its lease runs out and the next claim counts the
     expiry. After max_lease_expiries (default 3) deaths the next worker does not upload it
     again: it fails the request (WorkerDied), aborts its multipart upload, and the callback
-    is delivered once."""
+    is delivered once. Two workers run at a time, so that a successor is always ready."""
     receiver = Receiver().start()
+    env = worker_env(service, VODPUSH_CALLBACK_ALLOW_PRIVATE="true")
+    workers: dict[int, subprocess.Popen] = {}
+    logs: list[Path] = []
+
+    def add_worker() -> None:
+        logs.append(tmp_path / f"w{len(logs)}.log")
+        proc = start_worker(env, logs[-1])
+        workers[proc.pid] = proc
+
+    def holder() -> int | None:
+        """The pid of the worker holding the lease (owner is host:pid:nonce)."""
+        row = request_row(service, request_id)
+        return int(row.lease_owner.split(":")[1]) if row.lease_owner else None
+
     try:
         request_id, _ = queue_file(
-            service, s3_account, sestore_root, "poison.mp4", 60 * MiB, bucket, receiver.url
+            service, s3_account, sestore_root, "poison.mp4", 40 * MiB, bucket, receiver.url
         )
         deaths = Settings.model_fields["max_lease_expiries"].default
-        env = worker_env(service, VODPUSH_CALLBACK_ALLOW_PRIVATE="true")
+        add_worker()
+        add_worker()
         for n in range(deaths):
             parts = parts_stored(service, request_id)
-            worker = start_worker(env, tmp_path / f"w{n}.log")
-            try:  # dies once it has sent a part more (the multipart upload exists)
-                wait_for(lambda: parts_stored(service, request_id) > parts, 60, f"part {n}")
-            finally:
-                worker.send_signal(signal.SIGKILL)
-                worker.wait(10)
+            # It dies once it has sent a part more (the multipart upload exists).
+            wait_for(
+                lambda: parts_stored(service, request_id) > parts and holder() in workers,
+                90,
+                f"worker {n + 1} uploading",
+            )
+            victim = workers.pop(holder())
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
             row = request_row(service, request_id)
             assert (row.state, row.attempts, row.lease_expiries) == ("running", n + 1, n)
+            if n < deaths - 1:
+                add_worker()
         assert s3_client(s3).list_multipart_uploads(Bucket=bucket).get("Uploads")
 
-        last = start_worker(env, tmp_path / "last.log", "--burst")
-        assert last.wait(60) == 0
+        # The survivor takes it over and ends it, without uploading it again.
+        wait_for(
+            lambda: request_row(service, request_id).callback_state == "delivered",
+            60,
+            "the failure and its callback",
+        )
+        for proc in workers.values():
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
         row = request_row(service, request_id)
         assert (row.state, row.error_code) == ("failed", "WorkerDied")
         assert row.message == f"Upload failed: worker died while uploading ({deaths} times)"
         assert (row.attempts, row.lease_expiries) == (deaths + 1, deaths)
-        assert not log_events(tmp_path / "last.log", "upload.started")  # not tried again
+        started = [e for log in logs for e in log_events(log, "upload.started")]
+        assert len(started) == deaths  # each victim once; nobody after the last death
+        (failed,) = [e for log in logs for e in log_events(log, "upload.failed")]
+        assert failed["code"] == "WorkerDied"
         client = s3_client(s3)
         assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
         with pytest.raises(ClientError):
@@ -228,8 +258,10 @@ def test_a_request_that_kills_every_worker_fails_and_leaves_nothing_behind(
         assert (record["id"], record["state"], record["message"]) == (
             request_id, "failed", row.message
         )  # fmt: skip
-        assert request_row(service, request_id).callback_state == "delivered"
     finally:
+        for proc in workers.values():
+            proc.kill()
+            proc.wait(10)
         receiver.stop()
 
 

@@ -77,7 +77,7 @@ class _DbNow:
     seconds: float = 0.0
 
 
-DB_NOW = _DbNow()
+_DB_NOW = _DbNow()
 
 
 class QueueStore:
@@ -231,7 +231,7 @@ class QueueStore:
         """Extend the lease (on the database's clock), and record progress when given."""
         values: dict[str, Any] = {"lease_expires_at": _DbNow(lease_seconds)}
         if bytes_done is not None:
-            values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=DB_NOW)
+            values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=_DB_NOW)
         self._change(request_id, owner, **values)
 
     # -- outcomes --------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class QueueStore:
                 sha256=sha256,
                 size=size,
                 has_callback=has_callback,
-                now=DB_NOW,
+                now=_DB_NOW,
                 new_msg_id=new_message_id,
             ),
         )
@@ -281,7 +281,7 @@ class QueueStore:
                 http_status=http_status,
                 code=code,
                 has_callback=has_callback,
-                now=DB_NOW,
+                now=_DB_NOW,
                 new_msg_id=new_message_id,
             ),
         )
@@ -321,7 +321,7 @@ class QueueStore:
                     "error_code": code,
                     "lease_owner": None,
                     "lease_expires_at": None,
-                    "updated_at": DB_NOW,
+                    "updated_at": _DB_NOW,
                 },
             )
         return at
