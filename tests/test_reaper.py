@@ -90,6 +90,7 @@ def service(tmp_path: Path, clock: Clock) -> Iterator[Service]:
         retry_base_delay=0.0,
         retry_max_delay=0.0,
         max_attempts=2,
+        retry_window=0,  # a schedule of seconds: no one-hour promise
         lease_seconds=5,
         reap_interval=0.05,
         reap_backoff=60,

@@ -143,8 +143,8 @@ def test_an_expired_lease_is_taken_over_and_every_write_of_the_loser_raises(
         lambda: _succeed(stores, rid, "w1"),
         lambda: stores.queue.fail(rid, "w1", message="m", http_status=None, code=None,
                                   has_callback=False),
-        lambda: stores.queue.retry_later(rid, "w1", at=utcnow(), message="m", http_status=None,
-                                         code=None),
+        lambda: stores.queue.retry_later(rid, "w1", delay=0, cause="m", max_attempts=5,
+                                         http_status=None, code=None),
         lambda: stores.queue.release(rid, "w1"),
         lambda: stores.ledger(rid, "w1").begin(MultipartCheckpoint("u", 5, 10, 1, True)),
     ]  # fmt: skip
@@ -179,14 +179,19 @@ def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) 
     later, now = _enqueue(stores, _account(stores), 2)
     assert stores.queue.claim("w", 30).id == later  # type: ignore[union-attr]
     assert stores.queue.claim("w", 30).id == now  # type: ignore[union-attr]
-    stores.queue.retry_later(later, "w", at=utcnow() + timedelta(hours=1), message="Retrying",
-                             http_status=503, code="SlowDown")  # fmt: skip
-    stores.queue.retry_later(now, "w", at=utcnow() - timedelta(seconds=1), message="Retrying",
-                             http_status=None, code="RequestTimeout")  # fmt: skip
+    at = stores.queue.retry_later(later, "w", delay=3600, cause="S3 said SlowDown",
+                                  max_attempts=16, http_status=503, code="SlowDown")  # fmt: skip
+    stores.queue.retry_later(now, "w", delay=0, cause="S3 did not answer in time",
+                             max_attempts=16, http_status=None, code="RequestTimeout")  # fmt: skip
     row = stores.requests.get(later)
     assert row is not None and row.state == "retrying" and row.error_code == "SlowDown"
     shown = records.render(row)
-    assert shown["state"] == "retrying" and shown["next_attempt_at"] > records.format_time(utcnow())
+    assert shown["state"] == "retrying" and shown["next_attempt_at"] == records.format_time(at)
+    assert shown["next_attempt_at"] > records.format_time(utcnow() + timedelta(minutes=59))
+    # When, which attempt comes next, and what went wrong.
+    assert shown["message"] == (
+        f"Retrying at {records.format_time(at)} UTC (attempt 2 of 16): S3 said SlowDown"
+    )
     assert stores.queue.depth()["retrying"] == 2
     again = stores.queue.claim("w", 30)
     assert again is not None and again.id == now and again.attempts == 2
@@ -266,14 +271,14 @@ def test_callbacks_are_due_claimed_and_recorded(stores: Service) -> None:
     assert stores.queue.claim_callback(30) is None  # leased to the first deliverer
     state = stores.queue.record_callback(
         rid, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500, error="HTTP 500",
-        duration=0.1, next_at=utcnow() - timedelta(seconds=1),
+        duration=0.1, next_delay=0,
     )  # fmt: skip
     assert state == "pending"
     again = stores.queue.claim_callback(30)
     assert again is not None and (again.attempts, again.msg_id) == (1, due.msg_id)
     state = stores.queue.record_callback(
         rid, msg_id=due.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
-        duration=0.1, next_at=None,
+        duration=0.1, next_delay=None,
     )  # fmt: skip
     assert state == "delivered"
     attempts = stores.queue.callback_attempts(rid)
@@ -330,7 +335,7 @@ def test_the_callback_id_is_fixed_when_due_and_kept_by_every_claim(stores: Servi
             seen[due.id].add(due.msg_id)
             state = stores.queue.record_callback(
                 due.id, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500,
-                error="HTTP 500", duration=0.1, next_at=utcnow() - timedelta(seconds=1),
+                error="HTTP 500", duration=0.1, next_delay=0,
             )  # fmt: skip
             assert state == "pending"
     assert seen == {rid: {m} for rid, m in fixed.items()}
@@ -358,7 +363,7 @@ def test_an_attempt_made_after_the_callback_lease_moved_on_is_kept(stores: Servi
     assert slow is not None and fast is not None and slow.msg_id == fast.msg_id
     state = stores.queue.record_callback(
         rid, msg_id=fast.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
-        duration=0.1, next_at=None,
+        duration=0.1, next_delay=None,
     )  # fmt: skip
     assert state == "delivered"
     # A's attempt comes in late: the POST was made, so it is recorded; the state it would
@@ -366,7 +371,7 @@ def test_an_attempt_made_after_the_callback_lease_moved_on_is_kept(stores: Servi
     with pytest.raises(LeaseLost):
         stores.queue.record_callback(
             rid, msg_id=slow.msg_id, at=utcnow(), ok=False, http_status=None,
-            error="timed out", duration=9.0, next_at=utcnow() + timedelta(seconds=60),
+            error="timed out", duration=9.0, next_delay=60,
         )  # fmt: skip
     attempts = stores.queue.callback_attempts(rid)
     assert [(a["ok"], a["http_status"], a["error"]) for a in attempts] == [
@@ -387,7 +392,7 @@ def test_a_permanent_callback_failure_ends_the_schedule(stores: Service) -> None
     assert due is not None
     state = stores.queue.record_callback(
         rid, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=None, error="refused address",
-        duration=0.0, next_at=utcnow(), permanent=True,
+        duration=0.0, next_delay=0, permanent=True,
     )  # fmt: skip
     assert state == "failed"
     assert records.render(stores.requests.get(rid))["callback_error"] == "refused address"
@@ -481,6 +486,95 @@ def test_a_worker_clock_ahead_cannot_steal_a_live_lease(
     stores.ledger(rid, "w1").confirm()
     row = stores.requests.get(rid)
     assert row is not None and row.state == "running" and row.attempts == 1
+
+
+def test_a_worker_clock_ahead_moves_no_due_time(
+    stores: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due times come from the store's clock: with every caller's clock 15 s ahead, a new
+    request is due at once (not 15 s late), a retry comes 30 s after the store's now (not
+    45 s), and a callback is due, leased and due again by the store's clock."""
+    account = _account(stores)
+    _worker_clock_ahead(monkeypatch, 15)
+    before = utcnow()  # this module's utcnow is the true clock, as the database's
+    (cb,) = _enqueue(stores, account, callback="http://127.0.0.1:9/cb")
+    (rid,) = _enqueue(stores, account)
+    first, second = stores.queue.claim("w", 30), stores.queue.claim("w", 30)
+    assert first is not None and second is not None and (first.id, second.id) == (cb, rid)
+    created = stores.requests.get(rid)
+    assert created is not None
+    assert records.format_time(created.created_at) <= records.format_time(utcnow())
+
+    at = stores.queue.retry_later(rid, "w", delay=30, cause="S3 said SlowDown", max_attempts=3,
+                                  http_status=503, code="SlowDown")  # fmt: skip
+    after = utcnow()
+    assert before + timedelta(seconds=29) <= at <= after + timedelta(seconds=31)
+    assert stores.queue.claim("w", 30) is None
+
+    _succeed(stores, cb, "w", has_callback=True)
+    due = stores.queue.claim_callback(30)
+    assert due is not None and due.id == cb
+    assert stores.queue.claim_callback(30) is None  # leased for 30 s of the store's clock
+    stores.queue.record_callback(
+        cb, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500, error="HTTP 500",
+        duration=0.1, next_delay=10,
+    )  # fmt: skip
+    assert stores.queue.claim_callback(30) is None  # due in 10 s, not 5 s ago
+
+
+def test_the_memory_stores_keep_their_own_clock(tmp_path: Path) -> None:
+    """The in-memory stores measure every due time and lease on their own clock (as a
+    database does), here set five years from the real one and moved by hand."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+        sestore_root=tmp_path,
+        secret_key=generate_key(),
+        secret_key_file=tmp_path / "unused.key",
+    )
+    now = [datetime(2031, 6, 1, 12, 0, 0)]
+    s = Service.in_memory(settings, clock=lambda: now[0])
+
+    def move(seconds: float) -> None:
+        now[0] += timedelta(seconds=seconds)
+
+    account = _account(s)
+    (cb,) = _enqueue(s, account, callback="http://127.0.0.1:9/cb")
+    (rid,) = _enqueue(s, account)
+    entry = records.render(s.requests.get(rid))
+    assert entry["created"] == "2031-06-01 12:00:00"
+    assert s.queue.claim("w", 3600) is not None and s.queue.claim("w", 3600) is not None
+
+    at = s.queue.retry_later(rid, "w", delay=90, cause="could not connect to the S3 endpoint",
+                             max_attempts=16, http_status=None,
+                             code="EndpointConnectionError")  # fmt: skip
+    assert at == datetime(2031, 6, 1, 12, 1, 30)
+    entry = records.render(s.requests.get(rid))
+    assert (entry["state"], entry["next_attempt_at"]) == ("retrying", "2031-06-01 12:01:30")
+    assert entry["message"] == (
+        "Retrying at 2031-06-01 12:01:30 UTC (attempt 2 of 16): "
+        "could not connect to the S3 endpoint"
+    )
+    assert entry["error_code"] == "EndpointConnectionError"
+    move(89)
+    assert s.queue.claim("w", 3600) is None
+    move(1)
+    again = s.queue.claim("w", 3600)
+    assert again is not None and again.id == rid and again.attempts == 2
+
+    _succeed(s, cb, "w", has_callback=True)
+    due = s.queue.claim_callback(30)
+    assert due is not None and s.queue.claim_callback(30) is None
+    move(31)  # the deliverer died: its lease ran out
+    due = s.queue.claim_callback(30)
+    assert due is not None and due.id == cb
+    s.queue.record_callback(
+        cb, msg_id=due.msg_id, at=now[0], ok=False, http_status=500, error="HTTP 500",
+        duration=0.1, next_delay=600,
+    )  # fmt: skip
+    move(599)
+    assert s.queue.claim_callback(30) is None
+    move(1)
+    assert s.queue.claim_callback(30) is not None
 
 
 # -- accounts --------------------------------------------------------------------------------

@@ -487,7 +487,6 @@ def test_vanished_upload_starts_over(s3: Any, bucket: str, tmp_path: Path) -> No
     assert get_bytes(s3, bucket, "g.mp4") == data
 
 
-
 def _completed_unrecorded(
     moto: MotoServer, tmp_path: Path, *, checksums: bool, name: str
 ) -> tuple[Any, str, UploadJob, MemoryLedger, bytes]:

@@ -102,7 +102,8 @@ class RequestStorePort(Protocol):
     on_enqueue: Callable[[], None] | None
 
     def enqueue(self, new: NewRequest) -> Enqueued:
-        """Queue once per (account, signature): a replay returns the first id."""
+        """Queue once per (account, signature): a replay returns the first id. Created and
+        due now by the store's clock."""
         ...
 
     def list_for_account(
@@ -165,17 +166,26 @@ class QueueStorePort(Protocol):
         request_id: int,
         owner: str,
         *,
-        at: datetime,
-        message: str,
+        delay: float,
+        cause: str,
+        max_attempts: int,
         http_status: int | None,
         code: str | None,
-    ) -> None: ...
+    ) -> datetime:
+        """Back to the queue as ``retrying``, due ``delay`` seconds from now by the store's
+        own clock (never the caller's); its message says when, which attempt comes next (of
+        ``max_attempts``) and the ``cause`` (core.records.retrying_message). Returns the
+        time it is due."""
+        ...
 
     def release(self, request_id: int, owner: str) -> None:
         """Back to the queue, due now, not counted as an attempt."""
         ...
 
-    def claim_callback(self, lease_seconds: float) -> DueCallback | None: ...
+    def claim_callback(self, lease_seconds: float) -> DueCallback | None:
+        """A callback due by the store's clock, leased by making it due again
+        ``lease_seconds`` later (a deliverer that dies gives it back that way)."""
+        ...
 
     def record_callback(
         self,
@@ -187,11 +197,13 @@ class QueueStorePort(Protocol):
         http_status: int | None,
         error: str | None,
         duration: float,
-        next_at: datetime | None,
+        next_delay: float | None,
         permanent: bool = False,
     ) -> str:
-        """Record one attempt, always (even a late one); returns the callback's new state.
-        LeaseLost, with the attempt kept, if it is no longer pending under ``msg_id``."""
+        """Record one attempt (made at ``at``), always (even a late one); returns the
+        callback's new state. A failure with a ``next_delay`` stays pending, due that many
+        seconds from now by the store's clock. LeaseLost, with the attempt kept, if it is no
+        longer pending under ``msg_id``."""
         ...
 
     def callback_attempts(self, request_id: int) -> list[dict[str, Any]]: ...

@@ -11,7 +11,7 @@ from typing import Any
 from vodpush.core import outcomes
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.ports import StatusRow
-from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE
+from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE, retrying_message
 from vodpush.core.requests import (
     WAITING_STATES,
     CallbackState,
@@ -208,23 +208,31 @@ class MemoryQueueStore:
         request_id: int,
         owner: str,
         *,
-        at: datetime,
-        message: str,
+        delay: float,
+        cause: str,
+        max_attempts: int,
         http_status: int | None,
         code: str | None,
-    ) -> None:
-        self._change(
-            request_id,
-            owner,
-            state=State.RETRYING.value,
-            not_before=at,
-            message=message,
-            http_status=http_status or 0,
-            error_code=code,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=self._t.now(),
-        )
+    ) -> datetime:
+        now = self._t.now()
+        at = now + timedelta(seconds=delay)
+        with self._t.lock:
+            attempts = self._t.leased(request_id, owner).attempts
+            self._change(
+                request_id,
+                owner,
+                state=State.RETRYING.value,
+                not_before=at,
+                message=retrying_message(
+                    at=at, attempt=attempts + 1, max_attempts=max_attempts, cause=cause
+                ),
+                http_status=http_status or 0,
+                error_code=code,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+        return at
 
     def release(self, request_id: int, owner: str) -> None:
         now = self._t.now()
@@ -279,14 +287,19 @@ class MemoryQueueStore:
         http_status: int | None,
         error: str | None,
         duration: float,
-        next_at: datetime | None,
+        next_delay: float | None,
         permanent: bool = False,
     ) -> str:
         state = (
             CallbackState.DELIVERED
             if ok
-            else (CallbackState.PENDING if next_at and not permanent else CallbackState.FAILED)
+            else (
+                CallbackState.PENDING
+                if next_delay is not None and not permanent
+                else CallbackState.FAILED
+            )
         ).value
+        now = self._t.now()
         # The attempt is recorded whatever happens (the POST was made, even by a worker that
         # lost the callback lease); only the state transition is guarded.
         with self._t.lock:
@@ -309,7 +322,11 @@ class MemoryQueueStore:
             if row.callback_state != PENDING or row.callback_msg_id != msg_id:
                 raise LeaseLost(f"callback of request {request_id} is no longer pending")
             row.callback_state = state
-            row.callback_next_at = next_at if state == PENDING else None
+            row.callback_next_at = (
+                now + timedelta(seconds=next_delay)
+                if state == PENDING and next_delay is not None
+                else None
+            )
             row.callback_last_error = None if ok else error
         return state
 

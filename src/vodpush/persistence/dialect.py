@@ -24,6 +24,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Interval,
     Select,
     String,
     Table,
@@ -76,9 +77,11 @@ class Dialect:
         """The row-picking subquery of a claim: let concurrent claimers pass each other."""
         return pick
 
-    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    def now(self, plus_seconds: float | ColumnElement[Any] = 0.0) -> ColumnElement[datetime]:
         """The database's own time (naive UTC, as the columns store it), ``plus_seconds``
-        later: leases are measured on this one clock, never a worker's."""
+        later: leases and due times are measured on this one clock, never a worker's.
+        ``plus_seconds`` may be a bound parameter (a number of seconds), so that a statement
+        with a varying delay is built once."""
         raise NotImplementedError(self.name)
 
     def for_update(self, read: Select[Any]) -> Select[Any]:
@@ -179,12 +182,16 @@ class _SQLite(Dialect):
         # A write transaction holds the database's write lock from its start (IMMEDIATE).
         return read
 
-    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    def now(self, plus_seconds: float | ColumnElement[Any] = 0.0) -> ColumnElement[datetime]:
         # 'now' is UTC in SQLite, to the millisecond. SQLAlchemy stores a DateTime as text
         # with six decimals, and SQLite compares text: the same layout keeps comparisons
         # with stored times right and reads back as a datetime. '999': the end of the
-        # millisecond, so a time stored by Python within it (enqueue's not_before) is due.
-        stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
+        # millisecond, so a time stored by Python within it is due.
+        if isinstance(plus_seconds, ColumnElement):
+            modifier: Any = func.printf("%+.3f seconds", plus_seconds)
+        else:
+            modifier = f"{plus_seconds:+.3f} seconds"
+        stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier)
         return type_coerce(stamp.op("||")(literal("999")), DateTime)
 
     def json_text(self, column: Any, key: str) -> ColumnElement[str]:
@@ -247,9 +254,11 @@ class _PostgreSQL(Dialect):
     def skip_locked(self, pick: Select[Any]) -> Select[Any]:
         return pick.with_for_update(skip_locked=True)
 
-    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    def now(self, plus_seconds: float | ColumnElement[Any] = 0.0) -> ColumnElement[datetime]:
         # now(): the transaction's start, the same for every statement in it.
         utc = func.timezone("UTC", func.now(), type_=DateTime)
+        if isinstance(plus_seconds, ColumnElement):
+            return utc + func.make_interval(0, 0, 0, 0, 0, 0, plus_seconds, type_=Interval)
         return utc + timedelta(seconds=plus_seconds) if plus_seconds else utc
 
     def json_text(self, column: Any, key: str) -> ColumnElement[str]:

@@ -449,7 +449,7 @@ class Worker:
         ledger = _GuardedLedger(
             self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint), active
         )
-        if request.lease_expiries >= self.settings.max_attempts:
+        if request.lease_expiries >= self.settings.max_lease_expiries:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
             # rather than hand it to the next one, and leave no multipart upload behind
             # (one whose abort fails is recorded by fail() for the reaper).
@@ -550,25 +550,22 @@ class Worker:
         ledger: PartLedger,
         extra: dict[str, Any],
     ) -> None:
-        now = utcnow()
         decision = retry.decide(
             transient=err.transient,
             attempts_made=request.attempts,
             max_attempts=self.settings.max_attempts,
             base_delay=self.settings.retry_base_delay,
             max_delay=self.settings.retry_max_delay,
-            now=now,
         )
-        if decision.retry and decision.at is not None:  # a retry always says when
-            delay = (decision.at - now).total_seconds()
-            self.queue.retry_later(
+        if decision.retry and decision.delay is not None:  # a retry always says when
+            delay = decision.delay
+            # The store puts the delay on its own clock and writes "Retrying at <time>".
+            at = self.queue.retry_later(
                 request.id,
                 self.owner,
-                at=decision.at,
-                message=(
-                    f"Retrying in {delay:.0f} s after attempt {request.attempts} of "
-                    f"{self.settings.max_attempts}: {err.message}"
-                ),
+                delay=delay,
+                cause=err.message,
+                max_attempts=self.settings.max_attempts,
                 http_status=err.http_status,
                 code=err.code,
             )
@@ -581,7 +578,10 @@ class Worker:
                     "error": err.message,
                     "detail": err.detail,
                     "delay": round(delay, 3),
+                    "next_attempt_at": at.isoformat(sep=" ", timespec="seconds"),
                     "attempt": request.attempts,
+                    "max_attempts": self.settings.max_attempts,
+                    "code": err.code,
                 },
             )
             return
@@ -691,9 +691,8 @@ class Worker:
             return  # its thread is recording the outcome
         due = delivering.due
         extra = {"request_id": due.id, "account_id": due.account_id}
-        now = utcnow()
         seconds = time.monotonic() - delivering.started
-        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, now)
+        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule)
         try:
             state = self.queue.record_callback(
                 due.id,
@@ -703,7 +702,7 @@ class Worker:
                 http_status=None,
                 error=f"interrupted by shutdown: no answer after {seconds:.1f} s",
                 duration=seconds,
-                next_at=now if decision.retry else None,
+                next_delay=0.0 if decision.retry else None,
             )
         except Exception:  # the callback is due again when its claim runs out
             log.exception(
@@ -734,7 +733,7 @@ class Worker:
         )
         if not delivering.settle():
             return  # recorded as interrupted by a worker that stopped waiting for it
-        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, utcnow())
+        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule)
         state = self.queue.record_callback(
             due.id,
             msg_id=msg_id,
@@ -743,7 +742,7 @@ class Worker:
             http_status=attempt.http_status,
             error=attempt.error,
             duration=attempt.duration,
-            next_at=decision.at.replace(tzinfo=None) if decision.retry and decision.at else None,
+            next_delay=decision.delay if decision.retry else None,
             permanent=attempt.permanent,
         )
         metrics.CALLBACKS.labels("delivered" if attempt.ok else "failed").inc()
