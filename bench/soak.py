@@ -76,13 +76,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=3, help="worker processes")
     p.add_argument("--worker-concurrency", type=int, default=4)
     p.add_argument("--lease", type=int, default=10, help="VODPUSH_LEASE_SECONDS")
-    p.add_argument("--upload-rate", type=float, default=2.0, help="aws.upload calls a second")
-    p.add_argument("--status-rate", type=float, default=8.0, help="aws.status calls a second")
+    p.add_argument("--upload-rate", type=float, default=1.0, help="aws.upload calls a second")
+    p.add_argument("--status-rate", type=float, default=5.0, help="aws.status calls a second")
     p.add_argument("--big-fraction", type=float, default=0.1, help="uploads of multipart size")
     p.add_argument("--callback-fraction", type=float, default=0.5, help="uploads with a callback")
     p.add_argument("--fault-gap", type=float, default=15.0, help="mean seconds between faults")
     p.add_argument("--no-faults", action="store_true", help="the same load, nothing injected")
-    p.add_argument("--drain-seconds", type=float, default=240.0, help="bound on the drain")
+    p.add_argument("--drain-seconds", type=float, default=300.0, help="bound on the drain")
     p.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
     p.add_argument("--keep", action="store_true", help="keep the temp dir and the database")
     return p.parse_args(argv)
@@ -308,10 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         load_seconds = time.monotonic() - started
         say(f"load stopped after {load_seconds:.0f} s; faults undone; draining")
         drained, drain_seconds = wait_drained(service, args.drain_seconds)
-        codes = processes.stop_all(5)
-        odd = {name: code for name, code in codes.items() if code not in (0, None)}
-        if odd:
-            say(f"processes that did not exit 0 on SIGTERM: {odd}")
+        exits = processes.stop_all(5)
+        say(
+            "exits on SIGTERM: "
+            + ", ".join(
+                f"{e.name} {e.code} in {e.seconds:.0f} s" + (" (hung: SIGABRT)" if e.hung else "")
+                for e in exits
+            )
+        )
 
         outcome = Outcome(
             drained=drained,
@@ -322,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             load=load,
             faults=faults.counts if faults else Counter(),
             problems=log_problems(processes.logs()),
+            deliveries=receiver.deliveries(),
         )
         missed = render(console, outcome, seed=seed, seconds=load_seconds)
         if missed:

@@ -127,6 +127,14 @@ class ProxyProcess:
         self._log.close()
 
 
+@dataclass(frozen=True)
+class Exit:
+    name: str
+    code: int
+    seconds: float  # from SIGTERM to exit
+    hung: bool  # needed SIGABRT (its log has the stacks) or SIGKILL
+
+
 @dataclass
 class Proc:
     """One vodpush process the soak started."""
@@ -135,6 +143,7 @@ class Proc:
     process: subprocess.Popen[bytes]
     log: Path
     stopped: bool = False  # SIGSTOPped by a fault and not yet continued
+    hung: bool = False  # did not exit on SIGTERM in time
     _file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -145,17 +154,26 @@ class Proc:
         if self.alive:  # Popen knows once it is reaped: no signal can reach a reused pid
             self.process.send_signal(signum)
 
-    def end(self, timeout: float) -> int | None:
-        """SIGTERM (continued first if stopped), then SIGKILL after ``timeout`` seconds."""
+    def terminate(self) -> None:
+        """SIGTERM, continued first if a fault left it stopped."""
         if self.stopped:
             self.signal(signal.SIGCONT)
             self.stopped = False
         self.signal(signal.SIGTERM)
+
+    def reap(self, timeout: float) -> int:
+        """Its exit code; if it has not exited within ``timeout`` seconds, SIGABRT (with
+        PYTHONFAULTHANDLER set, its log then shows where every thread was), then SIGKILL."""
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            code = self.process.wait(10)
+            self.hung = True
+            self.signal(signal.SIGABRT)
+            try:
+                code = self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                code = self.process.wait(10)
         if self._file is not None:
             self._file.close()
         return code
@@ -173,6 +191,7 @@ class Processes:
         self.workers: list[Proc] = []
         self.retired: list[Proc] = []  # killed workers, for their logs
         self._started = 0
+        self._all_stopped = False
 
     def _start(self, name: str, app: str, *args: str) -> Proc:
         env = {**self._env, "VODPUSH_DATABASE_URL": self._database.url(app)}
@@ -231,11 +250,22 @@ class Processes:
         self.workers.remove(proc)
         self.retired.append(proc)
 
-    def stop_all(self, grace: float) -> dict[str, int | None]:
-        """Workers first (they release what they hold), then the APIs: exit codes by name."""
-        codes = {proc.name: proc.end(grace + 15) for proc in self.workers}
-        codes.update({proc.name: proc.end(15) for proc in self.apis})
-        return codes
+    def stop_all(self, grace: float) -> list[Exit]:
+        """SIGTERM to the workers first (they release what they hold), then the APIs; how
+        each ended. A worker gets ``grace`` plus a minute: one that has built an S3 client
+        for each of a hundred accounts takes many seconds just to free them at exit."""
+        if self._all_stopped:
+            return []
+        self._all_stopped = True
+        exits: list[Exit] = []
+        for group, timeout in ((self.workers, grace + 60), (self.apis, 30.0)):
+            started = time.monotonic()
+            for proc in group:
+                proc.terminate()
+            for proc in group:
+                code = proc.reap(max(0.0, started + timeout - time.monotonic()))
+                exits.append(Exit(proc.name, code, time.monotonic() - started, proc.hung))
+        return exits
 
     def logs(self) -> list[Path]:
         return [proc.log for proc in (*self.apis, *self.workers, *self.retired)]
@@ -255,6 +285,7 @@ def process_env(secret_key: str, sestore_root: Path, tmp: Path, **settings: str)
             "VODPUSH_SECRET_KEY_FILE": str(tmp / "unused.key"),
             "VODPUSH_SESTORE_ROOT": str(sestore_root),
             "VODPUSH_LOG_LEVEL": "info",
+            "PYTHONFAULTHANDLER": "1",
         }
     )
     env.update({f"VODPUSH_{key.upper()}": value for key, value in settings.items()})

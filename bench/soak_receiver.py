@@ -92,14 +92,16 @@ class Receiver:
     # -- figures ----------------------------------------------------------------------------
 
     def deliveries(self) -> dict[str, list[Delivery]]:
+        """Each request's POSTs in the order they arrived (a hung one is recorded late)."""
         with self._lock:
-            return {key: list(items) for key, items in self._deliveries.items()}
+            return {
+                key: sorted(items, key=lambda d: d.at) for key, items in self._deliveries.items()
+            }
 
     def figures(self) -> CallbackFigures:
         twice_ids = after_success = bad = posts = 0
         deliveries = self.deliveries()
         for items in deliveries.values():
-            items.sort(key=lambda d: d.at)  # a hung POST is recorded when it ends
             posts += len(items)
             bad += sum(not d.verified for d in items)
             if len({d.msg_id for d in items}) > 1:

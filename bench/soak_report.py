@@ -17,7 +17,7 @@ from rich.table import Table
 from sqlalchemy import Engine, select
 
 from bench.soak_load import COMMANDS, UPLOAD, Load
-from bench.soak_receiver import CallbackFigures
+from bench.soak_receiver import CallbackFigures, Delivery
 from vodpush.core.requests import State
 from vodpush.persistence.models import UploadRequest
 
@@ -133,6 +133,7 @@ class Outcome:
     load: Load
     faults: Counter[str]
     problems: Counter[str]
+    deliveries: dict[str, list[Delivery]]
 
 
 def missed_targets(o: Outcome) -> list[str]:
@@ -238,9 +239,47 @@ def render(console: Console, o: Outcome, *, seed: int, seconds: float) -> list[s
             "API errors: "
             + ", ".join(f"{cmd} {err}: {n}" for (cmd, err), n in sorted(o.load.errors.items()))
         )
+    for line in examples(o):
+        console.print(line, markup=False, highlight=False)
     if o.problems:
         console.print(
             "error-level log lines by action: "
             + ", ".join(f"{action} {n}" for action, n in o.problems.most_common())
         )
     return missed
+
+
+def examples(o: Outcome, limit: int = 5) -> list[str]:
+    """A few instances of each missed target, with what the database says of them, to
+    start an investigation from (the logs are kept with --keep)."""
+    by_key = {(row.bucket, row.destination_path): row for row in o.requests.rows}
+    by_callback = {row.callback.rsplit("/", 1)[-1]: row for row in o.requests.rows if row.callback}
+
+    def describe(row: Any) -> str:
+        if row is None:
+            return "no request"
+        return (
+            f"request {row.id} {row.state}, attempts {row.attempts}, "
+            f"lease expiries {row.lease_expiries}, callback attempts {row.callback_attempts}"
+        )
+
+    lines = []
+    dups = [(key, n) for key, n in o.objects.versions.items() if n > 1]
+    for (bucket, key), n in dups[:limit]:
+        lines.append(
+            f"duplicate: {bucket}/{key}: {n} versions; {describe(by_key.get((bucket, key)))}"
+        )
+    for bucket, key, upload_id in o.objects.multipart_open[:limit]:
+        lines.append(
+            f"orphaned multipart upload: {bucket}/{key} ({upload_id[:16]}...); "
+            f"{describe(by_key.get((bucket, key)))}"
+        )
+    twice = [
+        (key, items)
+        for key, items in sorted(o.deliveries.items())
+        if len({d.msg_id for d in items}) > 1 or any(d.ok for d in items[:-1])
+    ]
+    for key, items in twice[:limit]:
+        posts = ", ".join(f"{d.msg_id[-8:]} {'2xx' if d.ok else 'not answered'}" for d in items)
+        lines.append(f"callback twice: {key}: {posts}; {describe(by_callback.get(key))}")
+    return lines
