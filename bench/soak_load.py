@@ -45,6 +45,7 @@ class Upload:
     """One aws.upload call: ``key`` (its destination_path) is unique to it."""
 
     key: str
+    acl: str
     bucket: str
     username: str
     callback_key: str | None
@@ -115,6 +116,7 @@ class Load:
         callback_key = f"{seq:07d}" if self._random.random() < self._callback_fraction else None
         metadata = {"soak-seq": str(seq)} if self._random.random() < 0.3 else {}
         upload = Upload(
+            acl=self._random.choice(("private", "public-read")),
             key=f"soak/{seq:07d}/{PurePosixPath(path).name}",
             bucket=account.bucket,
             username=account.username,
@@ -155,13 +157,14 @@ class Load:
         callback = (
             self._callback_url(account.username, upload.callback_key) if upload.callback_key else ""
         )
-        acl = "private" if upload.key[-1] in "02468" else "public-read"
         client = self._clients[account.index]
         try:
             request_id = self._timed(
                 UPLOAD,
                 due,
-                lambda: client.upload(path, upload.key, upload.bucket, acl, metadata, callback),
+                lambda: client.upload(
+                    path, upload.key, upload.bucket, upload.acl, metadata, callback
+                ),
             )
         except _Failed as failed:
             upload.error = str(failed)

@@ -50,8 +50,11 @@ def read_requests(engine: Engine) -> Requests:
                 t.c.destination_path,
                 t.c.state,
                 t.c.error_code,
+                t.c.attempts,
+                t.c.lease_expiries,
                 t.c.callback,
                 t.c.callback_state,
+                t.c.callback_attempts,
             )
         ).all()
     out = Requests(total=len(rows), rows=rows)
@@ -231,7 +234,7 @@ def render(console: Console, o: Outcome, *, seed: int, seconds: float) -> list[s
             command,
             str(len(values)),
             str(errors),
-            *(f"{1000 * percentile(values, q):.0f}" for q in (0.5, 0.99, 1.0)),
+            *(f"{1000 * percentile(values, q):.0f}" if values else "-" for q in (0.5, 0.99, 1.0)),
         )
     console.print(latency)
     if o.load.errors:
