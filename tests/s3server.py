@@ -203,15 +203,13 @@ class TcpProxy:
 
     def _finished(self, link: _Link) -> None:
         """The second of a link's two threads to end closes its sockets (a long run through
-        the proxy would otherwise keep a descriptor per connection it ever carried)."""
+        the proxy would otherwise keep a descriptor per connection it ever carried). They
+        stay listed until stop(): tests read the list as the connections the proxy saw."""
         with self._lock:
             link.pipes_done += 1
             if link.pipes_done < 2:
                 return
-            mine = [sock for sock in (link.client, link.upstream) if sock in self._sockets]
-            for sock in mine:
-                self._sockets.remove(sock)
-        for sock in mine:
+        for sock in (link.client, link.upstream):
             sock.close()
 
     def _spend(self, link: _Link, size: int) -> bool:
@@ -236,8 +234,6 @@ class TcpProxy:
 
         with self._lock:
             self.resets += 1
-            if link.client in self._sockets:
-                self._sockets.remove(link.client)
         with contextlib.suppress(OSError):
             link.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         link.client.close()
