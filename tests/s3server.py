@@ -297,3 +297,172 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+# The soak's proxy: TcpProxy's outage switch plus modes that keep the link up but bad.
+class ModalProxy:
+    """A loopback TCP forwarder in front of a server. ``stop()`` closes the listener and
+    every open connection, so clients see the endpoint vanish (connection refused/reset);
+    ``start()`` brings it back at the same address while the server behind keeps its state.
+
+    ``set_mode`` makes the link bad while it stays up: ``"slow"`` holds every chunk of data
+    ``delay`` seconds before passing it on; ``"reset"`` gives each connection, with
+    probability ``fraction``, a budget of at most ``max_bytes`` bytes, after which it is
+    reset (RST to the client, mid-request); ``"pass"`` (the default) forwards as is.
+    """
+
+    MODES = ("pass", "slow", "reset")
+
+    def __init__(self, target_port: int, port: int | None = None, *, seed: int | None = None):
+        import random
+        import threading
+
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._target = ("127.0.0.1", target_port)
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._random = random.Random(seed)
+        self._mode = "pass"
+        self._epoch = 0  # bumped by set_mode: connections draw their fate again
+        self._delay = 0.0
+        self._fraction = 0.0
+        self._max_bytes = 0
+        self.resets = 0  # connections reset by "reset" mode
+
+    def set_mode(
+        self,
+        mode: str,
+        *,
+        delay: float = 0.2,
+        fraction: float = 0.5,
+        max_bytes: int = 256 * 1024,
+    ) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        with self._lock:
+            self._mode, self._delay = mode, delay
+            self._fraction, self._max_bytes = fraction, max_bytes
+            self._epoch += 1
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def start(self) -> TcpProxy:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # listener closed
+            if self._listener is not listener:  # stopped while this one came in
+                client.close()
+                return
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            link = _Link(client, upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(link, src, dst), daemon=True).start()
+
+    def _pipe(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if self._mode == "slow":
+                    time.sleep(self._delay)
+                # Only what the client sends counts against the budget: this thread is then
+                # the only one reading the client socket, and may close it.
+                if src is link.client and self._spend(link, len(data)):
+                    self._reset(link)
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._finished(link)
+
+    def _finished(self, link: _Link) -> None:
+        """The second of a link's two threads to end closes its sockets (a long run through
+        the proxy would otherwise keep a descriptor per connection it ever carried). They
+        stay listed until stop(): tests read the list as the connections the proxy saw."""
+        with self._lock:
+            link.pipes_done += 1
+            if link.pipes_done < 2:
+                return
+        for sock in (link.client, link.upstream):
+            sock.close()
+
+    def _spend(self, link: _Link, size: int) -> bool:
+        """Whether ``size`` more bytes exceed what ``link`` may carry in the current mode."""
+        with self._lock:
+            if self._mode != "reset":
+                return False
+            if link.epoch != self._epoch:  # the mode changed since: draw the link's fate
+                link.epoch = self._epoch
+                doomed = self._random.random() < self._fraction
+                link.budget = self._random.randint(0, self._max_bytes) if doomed else None
+            if link.budget is None:
+                return False
+            if link.budget < size:
+                return True
+            link.budget -= size
+            return False
+
+    def _reset(self, link: _Link) -> None:
+        """An RST to the client (SO_LINGER 0, then close), a plain close to the server."""
+        import struct
+
+        with self._lock:
+            self.resets += 1
+        with contextlib.suppress(OSError):
+            link.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        link.client.close()
+        with contextlib.suppress(OSError):
+            link.upstream.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            # A thread blocked in accept() keeps a closed listener alive, and would still
+            # take one more connection: shutdown() wakes it first.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+class _Link:
+    """One proxied connection: its two sockets and what "reset" mode allows it."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.epoch = 0
+        self.budget: int | None = None
+        self.pipes_done = 0
