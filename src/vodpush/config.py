@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     multipart_chunksize: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     part_concurrency: int = Field(default=8, ge=1, le=64)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    # S3 clients a worker keeps, one per set of credentials + endpoint + region (accounts
+    # on the default credentials share one); each is rebuilt after s3_client_ttl seconds,
+    # or s3_client_refresh_margin seconds before credentials that expire do.
+    s3_client_cache_size: int = Field(default=128, ge=1)
+    s3_client_ttl: float = Field(default=900.0, gt=0)
+    s3_client_refresh_margin: float = Field(default=600.0, ge=0)
 
     # Callbacks
     callback_timeout: float = Field(default=10.0, gt=0)

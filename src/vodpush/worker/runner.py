@@ -33,7 +33,7 @@ from vodpush.callbacks.delivery import deliver
 from vodpush.callbacks.payload import build_delivery
 from vodpush.callbacks.schedule import next_delivery
 from vodpush.core import records
-from vodpush.core.accounts import AccountRecord, S3Settings
+from vodpush.core.accounts import AccountRecord
 from vodpush.core.checkpoint import PartLedger
 from vodpush.core.clock import utcnow
 from vodpush.core.requests import Claimed, DueCallback, LeaseLost
@@ -47,7 +47,7 @@ from vodpush.transfer import (
     abandon_quietly,
     upload,
 )
-from vodpush.transfer.s3client import make_s3_client
+from vodpush.transfer.s3client import s3_client_cache
 from vodpush.worker import retry
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,13 @@ class Worker:
         self._callback_news = threading.Event()
         self._next_callback_poll = 0.0
         self._lock = threading.Lock()
-        self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
+        # One client per set of credentials, not per account (transfer.clients).
+        self._clients = s3_client_cache(
+            max_size=self.settings.s3_client_cache_size,
+            ttl=self.settings.s3_client_ttl,
+            refresh_margin=self.settings.s3_client_refresh_margin,
+            max_pool_connections=max(16, self.settings.part_concurrency * 2),
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -229,17 +235,6 @@ class Worker:
     def _should_stop(self, active: _Active) -> bool:
         return active.lost or time.monotonic() > self._deadline
 
-    def _client(self, account: AccountRecord) -> BaseClient:
-        key = (account.id, account.s3)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                client = make_s3_client(
-                    account.s3, max_pool_connections=max(16, self.settings.part_concurrency * 2)
-                )
-                self._clients[key] = client
-            return client
-
     def _run_upload(self, active: _Active) -> None:
         request = active.request
         extra = {"request_id": request.id, "account_id": request.account_id}
@@ -295,7 +290,7 @@ class Worker:
             key=request.destination_path,
             options=object_options(request, account),
         )
-        client = self._client(account)
+        client = self._clients.client(account.s3)
         ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
         if request.lease_expiries >= self.settings.max_attempts:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
