@@ -326,6 +326,28 @@ def test_real_clients_are_shared_by_credentials_not_by_account() -> None:
     assert cache.builds == 3
 
 
+def test_real_clients_built_from_many_threads_keep_their_own_credentials() -> None:
+    # The shared session is not thread-safe: builds from it are serialized.
+    cache = s3_client_cache(max_size=32, ttl=900, refresh_margin=600)
+    keys = [f"AKIAT{i:02d}" for i in range(12)]
+    built: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def build(key_id: str) -> None:
+        client = cache.client(dataclasses.replace(OWN, access_key_id=key_id))
+        with lock:
+            built[key_id] = client
+
+    threads = [threading.Thread(target=build, args=(k,)) for k in keys * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert cache.builds == 12 and len({id(c) for c in built.values()}) == 12
+    for key_id, client in built.items():
+        assert client._request_signer._credentials.access_key == key_id
+
+
 @pytest.fixture
 def memory_service(tmp_path: Path) -> Iterator[Service]:
     settings = Settings(
