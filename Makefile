@@ -12,7 +12,7 @@ FUZZ_SECONDS ?= 120
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
 
-.PHONY: run test test-fast lint format bench bench-status bench-upload bench-slowloris fuzz soak clean
+.PHONY: run test test-fast lint format bench bench-status bench-upload bench-accounts bench-slowloris fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-bench: bench-status bench-upload
+bench: bench-status bench-upload bench-accounts
 
 bench-status: $(STAMP)
 	command -v wrk >/dev/null || apt-get install -y -qq wrk
@@ -51,6 +51,12 @@ bench-status: $(STAMP)
 
 bench-upload: $(STAMP)
 	$(BIN)/python bench/upload_bench.py
+
+# Drain rate of two workers with 1 account and with 100 (half on their own S3 keys, half on
+# the operator's) under mixed API load, on a fresh PostgreSQL database (VODPUSH_TEST_PG_URL,
+# default postgres@127.0.0.1:5432) and a moto process; target: 100 >= 0.9 x 1.
+bench-accounts: $(STAMP)
+	$(BIN)/python bench/many_accounts.py --repeat 2
 
 fuzz: $(STAMP)
 	$(BIN)/python bench/fuzz_api.py --seconds $(FUZZ_SECONDS)

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     reap_interval: float = Field(default=60.0, gt=0)
     reap_backoff: float = Field(default=60.0, gt=0)
     reap_backoff_max: float = Field(default=3600.0, gt=0)
+    # S3 clients a worker keeps, one per set of credentials + endpoint + region (accounts
+    # on the default credentials share one); each is rebuilt after s3_client_ttl seconds,
+    # or s3_client_refresh_margin seconds before credentials that expire do.
+    s3_client_cache_size: int = Field(default=128, ge=1)
+    s3_client_ttl: float = Field(default=900.0, gt=0)
+    s3_client_refresh_margin: float = Field(default=600.0, ge=0)
 
     # Callbacks
     callback_timeout: float = Field(default=10.0, gt=0)

@@ -46,10 +46,10 @@ def _reap_all(service: Service, orphans: list[Orphan]) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from vodpush.worker.clients import S3Clients
+    from vodpush.worker.clients import AccountClients
     from vodpush.worker.reaper import Reaper
 
-    reaper = Reaper(service, S3Clients())
+    reaper = Reaper(service, AccountClients(service.settings))
     console = Console()
     aborted = gone = failed = 0
     quiet = len(orphans) >= PROGRESS_FROM

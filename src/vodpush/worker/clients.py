@@ -1,29 +1,29 @@
-"""One botocore S3 client per account and S3 settings, made on first use and kept (clients
-are thread-safe; making one costs tens of milliseconds)."""
+"""The S3 client of an account: from one cache of clients per set of credentials, endpoint,
+region and checksum mode (transfer.clients), so accounts on the same credentials share one."""
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 
 from botocore.client import BaseClient
 
-from vodpush.core.accounts import AccountRecord, S3Settings
-from vodpush.transfer.s3client import make_s3_client
+from vodpush.config import Settings
+from vodpush.core.accounts import AccountRecord
+from vodpush.transfer.s3client import s3_client_cache
+
+ClientFor = Callable[[AccountRecord], BaseClient]
 
 
-class S3Clients:
-    """``clients(account)``: the S3 client of ``account`` as its settings are now."""
+class AccountClients:
+    """``clients(account)``: the S3 client for ``account``'s settings as they are now."""
 
-    def __init__(self, *, max_pool_connections: int = 16) -> None:
-        self._pool = max_pool_connections
-        self._lock = threading.Lock()
-        self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
+    def __init__(self, settings: Settings) -> None:
+        self.cache = s3_client_cache(
+            max_size=settings.s3_client_cache_size,
+            ttl=settings.s3_client_ttl,
+            refresh_margin=settings.s3_client_refresh_margin,
+            max_pool_connections=max(16, settings.part_concurrency * 2),
+        )
 
     def __call__(self, account: AccountRecord) -> BaseClient:
-        key = (account.id, account.s3)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                client = make_s3_client(account.s3, max_pool_connections=self._pool)
-                self._clients[key] = client
-            return client
+        return self.cache.client(account.s3)

@@ -30,7 +30,7 @@ REAP_LEASE_SECONDS = 300.0
 # How much of an error a row keeps.
 ERROR_CHARS = 500
 
-# The S3 client of an account (worker.clients.S3Clients).
+# The S3 client of an account (worker.clients.AccountClients).
 ClientFor = Callable[[AccountRecord], Any]
 
 

@@ -52,7 +52,7 @@ from vodpush.transfer import (
     upload,
 )
 from vodpush.worker import retry
-from vodpush.worker.clients import S3Clients
+from vodpush.worker.clients import AccountClients
 from vodpush.worker.reaper import ClientFor, Reaper
 from vodpush.worker.shutdown import NOT_STOPPING, deadline_after, give_up_at, time_left
 
@@ -158,7 +158,7 @@ class Worker:
         uploader: Uploader = upload,
         clients: ClientFor | None = None,
     ) -> None:
-        """``clients(account)``: the account's S3 client (``S3Clients`` unless given)."""
+        """``clients(account)``: the account's S3 client (default: ``AccountClients``)."""
         self.service = service
         self._transfer = uploader
         self.settings = service.settings
@@ -178,9 +178,8 @@ class Worker:
         self._callback_news = threading.Event()
         self._next_callback_poll = 0.0
         self._lock = threading.Lock()
-        self._clients = clients or S3Clients(
-            max_pool_connections=max(16, self.settings.part_concurrency * 2)
-        )
+        # One client per set of credentials, not per account (transfer.clients).
+        self._clients: ClientFor = clients or AccountClients(self.settings)
         self._reaper = Reaper(service, self._clients)
 
     # -- lifecycle --------------------------------------------------------------------------
