@@ -501,7 +501,7 @@ def test_a_worker_never_reports_a_source_rewritten_mid_upload(
         assert rule.done.is_set()
         assert row.error_code == "SourceChanged"
         assert (
-            "after attempt 1 of 2: source file changed while uploading (it was changed, "
+            "(attempt 2 of 2): source file changed while uploading (it was changed, "
             f"renamed or removed): sestore1/{s3_account.username}/live.mp4" in row.message
         )
         client = s3_client(s3)
