@@ -38,7 +38,7 @@ from vodpush.core.requests import (
     State,
 )
 from vodpush.persistence import dialect
-from vodpush.persistence.db import write_transaction
+from vodpush.persistence.db import read, write_transaction
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
 from vodpush.webhooks import new_message_id
 
@@ -97,7 +97,11 @@ class QueueStore:
             and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
         )
         # A claim of a running request takes over a lease that ran out: its worker died.
-        expired = case((_T.c.state == State.RUNNING.value, 1), else_=0)
+        # Unless the lease was the claimer's own: it is alive, its heartbeats could not
+        # reach the database for a while, and its upload goes on (no attempt, no death).
+        running = _T.c.state == State.RUNNING.value
+        own = and_(running, _T.c.lease_owner == bindparam("owner"))
+        expired = case((and_(running, _T.c.lease_owner != bindparam("owner")), 1), else_=0)
         pick = select(_T.c.id).where(runnable, _ACCOUNT_ENABLED).order_by(_T.c.id).limit(1)
         pick = self._dialect.skip_locked(pick)
         return (
@@ -107,7 +111,7 @@ class QueueStore:
                 state=State.RUNNING.value,
                 lease_owner=bindparam("owner"),
                 lease_expires_at=self._dialect.now(lease_seconds),
-                attempts=_T.c.attempts + 1,
+                attempts=_T.c.attempts + case((own, 0), else_=1),
                 lease_expiries=_T.c.lease_expiries + expired,
                 message=UPLOADING_MESSAGE,
                 updated_at=now,
@@ -264,7 +268,9 @@ class QueueStore:
         message: str,
         http_status: int | None,
         code: str | None,
+        refund_attempt: bool = False,
     ) -> None:
+        refund = {"attempts": _T.c.attempts - 1} if refund_attempt else {}
         self._change(
             request_id,
             owner,
@@ -276,6 +282,7 @@ class QueueStore:
             lease_owner=None,
             lease_expires_at=None,
             updated_at=utcnow(),
+            **refund,
         )
 
     def release(self, request_id: int, owner: str) -> None:
@@ -301,7 +308,7 @@ class QueueStore:
         now = utcnow()
         # A read first spares a write lock (SQLite) or a row lock (PostgreSQL) when, as
         # usual, nothing is due.
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             if conn.execute(self._due_callback, {"now": now}).first() is None:
                 return None
         pick = self._dialect.skip_locked(self._due_callback.params(now=now))
@@ -394,7 +401,7 @@ class QueueStore:
         return state
 
     def callback_attempts(self, request_id: int) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             rows = conn.execute(
                 select(_A).where(_A.c.request_id == request_id).order_by(_A.c.id)
             ).mappings()
@@ -406,7 +413,7 @@ class QueueStore:
         """Requests by state, pending callbacks, and how many of the queued requests and
         pending callbacks are held because their account is disabled."""
         held = not_(_ACCOUNT_ENABLED)
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             counts = {
                 state: count
                 for state, count in conn.execute(
@@ -432,7 +439,7 @@ class QueueStore:
         """Anything a burst worker should still wait for: queued requests (retries
         included), leased ones, or callbacks due now; not what a disabled account holds."""
         now = utcnow()
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             busy = conn.execute(
                 select(_T.c.id)
                 .where(
@@ -470,7 +477,7 @@ class DbLedger:
     def load(self) -> MultipartCheckpoint | None:
         if self._empty:
             return None
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             header = conn.execute(_LEDGER_HEADER, {"rid": self._request_id}).scalar()
             if not header:
                 return None
@@ -535,7 +542,7 @@ class DbLedger:
         """Before the final S3 call: the lease is still ours and has not run out by the
         database's clock, else LeaseLost."""
         live = select(_T.c.id).where(_LEASED, _T.c.lease_expires_at > self._dialect.now())
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             if conn.execute(live, self._params).first() is None:
                 raise self._lost()
 
