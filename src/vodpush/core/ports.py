@@ -163,7 +163,11 @@ class QueueStorePort(Protocol):
         message: str,
         http_status: int | None,
         code: str | None,
-    ) -> None: ...
+        refund_attempt: bool = False,
+    ) -> None:
+        """Retrying at ``at``; with ``refund_attempt`` the attempt does not count (it was
+        cut short by the database, not by the upload)."""
+        ...
 
     def release(self, request_id: int, owner: str) -> None:
         """Back to the queue, due now, not counted as an attempt."""

@@ -102,12 +102,15 @@ class MemoryQueueStore:
                     break
             else:
                 return None
-            if row.state == State.RUNNING.value:
-                row.lease_expiries += 1  # its worker died or hung
+            # Taking back our own lease (the database was away, not the worker): the
+            # attempt goes on. Another worker's: it died or hung.
+            own = row.state == State.RUNNING.value and row.lease_owner == owner
+            if row.state == State.RUNNING.value and not own:
+                row.lease_expiries += 1
             row.state = State.RUNNING.value
             row.lease_owner = owner
             row.lease_expires_at = now + timedelta(seconds=lease_seconds)
-            row.attempts += 1
+            row.attempts += 0 if own else 1
             row.message = UPLOADING_MESSAGE
             row.updated_at = now
             return Claimed(
@@ -210,19 +213,22 @@ class MemoryQueueStore:
         message: str,
         http_status: int | None,
         code: str | None,
+        refund_attempt: bool = False,
     ) -> None:
-        self._change(
-            request_id,
-            owner,
-            state=State.RETRYING.value,
-            not_before=at,
-            message=message,
-            http_status=http_status or 0,
-            error_code=code,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=self._t.now(),
-        )
+        with self._t.lock:
+            row = self._change(
+                request_id,
+                owner,
+                state=State.RETRYING.value,
+                not_before=at,
+                message=message,
+                http_status=http_status or 0,
+                error_code=code,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=self._t.now(),
+            )
+            row.attempts -= refund_attempt
 
     def release(self, request_id: int, owner: str) -> None:
         now = self._t.now()
