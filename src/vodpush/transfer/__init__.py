@@ -21,7 +21,9 @@ Failure policy, in one place:
   so the next attempt resumes from the completed parts (``abandon`` cleans up when the
   caller gives up);
 - any other exception (a bug, a ledger/database failure) propagates unchanged and keeps the
-  upload, like an interruption.
+  upload, like an interruption; so does StoreUnavailable met while cleaning up after an
+  UploadError (the checkpoint must outlive an abort that was not recorded). Once S3 has
+  completed the object, a checkpoint the ledger could not clear is only logged.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
 from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
+from vodpush.core.requests import StoreUnavailable
 from vodpush.transfer.cleanup import abort_multipart
 from vodpush.transfer.errors import (
     STALE_CHECKPOINT,
@@ -118,7 +119,16 @@ class Multipart:
             else None,
             etag=lambda: self._expected_etag(digests),
         )
-        self.ledger.clear()
+        try:
+            self.ledger.clear()
+        except StoreUnavailable as exc:
+            # The object is complete: failing now would upload it again. The caller's
+            # record of the success drops the checkpoint as well.
+            log.warning(
+                "completed multipart upload, checkpoint not cleared: %s",
+                exc,
+                extra={"action": "s3.multipart.clear_failed", "upload_id": self.upload_id},
+            )
         self._log("multipart upload completed", "s3.multipart.complete", parts=self.total)
         return build_result(
             self.client,

@@ -13,7 +13,6 @@ memory stores with a plain function in its place.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -36,7 +35,7 @@ from vodpush.core import records
 from vodpush.core.accounts import AccountRecord, S3Settings
 from vodpush.core.checkpoint import PartLedger
 from vodpush.core.clock import utcnow
-from vodpush.core.requests import Claimed, DueCallback, LeaseLost
+from vodpush.core.requests import Claimed, DueCallback, LeaseLost, StoreUnavailable
 from vodpush.service import Service
 from vodpush.transfer import (
     ObjectOptions,
@@ -49,6 +48,7 @@ from vodpush.transfer import (
 )
 from vodpush.transfer.s3client import make_s3_client
 from vodpush.worker import retry
+from vodpush.worker.outage import FailureLog, PatientLedger, persist
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ def object_options(request: Claimed, account: AccountRecord) -> ObjectOptions:
     )
 
 
+class _NotRecorded(Exception):
+    """An outcome could not be written: the database stayed unavailable for the whole
+    budget. The request stays leased; when the lease runs out, a worker takes it over."""
+
+
 @dataclass
 class _Active:
     """A running upload, as the heartbeat thread sees it."""
@@ -82,6 +87,14 @@ class _Active:
     reported: tuple[int, int | None] = (-1, None)
     lost: bool = False
     started: float = field(default_factory=time.monotonic)
+    # Set once the upload's outcome (or release) is being written: from then on (as once
+    # it is lost) a claim of the same request is a new attempt, not this one's lease taken
+    # back.
+    settled: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+    # A new attempt claimed while an earlier one here was still writing its outcome
+    # starts when that one has finished.
+    after: threading.Event | None = None
 
     def progress(self, done: int, total: int) -> None:
         self.bytes_done, self.bytes_total = done, total
@@ -111,6 +124,11 @@ class Worker:
         self._next_callback_poll = 0.0
         self._lock = threading.Lock()
         self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
+        # Calls repeated all the time: during a database outage each logs a line when it
+        # starts failing, one every 30 s while it goes on, and one when it works again.
+        self._claim_errors = FailureLog("claim", action="worker.claim_error")
+        self._callback_claim_errors = FailureLog("claim_callback", action="callback.claim_error")
+        self._heartbeat_errors = FailureLog("heartbeat", action="worker.heartbeat_error")
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -165,7 +183,7 @@ class Worker:
                     burst
                     and not self._active
                     and not self._callbacks_running()
-                    and (not self.queue.has_work())
+                    and not self._has_work()
                 ):
                     break
                 if not claimed:
@@ -177,22 +195,43 @@ class Worker:
             callbacks.shutdown(wait=True)
             log.info("worker stopped", extra={"action": "worker.stopped", "owner": self.owner})
 
+    def _has_work(self) -> bool:
+        try:
+            return self.queue.has_work()
+        except StoreUnavailable as exc:
+            self._claim_errors.failed(exc)
+            return True  # unknown: a burst worker waits for the database to tell
+
     def _claim_uploads(self, pool: ThreadPoolExecutor) -> bool:
         claimed = False
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
             try:
                 request = self.queue.claim(self.owner, self.settings.lease_seconds)
-            except Exception:
+            except Exception as exc:
                 self._slots.release()
-                log.exception("claim failed", extra={"action": "worker.claim_error"})
+                self._claim_errors.failed(exc)
                 return claimed
+            self._claim_errors.ok()
             if request is None:
                 self._slots.release()
                 return claimed
             claimed = True
-            active = _Active(request)
             with self._lock:
-                self._active[request.id] = active
+                running = self._active.get(request.id)
+                going_on = running is not None and not (running.settled or running.lost)
+                if not going_on:
+                    active = _Active(request, after=running.finished if running else None)
+                    self._active[request.id] = active
+            if going_on:
+                # Our own upload, whose lease ran out while the database was away (its
+                # heartbeats could not renew it): the claim renewed it for us, under the
+                # same owner and as the same attempt, so the upload here simply goes on.
+                self._slots.release()
+                log.info(
+                    "lease of a running upload taken back after it ran out",
+                    extra={"action": "upload.lease_renewed", "request_id": request.id},
+                )
+                continue
             log.info(
                 "upload claimed",
                 extra={
@@ -212,11 +251,12 @@ class Worker:
     def _claim_callbacks(self, pool: ThreadPoolExecutor) -> None:
         while self._callback_slots.acquire(blocking=False):
             try:
-                due = self.queue.claim_callback(lease_seconds=self.settings.callback_timeout * 3)
-            except Exception:
+                due = self.queue.claim_callback(lease_seconds=self._callback_lease)
+            except Exception as exc:
                 self._callback_slots.release()
-                log.exception("callback claim failed", extra={"action": "callback.claim_error"})
+                self._callback_claim_errors.failed(exc)
                 return
+            self._callback_claim_errors.ok()
             if due is None:
                 self._callback_slots.release()
                 return
@@ -226,8 +266,33 @@ class Worker:
 
     # -- uploads ---------------------------------------------------------------------------
 
+    @property
+    def _callback_lease(self) -> float:
+        return self.settings.callback_timeout * 3
+
     def _should_stop(self, active: _Active) -> bool:
-        return active.lost or time.monotonic() > self._deadline
+        return active.lost or self._past_deadline()
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() > self._deadline
+
+    def _record(
+        self, active: _Active, operation: str, call: Callable[[], Any], extra: dict[str, Any]
+    ) -> Any:
+        """A write of an upload's outcome (or a release), tried again through a database
+        outage for up to the lease length, or until the stop grace is over; then
+        _NotRecorded. A late try of a request another worker took over is LeaseLost."""
+        active.settled = True
+        try:
+            return persist(
+                operation,
+                call,
+                budget=self.settings.lease_seconds,
+                give_up=self._past_deadline,
+                extra=extra,
+            )
+        except StoreUnavailable as exc:
+            raise _NotRecorded(str(exc)) from exc
 
     def _client(self, account: AccountRecord) -> BaseClient:
         key = (account.id, account.s3)
@@ -244,40 +309,102 @@ class Worker:
         request = active.request
         extra = {"request_id": request.id, "account_id": request.account_id}
         try:
-            self._upload(active, extra)
+            if active.after is not None:
+                active.after.wait()
+            try:
+                self._upload(active, extra)
+            except StoreUnavailable as exc:
+                # Met during the attempt (not in writing its outcome): nothing is wrong
+                # with the upload, and its multipart upload and checkpoint are kept.
+                self._store_failed(active, exc, extra)
+            except (LeaseLost, _NotRecorded):
+                raise
+            except Exception:
+                # A bug. Never let it leave the request leased forever: record it.
+                log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
+                self._record(
+                    active,
+                    "fail",
+                    functools.partial(
+                        self.queue.fail,
+                        request.id,
+                        self.owner,
+                        message="Upload failed: internal error (see the server log)",
+                        http_status=None,
+                        code="InternalError",
+                        has_callback=bool(request.callback),
+                    ),
+                    extra,
+                )
+                metrics.UPLOADS.labels("error").inc()
         except LeaseLost:
             log.warning(
                 "lease lost; another worker has the request",
                 extra={"action": "upload.lease_lost", **extra},
             )
-        except Exception:
-            # Never let an unexpected error leave the request leased forever: record it.
-            log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
-            with contextlib.suppress(LeaseLost):
-                self.queue.fail(
-                    request.id,
-                    self.owner,
-                    message="Upload failed: internal error (see the server log)",
-                    http_status=None,
-                    code="InternalError",
-                    has_callback=bool(request.callback),
-                )
-            metrics.UPLOADS.labels("error").inc()
+        except _NotRecorded as exc:
+            log.error(
+                "outcome not recorded: the database stayed unavailable; the request stays "
+                "leased and is taken over (resumed) when its lease runs out",
+                extra={"action": "upload.not_recorded", "error": str(exc), **extra},
+            )
         finally:
             with self._lock:
-                self._active.pop(request.id, None)
+                if self._active.get(request.id) is active:
+                    del self._active[request.id]
+            active.finished.set()
             self._slots.release()
             self._wakeup.set()
+
+    def _store_failed(self, active: _Active, exc: StoreUnavailable, extra: dict[str, Any]) -> None:
+        """The attempt met a database error that passes: try the request again soon, from
+        its checkpoint, without counting the attempt. Never a failure."""
+        request = active.request
+        now = utcnow()
+        decision = retry.after_store_error(
+            base_delay=self.settings.retry_base_delay,
+            max_delay=self.settings.retry_max_delay,
+            now=now,
+        )
+        at = decision.at or now
+        delay = (at - now).total_seconds()
+        self._record(
+            active,
+            "retry_later",
+            functools.partial(
+                self.queue.retry_later,
+                request.id,
+                self.owner,
+                at=at,
+                message=f"Retrying in {delay:.0f} s: the database was unavailable",
+                http_status=None,
+                code="StoreUnavailable",
+                refund_attempt=True,
+            ),
+            extra,
+        )
+        metrics.UPLOADS.labels("retry").inc()
+        log.warning(
+            "upload will be retried: database unavailable",
+            extra={
+                "action": "upload.retry",
+                **extra,
+                "error": str(exc),
+                "code": "StoreUnavailable",
+                "delay": round(delay, 3),
+                "attempt": request.attempts,
+            },
+        )
 
     def _upload(self, active: _Active, extra: dict[str, Any]) -> None:
         request = active.request
         account = self.service.accounts.by_id(request.account_id)
         if account is None:
             self._fail(
-                request, "Upload failed: the account no longer exists", None, "NoSuchAccount", extra
+                active, "Upload failed: the account no longer exists", None, "NoSuchAccount", extra
             )
             return
-        if self._refused_for_account(request, account, extra):
+        if self._refused_for_account(active, account, extra):
             return
         job = UploadJob(
             # Opened (race-free, beneath the user's directory) by the uploader at the start
@@ -296,13 +423,21 @@ class Worker:
             options=object_options(request, account),
         )
         client = self._client(account)
-        ledger = self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint)
+        ledger = PatientLedger(
+            self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint),
+            # A database outage pauses the upload for up to the lease length, then ends the
+            # attempt (StoreUnavailable: tried again later, from the checkpoint).
+            budget=self.settings.lease_seconds,
+            lost=lambda: active.lost,
+            give_up=self._past_deadline,
+            extra=extra,
+        )
         if request.lease_expiries >= self.settings.max_attempts:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
             # rather than hand it to the next one, and leave no multipart upload behind.
             abandon_quietly(client, job, ledger)
             self._fail(
-                request,
+                active,
                 f"Upload failed: worker died while uploading ({request.lease_expiries} times)",
                 None,
                 "WorkerDied",
@@ -324,22 +459,33 @@ class Worker:
         except UploadInterrupted:
             if active.lost:
                 raise LeaseLost(f"request {request.id}") from None
-            self.queue.release(request.id, self.owner)
+            self._record(
+                active,
+                "release",
+                functools.partial(self.queue.release, request.id, self.owner),
+                extra,
+            )
             log.info(
                 "upload released for another worker", extra={"action": "upload.released", **extra}
             )
             return
         except UploadError as err:
-            self._upload_failed(request, err, client, job, ledger, extra)
+            self._upload_failed(active, err, client, job, ledger, extra)
             return
-        self.queue.succeed(
-            request.id,
-            self.owner,
-            results=result.results,
-            http_status=result.http_status,
-            sha256=result.sha256,
-            size=result.size,
-            has_callback=bool(request.callback),
+        self._record(
+            active,
+            "succeed",
+            functools.partial(
+                self.queue.succeed,
+                request.id,
+                self.owner,
+                results=result.results,
+                http_status=result.http_status,
+                sha256=result.sha256,
+                size=result.size,
+                has_callback=bool(request.callback),
+            ),
+            extra,
         )
         elapsed = time.monotonic() - active.started
         metrics.UPLOADS.labels("success").inc()
@@ -360,34 +506,41 @@ class Worker:
             self._callback_ready()
 
     def _refused_for_account(
-        self, request: Claimed, account: AccountRecord, extra: dict[str, Any]
+        self, active: _Active, account: AccountRecord, extra: dict[str, Any]
     ) -> bool:
         """Checks against the account as it is now (it may have changed since submit);
         True when the request was handled here and must not be uploaded."""
+        request = active.request
         if not account.enabled:
             # Disabled between the claim and now: hold it again, it resumes on enable.
-            self.queue.release(request.id, self.owner)
+            self._record(
+                active,
+                "release",
+                functools.partial(self.queue.release, request.id, self.owner),
+                extra,
+            )
             log.info("upload held: account disabled", extra={"action": "upload.held", **extra})
             return True
         refused = account.may_use_bucket(request.bucket)
         if refused is not None:
-            self._fail(request, f"Upload failed: {refused}", None, "BucketNotAllowed", extra)
+            self._fail(active, f"Upload failed: {refused}", None, "BucketNotAllowed", extra)
             return True
         refused = account.files_refused()
         if refused is not None:
-            self._fail(request, f"Upload failed: {refused}", None, "UsernameShared", extra)
+            self._fail(active, f"Upload failed: {refused}", None, "UsernameShared", extra)
             return True
         return False
 
     def _upload_failed(
         self,
-        request: Claimed,
+        active: _Active,
         err: UploadError,
         client: BaseClient,
         job: UploadJob,
         ledger: PartLedger,
         extra: dict[str, Any],
     ) -> None:
+        request = active.request
         now = utcnow()
         decision = retry.decide(
             transient=err.transient,
@@ -399,16 +552,22 @@ class Worker:
         )
         if decision.retry and decision.at is not None:  # a retry always says when
             delay = (decision.at - now).total_seconds()
-            self.queue.retry_later(
-                request.id,
-                self.owner,
-                at=decision.at,
-                message=(
-                    f"Retrying in {delay:.0f} s after attempt {request.attempts} of "
-                    f"{self.settings.max_attempts}: {err.message}"
+            self._record(
+                active,
+                "retry_later",
+                functools.partial(
+                    self.queue.retry_later,
+                    request.id,
+                    self.owner,
+                    at=decision.at,
+                    message=(
+                        f"Retrying in {delay:.0f} s after attempt {request.attempts} of "
+                        f"{self.settings.max_attempts}: {err.message}"
+                    ),
+                    http_status=err.http_status,
+                    code=err.code,
                 ),
-                http_status=err.http_status,
-                code=err.code,
+                extra,
             )
             metrics.UPLOADS.labels("retry").inc()
             log.warning(
@@ -428,7 +587,7 @@ class Worker:
             # rather than leave its parts in the bucket.
             abandon(client, job, ledger)
         self._fail(
-            request,
+            active,
             f"Upload failed: {err.message}",
             err.http_status,
             err.code,
@@ -438,7 +597,7 @@ class Worker:
 
     def _fail(
         self,
-        request: Claimed,
+        active: _Active,
         message: str,
         http_status: int | None,
         code: str | None,
@@ -446,13 +605,20 @@ class Worker:
         *,
         detail: str | None = None,
     ) -> None:
-        self.queue.fail(
-            request.id,
-            self.owner,
-            message=message,
-            http_status=http_status,
-            code=code,
-            has_callback=bool(request.callback),
+        request = active.request
+        self._record(
+            active,
+            "fail",
+            functools.partial(
+                self.queue.fail,
+                request.id,
+                self.owner,
+                message=message,
+                http_status=http_status,
+                code=code,
+                has_callback=bool(request.callback),
+            ),
+            extra,
         )
         metrics.UPLOADS.labels("failure").inc()
         log.warning(
@@ -492,12 +658,12 @@ class Worker:
             active.reported = progress
         except LeaseLost:
             active.lost = True
-        except Exception:
-            # A database hiccup: the lease is long enough to try again next beat.
-            log.exception(
-                "heartbeat failed",
-                extra={"action": "worker.heartbeat_error", "request_id": active.request.id},
-            )
+        except Exception as exc:
+            # A database hiccup: the lease is long enough to try again next beat (and if
+            # it runs out meanwhile, our next claim takes it back: _claim_uploads).
+            self._heartbeat_errors.failed(exc, request_id=active.request.id)
+        else:
+            self._heartbeat_errors.ok()
 
     # -- callbacks -------------------------------------------------------------------------
 
@@ -511,6 +677,14 @@ class Worker:
             self._deliver(due, extra)
         except LeaseLost:
             pass
+        except StoreUnavailable as exc:
+            # Before the POST (reading what to send), or in recording it after tries for
+            # the whole callback lease: it is due again when that lease runs out, and is
+            # then sent with the same webhook-id.
+            log.warning(
+                "callback not finished: database unavailable; due again after its lease",
+                extra={"action": "callback.store_unavailable", "error": str(exc), **extra},
+            )
         except Exception:
             log.exception("callback crashed", extra={"action": "callback.crashed", **extra})
         finally:
@@ -535,16 +709,27 @@ class Worker:
             allow_private=self.settings.callback_allow_private,
         )
         decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, utcnow())
-        state = self.queue.record_callback(
-            due.id,
-            msg_id=msg_id,
-            at=attempt.at.replace(tzinfo=None),
-            ok=attempt.ok,
-            http_status=attempt.http_status,
-            error=attempt.error,
-            duration=attempt.duration,
-            next_at=decision.at.replace(tzinfo=None) if decision.retry and decision.at else None,
-            permanent=attempt.permanent,
+        # The POST was made: record it through a database outage, for up to the callback
+        # lease (after it another deliverer may send it again, with the same webhook-id).
+        state = persist(
+            "record_callback",
+            functools.partial(
+                self.queue.record_callback,
+                due.id,
+                msg_id=msg_id,
+                at=attempt.at.replace(tzinfo=None),
+                ok=attempt.ok,
+                http_status=attempt.http_status,
+                error=attempt.error,
+                duration=attempt.duration,
+                next_at=decision.at.replace(tzinfo=None)
+                if decision.retry and decision.at
+                else None,
+                permanent=attempt.permanent,
+            ),
+            budget=self._callback_lease,
+            give_up=self._past_deadline,
+            extra=extra,
         )
         metrics.CALLBACKS.labels("delivered" if attempt.ok else "failed").inc()
         log.info(
