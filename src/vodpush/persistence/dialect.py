@@ -286,19 +286,27 @@ class PostgresNotifications:
     def listen(self, wake: Callable[[], None], stopping: threading.Event) -> None:
         import psycopg
 
+        failures = 0
         while not stopping.is_set():
             try:
                 with psycopg.connect(self._url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    if failures:
+                        log.info("LISTEN connection back", extra={"action": "worker.listen_ok"})
+                    failures = 0
                     while not stopping.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             wake()
             except Exception as exc:
-                log.warning(
-                    "LISTEN connection lost: %s",
-                    type(exc).__name__,
-                    extra={"action": "worker.listen_error"},
-                )
+                failures += 1
+                # Tried every 5 s: while the database is away, a line a minute is enough.
+                if failures % 12 == 1:
+                    log.warning(
+                        "LISTEN connection lost: %s (%d failures in a row)",
+                        type(exc).__name__,
+                        failures,
+                        extra={"action": "worker.listen_error", "failures": failures},
+                    )
                 stopping.wait(5)
 
 
