@@ -3,11 +3,13 @@ passing (StoreUnavailable), on a real SQLite file held locked by another connect
 worker runner on the in-memory stores with store calls that fail for a while (a fake store
 in front of the real in-memory one, as test_runner.py has a fake transfer step). The real
 faults (killed PostgreSQL connections, a PostgreSQL restart, SQLite busy under a worker
-process) are in test_db_faults.py."""
+process) are in test_db_faults.py. The last tests run the S3 engine on the moto process with
+a ledger whose database is away."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -23,9 +25,10 @@ from psycopg import errors as pg_errors
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 
+from tests.conftest import MiB, s3_client
 from vodpush import metrics
 from vodpush.config import Settings
-from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
+from vodpush.core.checkpoint import MemoryLedger, MultipartCheckpoint, PartRecord
 from vodpush.core.requests import LeaseLost, NewRequest, StoreUnavailable
 from vodpush.crypto import generate_key
 from vodpush.persistence import db, dialect
@@ -33,7 +36,7 @@ from vodpush.persistence.accounts import AccountStore
 from vodpush.persistence.queue import QueueStore
 from vodpush.persistence.requests import RequestStore
 from vodpush.service import Service
-from vodpush.transfer import UploadResult
+from vodpush.transfer import UploadJob, UploadResult, abandon_quietly, upload
 from vodpush.worker.outage import FailureLog, persist
 from vodpush.worker.runner import Worker
 
@@ -475,3 +478,49 @@ def test_a_lease_that_ran_out_during_an_outage_is_taken_back_by_the_same_upload(
     assert taken_back.is_set() and "upload.lease_renewed" in _actions(caplog)
     row = svc.requests.get(rid)
     assert (row.state, len(transfer.calls)) == ("succeeded", 1)
+
+
+# -- the S3 engine with a ledger whose database is away --------------------------------------
+
+
+class LedgerDown(MemoryLedger):
+    """The in-memory ledger, with the named calls failing as a database that is away."""
+
+    def __init__(self, *down: str) -> None:
+        super().__init__()
+        self.down = set(down)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in object.__getattribute__(self, "down"):
+
+            def unavailable(*args: Any) -> Any:
+                raise StoreUnavailable(f"database unavailable: {name}")
+
+            return unavailable
+        return super().__getattribute__(name)
+
+
+def test_cleanup_that_meets_the_database_keeps_the_checkpoint_and_says_so() -> None:
+    # abandon() must not report a clean-up it could not record; the caller retries later
+    # instead of failing the request and forgetting the multipart upload's id.
+    ledger = LedgerDown("load")
+    job = UploadJob(source=Path("/nonexistent"), bucket="b", key="k")
+    with pytest.raises(StoreUnavailable):
+        abandon_quietly(client=None, job=job, ledger=ledger)  # type: ignore[arg-type]
+
+
+def test_a_completed_upload_stands_when_its_checkpoint_cannot_be_cleared(
+    s3: Any, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CompleteMultipartUpload succeeded, then the database went away: the upload is done
+    (an error here would make the request upload the file again)."""
+    data = os.urandom(6 * MiB)
+    (tmp_path / "clip.mp4").write_bytes(data)
+    client = s3_client(s3)
+    job = UploadJob(source=tmp_path / "clip.mp4", bucket=bucket, key="clip.mp4")
+    ledger = LedgerDown("clear")
+    result = upload(client, job, ledger, threshold=5 * MiB, chunksize=5 * MiB, concurrency=2)
+    assert (result.size, result.parts_total) == (len(data), 2)
+    assert client.get_object(Bucket=bucket, Key="clip.mp4")["Body"].read() == data
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert "s3.multipart.clear_failed" in _actions(caplog)
