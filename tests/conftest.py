@@ -131,6 +131,7 @@ def settings(database_url: str, sestore_root: Path, tmp_path: Path) -> Settings:
         retry_base_delay=0.2,
         retry_max_delay=1.0,
         max_attempts=3,
+        retry_window=0,  # a schedule of seconds: no one-hour promise
         multipart_threshold=5 * MiB,
         multipart_chunksize=5 * MiB,
         part_concurrency=4,

@@ -824,17 +824,16 @@ def test_public_addresses_are_allowed(address: str) -> None:
 
 
 # -- retry policy (pure) ------------------------------------------------------------------
-
-NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+# A decision is a delay, not a time: the store puts it on its own clock.
 
 
 def test_schedule_gives_each_retry_its_delay_then_gives_up() -> None:
     schedule = list(DEFAULT_CALLBACK_SCHEDULE)
     for attempts_made, delay in enumerate(schedule, start=1):
-        decision = next_delivery(attempts_made, schedule, NOW, jitter=0)
-        assert decision == RetryDecision(retry=True, at=NOW + dt.timedelta(seconds=delay))
-    assert next_delivery(len(schedule) + 1, schedule, NOW) == RetryDecision(False, None)
-    assert next_delivery(100, schedule, NOW) == RetryDecision(False, None)
+        decision = next_delivery(attempts_made, schedule, jitter=0)
+        assert decision == RetryDecision(retry=True, delay=delay)
+    assert next_delivery(len(schedule) + 1, schedule) == RetryDecision(False, None)
+    assert next_delivery(100, schedule) == RetryDecision(False, None)
 
 
 def test_default_schedule_spans_hours() -> None:
@@ -843,7 +842,7 @@ def test_default_schedule_spans_hours() -> None:
 
 
 def test_empty_schedule_means_a_single_attempt() -> None:
-    assert next_delivery(1, [], NOW) == RetryDecision(retry=False, at=None)
+    assert next_delivery(1, []) == RetryDecision(retry=False, delay=None)
 
 
 class _Extreme:
@@ -855,26 +854,25 @@ class _Extreme:
 
 
 def test_jitter_stays_within_its_fraction() -> None:
-    high = next_delivery(3, [10, 60, 300], NOW, jitter=0.1, rng=_Extreme(True))
-    low = next_delivery(3, [10, 60, 300], NOW, jitter=0.1, rng=_Extreme(False))
-    assert high.at == NOW + dt.timedelta(seconds=330)
-    assert low.at == NOW + dt.timedelta(seconds=270)
+    high = next_delivery(3, [10, 60, 300], jitter=0.1, rng=_Extreme(True))
+    low = next_delivery(3, [10, 60, 300], jitter=0.1, rng=_Extreme(False))
+    assert high.delay == pytest.approx(330)
+    assert low.delay == pytest.approx(270)
 
     rng = random.Random(1234)
     delays = set()
     for _ in range(500):
-        decision = next_delivery(5, DEFAULT_CALLBACK_SCHEDULE, NOW, rng=rng)
-        assert decision.retry and decision.at is not None
-        delay = (decision.at - NOW).total_seconds()
-        assert 3600 * 0.9 <= delay <= 3600 * 1.1
-        delays.add(round(delay))
+        decision = next_delivery(5, DEFAULT_CALLBACK_SCHEDULE, rng=rng)
+        assert decision.retry and decision.delay is not None
+        assert 3600 * 0.9 <= decision.delay <= 3600 * 1.1
+        delays.add(round(decision.delay))
     assert len(delays) > 50  # the jitter really spreads retries out
 
 
 def test_default_rng_is_used_when_none_given() -> None:
-    decision = next_delivery(1, [100], NOW)
-    assert decision.at is not None
-    assert 90 <= (decision.at - NOW).total_seconds() <= 110
+    decision = next_delivery(1, [100])
+    assert decision.delay is not None
+    assert 90 <= decision.delay <= 110
 
 
 @pytest.mark.parametrize(
@@ -888,6 +886,6 @@ def test_default_rng_is_used_when_none_given() -> None:
     ],
 )
 def test_bad_retry_arguments_are_refused(kwargs: dict[str, Any], message: str) -> None:
-    args: dict[str, Any] = {"attempts_made": 1, "schedule": [10], "now": NOW} | kwargs
+    args: dict[str, Any] = {"attempts_made": 1, "schedule": [10]} | kwargs
     with pytest.raises(ValueError, match=message):
         next_delivery(**args)

@@ -43,6 +43,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
         retry_base_delay=0.05,
         retry_max_delay=0.1,
         max_attempts=3,
+        retry_window=0,
         lease_seconds=5,
         shutdown_grace=0.2,
     )
@@ -120,6 +121,29 @@ def test_a_transient_error_is_retried_then_succeeds(service: Service) -> None:
     _run(Worker(service, uploader=fake))
     row = _state(service, rid)
     assert (row.state, row.attempts, len(fake.calls)) == ("succeeded", 2, 2)
+
+
+def test_a_retry_or_a_takeover_looks_for_the_object_before_writing(service: Service) -> None:
+    """The attempt after a failure, or after a dead worker, may find the object the earlier
+    one wrote (its answer lost, or the worker killed before recording it): the engine is
+    told so (UploadJob.may_exist); a first attempt is not."""
+    first, second = _enqueue(service, 2)
+    failed: set[str] = set()
+
+    def once_flaky(call: dict[str, Any]) -> UploadResult:
+        if call["job"].key in failed:
+            return OK
+        failed.add(call["job"].key)
+        raise UploadError("S3 did not answer in time", transient=True, code="ReadTimeoutError")
+
+    fake = FakeUpload(once_flaky)
+    assert service.queue.claim("dead", 0.001) is not None  # takes ``first`` and dies
+    time.sleep(0.005)
+    _run(Worker(service, concurrency=1, uploader=fake))
+    looked = [(c["job"].key, c["job"].may_exist) for c in fake.calls]
+    # ``first``: taken over from the dead worker, then retried; ``second``: failed, retried.
+    assert sorted(looked) == [("out/0", True), ("out/0", True), ("out/1", False), ("out/1", True)]
+    assert {_state(service, rid).state for rid in (first, second)} == {"succeeded"}
 
 
 def test_transient_errors_give_up_after_max_attempts(service: Service) -> None:
@@ -281,6 +305,29 @@ def test_an_outcome_after_a_lost_lease_is_dropped(service: Service) -> None:
     service.queue.heartbeat(rid, "thief", 30)  # still the thief's lease
 
 
+def test_an_error_after_a_lost_lease_is_reported_as_the_lost_lease(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upload that ends in an unexpected error (a database connection that died while
+    the host was cut off) after another worker took the request over: the failure it would
+    record is refused, and the log says the lease was lost, not only that it crashed."""
+    (rid,) = _enqueue(service)
+    done = threading.Event()
+
+    def stolen_then_crash(call: dict[str, Any]) -> UploadResult:
+        _steal(service, rid, worker.owner)
+        done.set()
+        raise ConnectionError("server closed the connection unexpectedly")
+
+    worker = Worker(service, uploader=FakeUpload(stolen_then_crash))
+    with caplog.at_level("INFO", logger="vodpush.worker.runner"):
+        _run_until(worker, done)
+    actions = [getattr(r, "action", None) for r in caplog.records]
+    assert "upload.crashed" in actions and "upload.lease_lost" in actions
+    assert (_state(service, rid).state, _state(service, rid).attempts) == ("running", 1)
+    service.queue.heartbeat(rid, "thief", 30)  # still the thief's lease
+
+
 def test_a_request_of_a_disabled_account_is_held_not_uploaded(service: Service) -> None:
     (rid,) = _enqueue(service)
     service.accounts.set_enabled("1/jb", False)
@@ -419,15 +466,18 @@ def test_a_request_whose_workers_keep_dying_is_failed_not_reclaimed_forever(
     service: Service,
 ) -> None:
     (rid,) = _enqueue(service)
-    for n in range(service.settings.max_attempts):  # each claimer dies: its lease runs out
+    # Deaths have their own limit, below max_attempts (3): an outage needs many attempts,
+    # a file that kills its worker should not get as many.
+    service.settings.max_lease_expiries = 2
+    for n in range(2):  # each claimer dies: its lease runs out
         assert service.queue.claim(f"dead-{n}", 0.001) is not None
         time.sleep(0.005)
     fake = FakeUpload(lambda call: OK)
     _run(Worker(service, uploader=fake))
     row = _state(service, rid)
     assert fake.calls == []  # not handed to yet another worker
-    assert (row.state, row.error_code) == ("failed", "WorkerDied")
-    assert row.message == "Upload failed: worker died while uploading (3 times)"
+    assert (row.state, row.error_code, row.attempts) == ("failed", "WorkerDied", 3)
+    assert row.message == "Upload failed: worker died while uploading (2 times)"
 
 
 def test_a_release_at_shutdown_is_not_a_death(service: Service) -> None:

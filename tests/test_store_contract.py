@@ -143,8 +143,8 @@ def test_an_expired_lease_is_taken_over_and_every_write_of_the_loser_raises(
         lambda: _succeed(stores, rid, "w1"),
         lambda: stores.queue.fail(rid, "w1", message="m", http_status=None, code=None,
                                   has_callback=False),
-        lambda: stores.queue.retry_later(rid, "w1", at=utcnow(), message="m", http_status=None,
-                                         code=None),
+        lambda: stores.queue.retry_later(rid, "w1", delay=0, cause="m", max_attempts=5,
+                                         http_status=None, code=None),
         lambda: stores.queue.release(rid, "w1"),
         lambda: stores.ledger(rid, "w1").begin(MultipartCheckpoint("u", 5, 10, 1, True)),
     ]  # fmt: skip
@@ -179,14 +179,19 @@ def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) 
     later, now = _enqueue(stores, _account(stores), 2)
     assert stores.queue.claim("w", 30).id == later  # type: ignore[union-attr]
     assert stores.queue.claim("w", 30).id == now  # type: ignore[union-attr]
-    stores.queue.retry_later(later, "w", at=utcnow() + timedelta(hours=1), message="Retrying",
-                             http_status=503, code="SlowDown")  # fmt: skip
-    stores.queue.retry_later(now, "w", at=utcnow() - timedelta(seconds=1), message="Retrying",
-                             http_status=None, code="RequestTimeout")  # fmt: skip
+    at = stores.queue.retry_later(later, "w", delay=3600, cause="S3 said SlowDown",
+                                  max_attempts=16, http_status=503, code="SlowDown")  # fmt: skip
+    stores.queue.retry_later(now, "w", delay=0, cause="S3 did not answer in time",
+                             max_attempts=16, http_status=None, code="RequestTimeout")  # fmt: skip
     row = stores.requests.get(later)
     assert row is not None and row.state == "retrying" and row.error_code == "SlowDown"
     shown = records.render(row)
-    assert shown["state"] == "retrying" and shown["next_attempt_at"] > records.format_time(utcnow())
+    assert shown["state"] == "retrying" and shown["next_attempt_at"] == records.format_time(at)
+    assert shown["next_attempt_at"] > records.format_time(utcnow() + timedelta(minutes=59))
+    # When, which attempt comes next, and what went wrong.
+    assert shown["message"] == (
+        f"Retrying at {records.format_time(at)} UTC (attempt 2 of 16): S3 said SlowDown"
+    )
     assert stores.queue.depth()["retrying"] == 2
     again = stores.queue.claim("w", 30)
     assert again is not None and again.id == now and again.attempts == 2
@@ -202,13 +207,14 @@ def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) 
 def test_a_retry_after_a_database_error_does_not_count_the_attempt(stores: Service) -> None:
     (rid,) = _enqueue(stores, _account(stores))
     assert stores.queue.claim("w", 30).attempts == 1  # type: ignore[union-attr]
-    stores.queue.retry_later(rid, "w", at=utcnow() - timedelta(seconds=1),
-                             message="Retrying in 2 s: the database was unavailable",
-                             http_status=None, code="StoreUnavailable",
+    stores.queue.retry_later(rid, "w", delay=0, cause="the database was unavailable",
+                             max_attempts=5, http_status=None, code="StoreUnavailable",
                              refund_attempt=True)  # fmt: skip
     row = stores.requests.get(rid)
     assert row is not None and (row.state, row.attempts) == ("retrying", 0)
     assert row.error_code == "StoreUnavailable"
+    # The next attempt is still the first: the message says so.
+    assert "(attempt 1 of 5): the database was unavailable" in row.message
     assert stores.queue.claim("w", 30).attempts == 1  # type: ignore[union-attr]
 
 
@@ -292,14 +298,14 @@ def test_callbacks_are_due_claimed_and_recorded(stores: Service) -> None:
     assert stores.queue.claim_callback(30) is None  # leased to the first deliverer
     state = stores.queue.record_callback(
         rid, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500, error="HTTP 500",
-        duration=0.1, next_at=utcnow() - timedelta(seconds=1),
+        duration=0.1, next_delay=0,
     )  # fmt: skip
     assert state == "pending"
     again = stores.queue.claim_callback(30)
     assert again is not None and (again.attempts, again.msg_id) == (1, due.msg_id)
     state = stores.queue.record_callback(
         rid, msg_id=due.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
-        duration=0.1, next_at=None,
+        duration=0.1, next_delay=None,
     )  # fmt: skip
     assert state == "delivered"
     attempts = stores.queue.callback_attempts(rid)
@@ -356,7 +362,7 @@ def test_the_callback_id_is_fixed_when_due_and_kept_by_every_claim(stores: Servi
             seen[due.id].add(due.msg_id)
             state = stores.queue.record_callback(
                 due.id, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500,
-                error="HTTP 500", duration=0.1, next_at=utcnow() - timedelta(seconds=1),
+                error="HTTP 500", duration=0.1, next_delay=0,
             )  # fmt: skip
             assert state == "pending"
     assert seen == {rid: {m} for rid, m in fixed.items()}
@@ -384,7 +390,7 @@ def test_an_attempt_made_after_the_callback_lease_moved_on_is_kept(stores: Servi
     assert slow is not None and fast is not None and slow.msg_id == fast.msg_id
     state = stores.queue.record_callback(
         rid, msg_id=fast.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
-        duration=0.1, next_at=None,
+        duration=0.1, next_delay=None,
     )  # fmt: skip
     assert state == "delivered"
     # A's attempt comes in late: the POST was made, so it is recorded; the state it would
@@ -392,7 +398,7 @@ def test_an_attempt_made_after_the_callback_lease_moved_on_is_kept(stores: Servi
     with pytest.raises(LeaseLost):
         stores.queue.record_callback(
             rid, msg_id=slow.msg_id, at=utcnow(), ok=False, http_status=None,
-            error="timed out", duration=9.0, next_at=utcnow() + timedelta(seconds=60),
+            error="timed out", duration=9.0, next_delay=60,
         )  # fmt: skip
     attempts = stores.queue.callback_attempts(rid)
     assert [(a["ok"], a["http_status"], a["error"]) for a in attempts] == [
@@ -413,7 +419,7 @@ def test_a_permanent_callback_failure_ends_the_schedule(stores: Service) -> None
     assert due is not None
     state = stores.queue.record_callback(
         rid, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=None, error="refused address",
-        duration=0.0, next_at=utcnow(), permanent=True,
+        duration=0.0, next_delay=0, permanent=True,
     )  # fmt: skip
     assert state == "failed"
     assert records.render(stores.requests.get(rid))["callback_error"] == "refused address"
@@ -428,11 +434,16 @@ def test_the_ledger_keeps_parts_for_the_next_lease_holder(stores: Service) -> No
     assert first is not None and not first.has_checkpoint
     ledger = stores.ledger(rid, "w1", empty=True)
     assert ledger.load() is None
-    ledger.begin(MultipartCheckpoint("up-1", 5, 12, 99, True, {1: PartRecord("e0", "c0", 5)}))
+    ledger.begin(
+        MultipartCheckpoint(
+            "up-1", 5, 12, 99, True, {1: PartRecord("e0", "c0", 5)}, ctime_ns=98, inode=7
+        )
+    )
     ledger.part_done(2, PartRecord("e2", None, 5))
     ledger.part_done(1, PartRecord("e1", "c1", 5))  # a part sent again overwrites
     loaded = ledger.load()
     assert loaded is not None and loaded.upload_id == "up-1" and loaded.mtime_ns == 99
+    assert (loaded.ctime_ns, loaded.inode) == (98, 7)  # the file's identity, for a resume
     assert loaded.parts == {1: PartRecord("e1", "c1", 5), 2: PartRecord("e2", None, 5)}
 
     second = stores.queue.claim("w2", 30)  # the lease of w1 had run out
@@ -504,6 +515,95 @@ def test_a_worker_clock_ahead_cannot_steal_a_live_lease(
     assert row is not None and row.state == "running" and row.attempts == 1
 
 
+def test_a_worker_clock_ahead_moves_no_due_time(
+    stores: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due times come from the store's clock: with every caller's clock 15 s ahead, a new
+    request is due at once (not 15 s late), a retry comes 30 s after the store's now (not
+    45 s), and a callback is due, leased and due again by the store's clock."""
+    account = _account(stores)
+    _worker_clock_ahead(monkeypatch, 15)
+    before = utcnow()  # this module's utcnow is the true clock, as the database's
+    (cb,) = _enqueue(stores, account, callback="http://127.0.0.1:9/cb")
+    (rid,) = _enqueue(stores, account)
+    first, second = stores.queue.claim("w", 30), stores.queue.claim("w", 30)
+    assert first is not None and second is not None and (first.id, second.id) == (cb, rid)
+    created = stores.requests.get(rid)
+    assert created is not None
+    assert records.format_time(created.created_at) <= records.format_time(utcnow())
+
+    at = stores.queue.retry_later(rid, "w", delay=30, cause="S3 said SlowDown", max_attempts=3,
+                                  http_status=503, code="SlowDown")  # fmt: skip
+    after = utcnow()
+    assert before + timedelta(seconds=29) <= at <= after + timedelta(seconds=31)
+    assert stores.queue.claim("w", 30) is None
+
+    _succeed(stores, cb, "w", has_callback=True)
+    due = stores.queue.claim_callback(30)
+    assert due is not None and due.id == cb
+    assert stores.queue.claim_callback(30) is None  # leased for 30 s of the store's clock
+    stores.queue.record_callback(
+        cb, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=500, error="HTTP 500",
+        duration=0.1, next_delay=10,
+    )  # fmt: skip
+    assert stores.queue.claim_callback(30) is None  # due in 10 s, not 5 s ago
+
+
+def test_the_memory_stores_keep_their_own_clock(tmp_path: Path) -> None:
+    """The in-memory stores measure every due time and lease on their own clock (as a
+    database does), here set five years from the real one and moved by hand."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+        sestore_root=tmp_path,
+        secret_key=generate_key(),
+        secret_key_file=tmp_path / "unused.key",
+    )
+    now = [datetime(2031, 6, 1, 12, 0, 0)]
+    s = Service.in_memory(settings, clock=lambda: now[0])
+
+    def move(seconds: float) -> None:
+        now[0] += timedelta(seconds=seconds)
+
+    account = _account(s)
+    (cb,) = _enqueue(s, account, callback="http://127.0.0.1:9/cb")
+    (rid,) = _enqueue(s, account)
+    entry = records.render(s.requests.get(rid))
+    assert entry["created"] == "2031-06-01 12:00:00"
+    assert s.queue.claim("w", 3600) is not None and s.queue.claim("w", 3600) is not None
+
+    at = s.queue.retry_later(rid, "w", delay=90, cause="could not connect to the S3 endpoint",
+                             max_attempts=16, http_status=None,
+                             code="EndpointConnectionError")  # fmt: skip
+    assert at == datetime(2031, 6, 1, 12, 1, 30)
+    entry = records.render(s.requests.get(rid))
+    assert (entry["state"], entry["next_attempt_at"]) == ("retrying", "2031-06-01 12:01:30")
+    assert entry["message"] == (
+        "Retrying at 2031-06-01 12:01:30 UTC (attempt 2 of 16): "
+        "could not connect to the S3 endpoint"
+    )
+    assert entry["error_code"] == "EndpointConnectionError"
+    move(89)
+    assert s.queue.claim("w", 3600) is None
+    move(1)
+    again = s.queue.claim("w", 3600)
+    assert again is not None and again.id == rid and again.attempts == 2
+
+    _succeed(s, cb, "w", has_callback=True)
+    due = s.queue.claim_callback(30)
+    assert due is not None and s.queue.claim_callback(30) is None
+    move(31)  # the deliverer died: its lease ran out
+    due = s.queue.claim_callback(30)
+    assert due is not None and due.id == cb
+    s.queue.record_callback(
+        cb, msg_id=due.msg_id, at=now[0], ok=False, http_status=500, error="HTTP 500",
+        duration=0.1, next_delay=600,
+    )  # fmt: skip
+    move(599)
+    assert s.queue.claim_callback(30) is None
+    move(1)
+    assert s.queue.claim_callback(30) is not None
+
+
 # -- accounts --------------------------------------------------------------------------------
 
 
@@ -539,3 +639,136 @@ def test_accounts(stores: Service) -> None:
     assert not stores.accounts.set_enabled("158/jb", False).enabled
     assert [a.username for a in stores.accounts.list()] == ["jb", "renamed"]
     assert stores.accounts.ensure_unique_usernames() == []
+
+
+# -- orphaned multipart uploads --------------------------------------------------------------
+
+
+def _orphan(s: Service, account_id: int, upload_id: str, *, owner: str = "w") -> int:
+    """A request that began a multipart upload, then failed without aborting it."""
+    (rid,) = _enqueue(s, account_id)
+    claimed = s.queue.claim(owner, 30)
+    assert claimed is not None and claimed.id == rid
+    s.ledger(rid, owner, empty=True).begin(MultipartCheckpoint(upload_id, 5, 12, 99, True))
+    s.queue.fail(rid, owner, message="Upload failed: S3 is down", http_status=None,
+                 code="EndpointConnectionError", has_callback=False)  # fmt: skip
+    return rid
+
+
+def test_an_outcome_records_an_unaborted_checkpoint_as_an_orphan(stores: Service) -> None:
+    account = _account(stores)
+    before = utcnow() - timedelta(seconds=5)
+    failed = _orphan(stores, account, "up-failed")
+    (orphan,) = stores.orphans.list()
+    assert (orphan.account_id, orphan.request_id, orphan.bucket, orphan.key) == (
+        account, failed, "b", "out/0.mp4",
+    )  # fmt: skip
+    assert (orphan.upload_id, orphan.attempts, orphan.last_error) == ("up-failed", 0, None)
+    assert before < orphan.created_at == orphan.next_at < utcnow() + timedelta(seconds=5)
+    row = stores.requests.get(failed)
+    assert row is not None and row.state == "failed"
+    assert stores.ledger(failed, "w").load() is None  # the checkpoint went with the outcome
+
+    # A single PUT that succeeded after a failed abort of an earlier checkpoint: the same.
+    (done,) = _enqueue(stores, account)
+    assert stores.queue.claim("w", 30) is not None
+    stores.ledger(done, "w", empty=True).begin(MultipartCheckpoint("up-left", 5, 12, 99, True))
+    _succeed(stores, done, "w")
+    # Without a checkpoint (completed, or aborted and cleared) there is nothing to record.
+    (clean,) = _enqueue(stores, account)
+    assert stores.queue.claim("w", 30) is not None
+    ledger = stores.ledger(clean, "w", empty=True)
+    ledger.begin(MultipartCheckpoint("up-aborted", 5, 12, 99, True))
+    ledger.clear()
+    stores.queue.fail(clean, "w", message="no", http_status=403, code="AccessDenied",
+                      has_callback=False)  # fmt: skip
+    assert [(o.request_id, o.upload_id) for o in stores.orphans.list()] == [
+        (failed, "up-failed"),
+        (done, "up-left"),
+    ]
+    assert stores.orphans.count() == 2
+
+
+def test_give_up_moves_the_checkpoint_to_the_orphans_at_once(stores: Service) -> None:
+    account = _account(stores)
+    (rid,) = _enqueue(stores, account)
+    assert stores.queue.claim("w", 30) is not None
+    ledger = stores.ledger(rid, "w", empty=True)
+    ledger.begin(MultipartCheckpoint("up-1", 5, 12, 99, True, {1: PartRecord("e1", None, 5)}))
+    ledger.give_up()  # the source changed and S3 refused the abort: start a new upload
+    assert ledger.load() is None and stores.ledger(rid, "w").load() is None
+    ledger.begin(MultipartCheckpoint("up-2", 5, 12, 100, True))
+    ledger.give_up()
+    ledger.give_up()  # nothing left to give up: no write, no error
+    # The same upload id given up again (a retry that met the same checkpoint) is one row.
+    ledger.begin(MultipartCheckpoint("up-1", 5, 12, 99, True))
+    stores.queue.fail(rid, "w", message="no", http_status=None, code="X", has_callback=False)
+    assert [(o.request_id, o.upload_id) for o in stores.orphans.list()] == [
+        (rid, "up-1"),
+        (rid, "up-2"),
+    ]
+
+
+def test_only_the_lease_holder_records_an_orphan(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores))
+    assert stores.queue.claim("w1", -1) is not None  # already run out
+    stores.ledger(rid, "w1", empty=True).begin(MultipartCheckpoint("up-1", 5, 12, 99, True))
+    assert stores.queue.claim("w2", 30) is not None  # taken over: the checkpoint is w2's
+    for write in (
+        stores.ledger(rid, "w1").give_up,
+        lambda: stores.queue.fail(rid, "w1", message="m", http_status=None, code=None,
+                                  has_callback=False),
+        lambda: _succeed(stores, rid, "w1"),
+    ):  # fmt: skip
+        with pytest.raises(LeaseLost):
+            write()
+    assert stores.orphans.list() == []  # nothing recorded by the loser, not even rolled in
+    loaded = stores.ledger(rid, "w2").load()
+    assert loaded is not None and loaded.upload_id == "up-1"  # the holder resumes it
+
+
+def test_orphans_are_claimed_when_due_and_wait_after_a_failed_abort(stores: Service) -> None:
+    account = _account(stores)
+    _orphan(stores, account, "up-1")
+    _orphan(stores, account, "up-2")
+    first = stores.orphans.claim(300)
+    second = stores.orphans.claim(300)
+    assert first is not None and second is not None
+    assert (first.upload_id, first.attempts, second.upload_id) == ("up-1", 1, "up-2")
+    assert first.next_at > utcnow() + timedelta(seconds=250)  # leased
+    assert stores.orphans.claim(300) is None  # both held
+    assert stores.orphans.retry_later(first.id, delay=-1, error="S3 connection error")
+    assert stores.orphans.retry_later(second.id, delay=3600, error="S3 error AccessDenied")
+    again = stores.orphans.claim(300)
+    assert again is not None and (again.id, again.attempts) == (first.id, 2)
+    assert again.last_error == "S3 connection error"
+    assert stores.orphans.claim(300) is None  # the other waits an hour
+    # On demand (vodpush reap): the one named, due or not.
+    forced = stores.orphans.claim(300, orphan_id=second.id)
+    assert forced is not None and forced.attempts == 2 and forced.last_error.endswith("Denied")  # type: ignore[union-attr]
+    assert stores.orphans.aborted(first.id) and not stores.orphans.aborted(first.id)
+    assert not stores.orphans.retry_later(first.id, delay=1, error="late")  # confirmed gone
+    assert stores.orphans.claim(300, orphan_id=first.id) is None
+    assert [o.upload_id for o in stores.orphans.list()] == ["up-2"]
+    assert stores.orphans.count() == 1
+
+
+def test_concurrent_orphan_claims_never_hand_one_to_two_reapers(stores: Service) -> None:
+    account = _account(stores)
+    for n in range(12):
+        _orphan(stores, account, f"up-{n}")
+    expected = sorted(o.id for o in stores.orphans.list())
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def reap() -> None:
+        while (orphan := stores.orphans.claim(300)) is not None:
+            with lock:
+                got.append(orphan.id)
+
+    threads = [threading.Thread(target=reap) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(got) == expected

@@ -296,6 +296,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
         poll_interval=0.05,
         retry_base_delay=0.05,
         retry_max_delay=0.1,
+        retry_window=0,  # a schedule of seconds
         max_attempts=3,
         lease_seconds=5,
         shutdown_grace=0.2,
@@ -380,7 +381,7 @@ def test_a_database_error_in_the_transfer_is_retried_and_costs_no_attempt(
     retries = queue.calls["retry_later"]
     assert len(retries) == 4 and all(r["refund_attempt"] for r in retries)
     assert all(r["code"] == "StoreUnavailable" for r in retries)
-    assert retries[0]["message"].endswith(": the database was unavailable")
+    assert retries[0]["cause"] == "the database was unavailable"
 
 
 def test_part_ledger_calls_ride_out_an_outage(service: Service) -> None:
@@ -510,10 +511,11 @@ def test_cleanup_that_meets_the_database_keeps_the_checkpoint_and_says_so() -> N
 
 
 def test_a_completed_upload_stands_when_its_checkpoint_cannot_be_cleared(
-    s3: Any, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    s3: Any, bucket: str, tmp_path: Path
 ) -> None:
-    """CompleteMultipartUpload succeeded, then the database went away: the upload is done
-    (an error here would make the request upload the file again)."""
+    """CompleteMultipartUpload succeeded while the ledger's database was away: the upload
+    is done (an error here would make the request upload the file again), and its
+    checkpoint is left for the caller's record of the success to drop."""
     data = os.urandom(6 * MiB)
     (tmp_path / "clip.mp4").write_bytes(data)
     client = s3_client(s3)
@@ -523,4 +525,46 @@ def test_a_completed_upload_stands_when_its_checkpoint_cannot_be_cleared(
     assert (result.size, result.parts_total) == (len(data), 2)
     assert client.get_object(Bucket=bucket, Key="clip.mp4")["Body"].read() == data
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert "s3.multipart.clear_failed" in _actions(caplog)
+    assert ledger.load() is not None
+
+
+def test_a_stop_with_the_database_hanging_still_returns_within_its_bound(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At give_up_at the worker hands back an upload stuck in an S3 call; the hand-back's
+    database write never answers (a partitioned server): run() returns anyway, the
+    request left to its lease."""
+    rid = _enqueue(service)
+    svc, queue = _flaky(service)
+    in_s3, hang = threading.Event(), threading.Event()
+    release = queue.__getattr__("release")
+
+    def release_hangs(*args: Any, **kwargs: Any) -> None:
+        hang.wait(60)
+        release(*args, **kwargs)
+
+    queue.release = release_hangs  # type: ignore[attr-defined]
+
+    def stuck(call: dict[str, Any]) -> UploadResult:
+        in_s3.set()
+        hang.wait(60)  # an S3 call that does not return, deaf to should_stop
+        return OK
+
+    worker = Worker(svc, uploader=Transfer(stuck))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        assert in_s3.wait(10)
+        stopped = time.monotonic()
+        worker.stop(0.2)
+        thread.join(15)
+        took = time.monotonic() - stopped
+        assert not thread.is_alive()
+        # grace + SETTLE_SECONDS + HAND_BACK_SECONDS, with room for a loaded machine.
+        assert took < 0.2 + 2 + 1.5 + 1.3, took
+        assert "worker.give_up_unfinished" in _actions(caplog)
+        row = svc.requests.get(rid)
+        assert row is not None and row.state == "running"  # left to its lease
+    finally:
+        hang.set()
+        thread.join(10)

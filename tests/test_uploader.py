@@ -349,7 +349,9 @@ def test_multipart_parallel_parts(moto: MotoServer, bucket: str, tmp_path: Path)
     assert result.http_status == 200
     assert result.results["ETag"].endswith('-4"')
     assert result.results["Location"]
-    assert ledger.load() is None
+    # The checkpoint of the completed upload is the caller's to drop, with its record of
+    # the outcome (tests/test_resume.py): S3 no longer lists the upload.
+    assert sorted(ledger.load().parts) == [1, 2, 3, 4]  # type: ignore[union-attr]
     assert open_uploads(client, bucket) == []
 
     # Progress: one call a part, increasing, ending at the total.
@@ -432,7 +434,7 @@ def test_resume_after_interrupt(s3: Any, bucket: str, tmp_path: Path) -> None:
     assert get_bytes(s3, bucket, "long.mov") == data
     assert result.sha256 == hashlib.sha256(data).hexdigest()
     assert calls[:2] == [PART, 2 * PART] and calls[-1] == BIG
-    assert ledger.load() is None
+    assert ledger.load().upload_id == checkpoint.upload_id  # type: ignore[union-attr]
     assert open_uploads(s3, bucket) == []
 
 
@@ -483,6 +485,73 @@ def test_vanished_upload_starts_over(s3: Any, bucket: str, tmp_path: Path) -> No
     result = run(s3, job, ledger)
     assert (result.parts_sent, result.parts_total) == (4, 4)
     assert get_bytes(s3, bucket, "g.mp4") == data
+
+
+def _completed_unrecorded(
+    moto: MotoServer, tmp_path: Path, *, checksums: bool, name: str
+) -> tuple[Any, str, UploadJob, MemoryLedger, bytes]:
+    client = make_s3_client(moto.settings(checksums=checksums))
+    bucket = f"vodpush-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    data = make_file(tmp_path / name, BIG)
+    job = UploadJob(
+        source=tmp_path / name,
+        bucket=bucket,
+        key=name,
+        options=ObjectOptions(checksums=checksums, metadata={"title": "Ünïcödé"}),
+    )
+    # The engine leaves the checkpoint for the caller to drop with the record of success:
+    # a worker cut off right after CompleteMultipartUpload never drops it.
+    ledger = MemoryLedger()
+    run(client, job, ledger)
+    assert sorted(ledger.load().parts) == [1, 2, 3, 4]  # type: ignore[union-attr]
+    return client, bucket, job, ledger, data
+
+
+def versions(client: Any, bucket: str) -> list[dict[str, Any]]:
+    return client.list_object_versions(Bucket=bucket).get("Versions", [])
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "md5"])
+def test_resume_finds_an_upload_completed_but_not_recorded(
+    moto: MotoServer, tmp_path: Path, checksums: bool
+) -> None:
+    """S3 no longer knows the upload (it was completed) and the key holds the object its
+    parts make: the resumed attempt records that object and stores nothing again."""
+    client, bucket, job, ledger, data = _completed_unrecorded(
+        moto, tmp_path, checksums=checksums, name="done.mp4"
+    )
+    (stored,) = versions(client, bucket)
+
+    result = run(client, job, ledger)
+    assert (result.parts_sent, result.parts_total) == (0, 4)
+    assert result.results["VersionId"] == stored["VersionId"]
+    assert result.results["ETag"] == stored["ETag"]
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert [v["VersionId"] for v in versions(client, bucket)] == [stored["VersionId"]]
+    assert open_uploads(client, bucket) == []
+
+
+def test_resume_starts_over_when_the_key_holds_another_object(
+    moto: MotoServer, tmp_path: Path
+) -> None:
+    """The upload is gone and the key holds something else (a later writer, or the same
+    bytes with other metadata): nothing proves the upload was completed, so it starts over."""
+    client, bucket, job, ledger, data = _completed_unrecorded(
+        moto, tmp_path, checksums=True, name="other.mp4"
+    )
+    client.copy_object(
+        Bucket=bucket,
+        Key="other.mp4",
+        CopySource={"Bucket": bucket, "Key": "other.mp4"},
+        Metadata={"title": "changed"},
+        MetadataDirective="REPLACE",
+    )
+    result = run(client, job, ledger)
+    assert (result.parts_sent, result.parts_total) == (4, 4)
+    assert len(versions(client, bucket)) == 3
+    assert get_bytes(client, bucket, "other.mp4") == data
 
 
 def test_stop_before_start_creates_nothing(s3: Any, bucket: str, tmp_path: Path) -> None:

@@ -183,13 +183,16 @@ def status(request_id: int | None, limit: int, offset: int, as_json: bool, **kwa
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "state", "message", "path", "destination", "bytes", "updated")
+    table = Table(
+        "id", "state", "next attempt (UTC)", "message", "path", "destination", "bytes", "updated"
+    )
     for r in records:
         destination = f"{r.bucket}/{r.destination_path}" if r.bucket else r.destination_path
         # Values are user text: never let rich read them as markup.
         table.add_row(
             str(r.id),
             r.state or "",
+            r.next_attempt_at or "",  # only while retrying
             r.message,
             r.path,
             destination,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -16,7 +16,15 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
-from vodpush.core.retry import DEFAULT_CALLBACK_SCHEDULE
+from vodpush.core.retry import (
+    DEFAULT_CALLBACK_SCHEDULE,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETRY_BASE_DELAY,
+    DEFAULT_RETRY_MAX_DELAY,
+    DEFAULT_RETRY_WINDOW,
+    attempts_for_window,
+    shortest_retry_span,
+)
 
 CONFIG_FILE_ENV = "VODPUSH_CONFIG"
 
@@ -56,15 +64,39 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=4, ge=1, le=256)
     lease_seconds: int = Field(default=60, ge=5)
     poll_interval: float = Field(default=0.5, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
-    retry_base_delay: float = Field(default=2.0, ge=0)
-    retry_max_delay: float = Field(default=300.0, ge=0)
+    # Transient upload failures (S3 5xx, throttling, timeouts, connection errors) are tried
+    # again after waits doubling from retry_base_delay to retry_max_delay, each drawn
+    # between half and all of that, until max_attempts attempts were made (an attempt whose
+    # worker died counts too). retry_window is the promise: the settings are refused unless
+    # even the shortest draws keep retrying that long (0: no promise), so an S3 outage
+    # shorter than it fails no upload. Defaults: 5 s to 15 min, 16 attempts, 1 hour.
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=1000)
+    retry_base_delay: float = Field(default=DEFAULT_RETRY_BASE_DELAY, ge=0)
+    retry_max_delay: float = Field(default=DEFAULT_RETRY_MAX_DELAY, ge=0)
+    retry_window: float = Field(default=DEFAULT_RETRY_WINDOW, ge=0, description="seconds")
+    # A request whose worker's lease ran out this many times (the worker was killed, or
+    # hung, while uploading it: a file that crashes workers) is failed, code WorkerDied,
+    # rather than handed to yet another worker. Apart from max_attempts: a dead worker
+    # costs far more than a refused connection, and an outage needs many attempts.
+    max_lease_expiries: int = Field(default=3, ge=1)
     # 8 MiB as awscli/s3transfer: (part_concurrency + 1) parts of it is the memory an upload
     # may hold, and larger parts were not faster.
     multipart_threshold: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     multipart_chunksize: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     part_concurrency: int = Field(default=8, ge=1, le=64)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    # Multipart uploads given up while S3 could not confirm their abort are recorded, and
+    # the worker aborts the due ones every reap_interval seconds. After a failed abort one
+    # waits reap_backoff seconds, doubling with each failure up to reap_backoff_max.
+    reap_interval: float = Field(default=60.0, gt=0)
+    reap_backoff: float = Field(default=60.0, gt=0)
+    reap_backoff_max: float = Field(default=3600.0, gt=0)
+    # S3 clients a worker keeps, one per set of credentials + endpoint + region (accounts
+    # on the default credentials share one); each is rebuilt after s3_client_ttl seconds,
+    # or s3_client_refresh_margin seconds before credentials that expire do.
+    s3_client_cache_size: int = Field(default=128, ge=1)
+    s3_client_ttl: float = Field(default=900.0, gt=0)
+    s3_client_refresh_margin: float = Field(default=600.0, ge=0)
 
     # Callbacks
     callback_timeout: float = Field(default=10.0, gt=0)
@@ -105,6 +137,24 @@ class Settings(BaseSettings):
             # Use psycopg 3, the driver we ship, rather than SQLAlchemy's psycopg2 default.
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         return value
+
+    @model_validator(mode="after")
+    def _retries_outlast_the_window(self) -> Settings:
+        span = shortest_retry_span(self.max_attempts, self.retry_base_delay, self.retry_max_delay)
+        if span >= self.retry_window:
+            return self
+        needed = attempts_for_window(self.retry_window, self.retry_base_delay, self.retry_max_delay)
+        fix = (
+            f"set max_attempts to {needed} or more"
+            if needed is not None and needed <= 1000
+            else "raise retry_base_delay or retry_max_delay"
+        )
+        raise ValueError(
+            f"max_attempts={self.max_attempts} with retry_base_delay={self.retry_base_delay:g} "
+            f"and retry_max_delay={self.retry_max_delay:g} retries a failing upload for at "
+            f"least {span:.0f} s, less than retry_window={self.retry_window:g} s: {fix}, "
+            "or lower retry_window (0: no minimum)"
+        )
 
     @classmethod
     def settings_customise_sources(

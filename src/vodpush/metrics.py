@@ -17,6 +17,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -40,6 +41,16 @@ STORE_UNAVAILABLE = Counter(
     "Database calls of the worker that met an error that passes (a lost or refused "
     "connection, a restart, SQLite busy), by operation; most are tried again",
     ["operation"],
+)
+# Set by the worker's reaper after each pass (worker.reaper).
+ORPHANS_PENDING = Gauge(
+    "vodpush_orphan_uploads",
+    "Multipart uploads given up whose abort S3 has not confirmed yet, at the last reaper pass",
+)
+ORPHAN_ABORTS = Counter(
+    "vodpush_orphan_aborts_total",
+    "Aborts of orphaned multipart uploads by outcome (aborted: S3 confirmed; failed)",
+    ["outcome"],
 )
 
 

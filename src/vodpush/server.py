@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
 import uvicorn
@@ -14,11 +15,32 @@ from vodpush.api.connections import server_config
 from vodpush.metrics import start_metrics_server
 from vodpush.service import Service
 from vodpush.worker.runner import Worker
+from vodpush.worker.shutdown import SETTLE_SECONDS
 
 log = logging.getLogger(__name__)
 
+# Beyond the worker's own bound (grace + SETTLE_SECONDS): the database writes of its
+# hand-back. Past it the worker thread (a daemon) is left behind and the process exits.
+JOIN_MARGIN = 3.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the embedded worker to stop the moment the signal arrives: uvicorn
+    passes the signal on only after its own graceful shutdown, and the worker's grace must
+    run at the same time as the API's, not after it."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker | None) -> None:
+        super().__init__(config)
+        self._worker = worker
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._worker is not None:
+            self._worker.stop()
+
 
 def run_server(service: Service, *, host: str, port: int, embedded_worker: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT; the embedded worker stops with the same grace period."""
     app = create_app(service)
     metrics_server = _start_metrics(service, host)  # first: a busy port stops us here
     worker: Worker | None = None
@@ -30,7 +52,7 @@ def run_server(service: Service, *, host: str, port: int, embedded_worker: bool 
         thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         thread.start()
     config = server_config(app, service.settings, host=host, port=port)
-    server = uvicorn.Server(config)
+    server = _Server(config, worker)
     log.info(
         "listening",
         extra={"action": "api.listen", "host": host, "port": port, "worker": embedded_worker},
@@ -54,7 +76,12 @@ def run_server(service: Service, *, host: str, port: int, embedded_worker: bool 
             metrics_server.server_close()
         if worker is not None and thread is not None:
             worker.stop()
-            thread.join()
+            thread.join(service.settings.shutdown_grace + SETTLE_SECONDS + JOIN_MARGIN)
+            if thread.is_alive():
+                log.error(
+                    "worker did not stop in time; exiting without it",
+                    extra={"action": "worker.stop_timeout"},
+                )
         service.close()
 
 

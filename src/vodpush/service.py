@@ -15,6 +15,7 @@ from vodpush.core.ports import (
     AccountStorePort,
     LedgerFactory,
     Notifications,
+    OrphanStorePort,
     QueueStorePort,
     RequestStorePort,
 )
@@ -22,6 +23,7 @@ from vodpush.crypto import SecretBox, load_secret_box
 from vodpush.memory import MemoryStores
 from vodpush.persistence import db, dialect
 from vodpush.persistence.accounts import AccountStore
+from vodpush.persistence.orphans import OrphanStore
 from vodpush.persistence.queue import DbLedger, QueueStore
 from vodpush.persistence.requests import RequestStore
 
@@ -36,6 +38,8 @@ class Service:
     queue: QueueStorePort
     # The part ledger of one leased request: ledger(request_id, owner, empty=...).
     ledger: LedgerFactory
+    # Multipart uploads given up without a confirmed abort, for the reaper.
+    orphans: OrphanStorePort
     # What wakes workers when another process queues a request (None: polling only).
     notifications: Notifications | None = None
     # Reads never wait (SQLite, memory): the API may serve them on its event loop.
@@ -56,6 +60,7 @@ class Service:
             requests=RequestStore(engine),
             queue=QueueStore(engine),
             ledger=functools.partial(DbLedger, engine),
+            orphans=OrphanStore(engine),
             notifications=kind.notifications(engine),
             inline_reads=kind.inline_reads,
         )
@@ -80,6 +85,7 @@ class Service:
             requests=stores.requests,
             queue=stores.queue,
             ledger=stores.ledger,
+            orphans=stores.orphans,
         )
 
     def database(self) -> Engine:

@@ -91,6 +91,20 @@ class Identity:
     def of(cls, info: os.stat_result) -> Identity:
         return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
+    def difference(self, now: Identity) -> str | None:
+        """How ``now`` differs from this identity, in words for a message; None if it does
+        not. ctime catches what the rest misses: a rewrite of the same size whose mtime was
+        set back (``touch -r``, ``os.utime``, rsync), a rename, an unlink."""
+        if (now.dev, now.ino) != (self.dev, self.ino):
+            return "another file has taken its name"
+        if now.size != self.size:
+            return "its size changed"
+        if now.mtime_ns != self.mtime_ns:
+            return "it was modified"
+        if now != self:
+            return "it was changed, renamed or removed"
+        return None
+
 
 class OpenFile:
     """A regular file opened for reading, with its identity when opened.
@@ -116,14 +130,7 @@ class OpenFile:
 
     def changed(self) -> str | None:
         """How the open file differs from when it was opened, or None."""
-        now = Identity.of(os.fstat(self.fd))
-        if now.size != self.identity.size:
-            return "its size changed"
-        if now.mtime_ns != self.identity.mtime_ns:
-            return "it was modified"
-        if now != self.identity:
-            return "it was changed, renamed or removed"
-        return None
+        return self.identity.difference(Identity.of(os.fstat(self.fd)))
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1

@@ -1,11 +1,10 @@
-"""When to try a failed callback again: a pure decision, no I/O."""
+"""When to try a failed callback again: a pure decision, no I/O, no clock."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 from typing import Protocol
 
 from vodpush.core.retry import RetryDecision
@@ -18,12 +17,12 @@ class _Uniform(Protocol):
 def next_delivery(
     attempts_made: int,
     schedule: Sequence[float],
-    now: datetime,
     *,
     jitter: float = 0.1,
     rng: _Uniform = random,  # the module itself satisfies the protocol
 ) -> RetryDecision:
-    """When to try again after ``attempts_made`` failed attempts (the first one included).
+    """How long to wait before trying again after ``attempts_made`` failed attempts (the
+    first one included); the store makes it a due time on its own clock.
 
     ``schedule[i]`` is the delay before retry ``i + 1``, stretched or shrunk by up to
     ``jitter`` (a fraction) so that many callbacks failing together do not return together.
@@ -36,8 +35,8 @@ def next_delivery(
     if any(not math.isfinite(d) or d < 0 for d in schedule):
         raise ValueError("schedule delays must be finite and not negative")
     if attempts_made > len(schedule):
-        return RetryDecision(retry=False, at=None)
+        return RetryDecision(retry=False)
     delay = schedule[attempts_made - 1]
     if jitter:
         delay *= 1 + rng.uniform(-jitter, jitter)
-    return RetryDecision(retry=True, at=now + timedelta(seconds=delay))
+    return RetryDecision(retry=True, delay=delay)

@@ -9,7 +9,8 @@ import click
 
 from vodpush import logs
 from vodpush.cli.accounts import account
-from vodpush.cli.common import open_service, print_json, settings_or_fail
+from vodpush.cli.common import exit_after_stop, open_service, print_json, settings_or_fail
+from vodpush.cli.orphans import reap
 from vodpush.cli.requests import request_group
 from vodpush.cli.secrets import secrets_group
 from vodpush.client_cli import client as client_group
@@ -45,6 +46,7 @@ def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
         port=port or settings.port,
         embedded_worker=embedded_worker,
     )
+    exit_after_stop()  # run_server returns only once a signal stopped it
 
 
 @cli.command()
@@ -87,6 +89,8 @@ def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> No
         runner.run(burst=burst)
     finally:
         service.close()
+    if runner.stop_requested:
+        exit_after_stop()
 
 
 @cli.command("status")
@@ -144,6 +148,7 @@ def show_config() -> None:
 
 
 cli.add_command(account)
+cli.add_command(reap)
 cli.add_command(request_group)
 cli.add_command(secrets_group)
 cli.add_command(client_group)

@@ -42,18 +42,31 @@ def request_list(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "state", "bucket", "destination_path", "path", "message", "updated")
+    table = Table(
+        "id",
+        "state",
+        "attempts",
+        "next attempt (UTC)",
+        "bucket",
+        "destination_path",
+        "path",
+        "message",
+        "updated",
+    )
     for record in found:
         table.add_row(
             str(record["id"]),
             record["state"],
+            str(record["attempts"]),
+            record["next_attempt_at"],  # only while retrying
             record["bucket"],
             record["destination_path"],
             record["path"],
             record["message"],
             record["last_updated"],
         )
-    Console().print(table)
+    # Paths and messages are the customer's text (and S3's): never read them as markup.
+    Console(markup=False, highlight=False).print(table)
 
 
 # -- secrets at rest -----------------------------------------------------------------------

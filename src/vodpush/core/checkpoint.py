@@ -19,7 +19,11 @@ class PartRecord:
 
 @dataclass(frozen=True)
 class MultipartCheckpoint:
-    """What is needed to resume: valid only for the same file, part size and checksum mode."""
+    """What is needed to resume: valid only for the same file, part size and checksum mode.
+
+    The file is told by its size, mtime, ctime and inode when the upload began (ctime and
+    inode are None in checkpoints written before they were kept). Not its device number:
+    one NFS export has a different one on each host, and any worker may resume."""
 
     upload_id: str
     chunksize: int
@@ -27,6 +31,21 @@ class MultipartCheckpoint:
     mtime_ns: int
     checksums: bool
     parts: dict[int, PartRecord] = field(default_factory=dict)
+    ctime_ns: int | None = None
+    inode: int | None = None
+
+    @property
+    def part_count(self) -> int:
+        """How many parts the completed upload has."""
+        return -(-self.size // self.chunksize)
+
+    def same_file(self, *, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bool:
+        """Whether a file with this identity is the one the upload began with."""
+        return (
+            (self.size, self.mtime_ns) == (size, mtime_ns)
+            and self.ctime_ns in (None, ctime_ns)
+            and self.inode in (None, inode)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (part numbers become strings), for ledgers that store a document."""
@@ -36,6 +55,8 @@ class MultipartCheckpoint:
             "size": self.size,
             "mtime_ns": self.mtime_ns,
             "checksums": self.checksums,
+            "ctime_ns": self.ctime_ns,
+            "inode": self.inode,
             "parts": {
                 str(number): {
                     "etag": part.etag,
@@ -54,6 +75,8 @@ class MultipartCheckpoint:
             size=int(data["size"]),
             mtime_ns=int(data["mtime_ns"]),
             checksums=bool(data["checksums"]),
+            ctime_ns=_int_or_none(data.get("ctime_ns")),
+            inode=_int_or_none(data.get("inode")),
             parts={
                 int(number): PartRecord(
                     etag=str(part["etag"]),
@@ -63,6 +86,10 @@ class MultipartCheckpoint:
                 for number, part in dict(data.get("parts") or {}).items()
             },
         )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 class PartLedger(Protocol):
@@ -82,7 +109,15 @@ class PartLedger(Protocol):
         ...
 
     def clear(self) -> None:
-        """Forget the checkpoint (upload completed or aborted)."""
+        """Forget the checkpoint (upload aborted). A completed upload's checkpoint is kept
+        until the caller has recorded the outcome, and dropped with that record: it is how
+        an attempt killed in between is recognised (see transfer.multipart)."""
+        ...
+
+    def give_up(self) -> None:
+        """Forget the checkpoint although its upload may still exist (the abort was not
+        confirmed): its upload id is recorded as an orphan for the reaper, in the same
+        write. An upload id is never dropped any other way."""
         ...
 
     def confirm(self) -> None:
@@ -98,6 +133,9 @@ class MemoryLedger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._checkpoint: MultipartCheckpoint | None = None
+        # Upload ids given up without a confirmed abort: a one-shot caller has no reaper,
+        # so it must look here.
+        self.given_up: list[str] = []
 
     def load(self) -> MultipartCheckpoint | None:
         with self._lock:
@@ -118,6 +156,12 @@ class MemoryLedger:
 
     def clear(self) -> None:
         with self._lock:
+            self._checkpoint = None
+
+    def give_up(self) -> None:
+        with self._lock:
+            if self._checkpoint is not None:
+                self.given_up.append(self._checkpoint.upload_id)
             self._checkpoint = None
 
     def confirm(self) -> None:

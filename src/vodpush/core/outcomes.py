@@ -1,11 +1,14 @@
 """What a request row holds once its upload has an outcome: the column values both stores
-(SQL and in-memory) write, defined once."""
+(SQL and in-memory) write, defined once.
+
+``now`` is the store's own time: a datetime from the in-memory store's clock, or the SQL
+store's stand-in for the database's clock (its value is computed by the database, so the
+callback is due by the clock claims are judged by)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from vodpush.core.records import SUCCESS_MESSAGE
@@ -19,7 +22,7 @@ def succeeded(
     sha256: str,
     size: int,
     has_callback: bool,
-    now: datetime,
+    now: Any,
     new_msg_id: Callable[[], str],
 ) -> dict[str, Any]:
     return {
@@ -42,7 +45,7 @@ def failed(
     http_status: int | None,
     code: str | None,
     has_callback: bool,
-    now: datetime,
+    now: Any,
     new_msg_id: Callable[[], str],
 ) -> dict[str, Any]:
     return {
@@ -55,7 +58,7 @@ def failed(
     }
 
 
-def _finished(now: datetime) -> dict[str, Any]:
+def _finished(now: Any) -> dict[str, Any]:
     # No lease, no multipart checkpoint (the caller drops the part ledger with it).
     return {
         "multipart_json": None,
@@ -65,9 +68,7 @@ def _finished(now: datetime) -> dict[str, Any]:
     }
 
 
-def callback_due(
-    has_callback: bool, now: datetime, new_msg_id: Callable[[], str]
-) -> dict[str, Any]:
+def callback_due(has_callback: bool, now: Any, new_msg_id: Callable[[], str]) -> dict[str, Any]:
     if not has_callback:
         return {}
     # The webhook-id is fixed here, once, before any POST: every retry and every worker

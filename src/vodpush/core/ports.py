@@ -1,7 +1,7 @@
-"""The stores as the rest of the service sees them: what accounts, requests, the queue and
-the part ledger can do, typed with core values only. ``persistence`` implements them on
-SQLAlchemy (SQLite, PostgreSQL), ``vodpush.memory`` in memory; tests/test_store_contract.py
-holds every implementation to the same behaviour."""
+"""The stores as the rest of the service sees them: what accounts, requests, the queue, the
+part ledger and the orphaned multipart uploads can do, typed with core values only.
+``persistence`` implements them on SQLAlchemy (SQLite, PostgreSQL), ``vodpush.memory`` in
+memory; tests/test_store_contract.py holds every implementation to the same behaviour."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from typing import Any, Protocol
 
 from vodpush.core.accounts import AccountRecord, S3Settings
 from vodpush.core.checkpoint import PartLedger
+from vodpush.core.orphans import Orphan
 from vodpush.core.requests import Claimed, DueCallback, Enqueued, NewRequest
 
 __all__ = [
     "AccountStorePort",
     "LedgerFactory",
     "Notifications",
+    "OrphanStorePort",
     "PartLedger",
     "QueueStorePort",
     "RequestStorePort",
@@ -100,7 +102,8 @@ class RequestStorePort(Protocol):
     on_enqueue: Callable[[], None] | None
 
     def enqueue(self, new: NewRequest) -> Enqueued:
-        """Queue once per (account, signature): a replay returns the first id."""
+        """Queue once per (account, signature): a replay returns the first id. Created and
+        due now by the store's clock."""
         ...
 
     def list_for_account(
@@ -152,28 +155,39 @@ class QueueStorePort(Protocol):
         http_status: int | None,
         code: str | None,
         has_callback: bool,
-    ) -> None: ...
+    ) -> None:
+        """Like ``succeed``, this drops the request's checkpoint: one still there names an
+        upload nobody confirmed gone, so it becomes an orphan (OrphanStorePort) in the same
+        write."""
+        ...
 
     def retry_later(
         self,
         request_id: int,
         owner: str,
         *,
-        at: datetime,
-        message: str,
+        delay: float,
+        cause: str,
+        max_attempts: int,
         http_status: int | None,
         code: str | None,
         refund_attempt: bool = False,
-    ) -> None:
-        """Retrying at ``at``; with ``refund_attempt`` the attempt does not count (it was
-        cut short by the database, not by the upload)."""
+    ) -> datetime:
+        """Back to the queue as ``retrying``, due ``delay`` seconds from now by the store's
+        own clock (never the caller's); its message says when, which attempt comes next (of
+        ``max_attempts``) and the ``cause`` (core.records.retrying_message). Returns the
+        time it is due. With ``refund_attempt`` the attempt does not count (it was cut
+        short by the database, not by the upload)."""
         ...
 
     def release(self, request_id: int, owner: str) -> None:
         """Back to the queue, due now, not counted as an attempt."""
         ...
 
-    def claim_callback(self, lease_seconds: float) -> DueCallback | None: ...
+    def claim_callback(self, lease_seconds: float) -> DueCallback | None:
+        """A callback due by the store's clock, leased by making it due again
+        ``lease_seconds`` later (a deliverer that dies gives it back that way)."""
+        ...
 
     def record_callback(
         self,
@@ -185,11 +199,13 @@ class QueueStorePort(Protocol):
         http_status: int | None,
         error: str | None,
         duration: float,
-        next_at: datetime | None,
+        next_delay: float | None,
         permanent: bool = False,
     ) -> str:
-        """Record one attempt, always (even a late one); returns the callback's new state.
-        LeaseLost, with the attempt kept, if it is no longer pending under ``msg_id``."""
+        """Record one attempt (made at ``at``), always (even a late one); returns the
+        callback's new state. A failure with a ``next_delay`` stays pending, due that many
+        seconds from now by the store's clock. LeaseLost, with the attempt kept, if it is no
+        longer pending under ``msg_id``."""
         ...
 
     def callback_attempts(self, request_id: int) -> list[dict[str, Any]]: ...
@@ -197,6 +213,34 @@ class QueueStorePort(Protocol):
     def depth(self) -> dict[str, int]: ...
 
     def has_work(self) -> bool: ...
+
+
+class OrphanStorePort(Protocol):
+    """Multipart uploads that were given up but whose abort S3 did not confirm. They are
+    recorded by the stores themselves, in the write that drops a request's checkpoint (an
+    outcome, or ``PartLedger.give_up``); reapers claim them, abort them, and delete them
+    once S3 confirms. Times are the store's clock."""
+
+    def claim(self, lease_seconds: float, *, orphan_id: int | None = None) -> Orphan | None:
+        """The orphan due first (or the one ``orphan_id`` names, due or not), its next time
+        pushed ``lease_seconds`` ahead so that no other reaper takes it meanwhile, its
+        attempts counted one more; None when there is none (or another claim holds it)."""
+        ...
+
+    def aborted(self, orphan_id: int) -> bool:
+        """S3 confirmed the upload gone: forget it. False when it was gone already."""
+        ...
+
+    def retry_later(self, orphan_id: int, *, delay: float, error: str) -> bool:
+        """The abort failed: due again ``delay`` seconds from now. False when it was gone
+        already (another reaper's abort was confirmed)."""
+        ...
+
+    def list(self) -> list[Orphan]:
+        """Every recorded orphan, oldest first."""
+        ...
+
+    def count(self) -> int: ...
 
 
 class LedgerFactory(Protocol):

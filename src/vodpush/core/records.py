@@ -39,6 +39,12 @@ def format_time(value: datetime | str | None) -> str:
     return value.isoformat(sep=" ", timespec="seconds")
 
 
+def retrying_message(*, at: datetime, attempt: int, max_attempts: int, cause: str) -> str:
+    """The message of a request waiting for its next attempt: when (UTC, the store's
+    clock), which attempt that will be, and what went wrong last."""
+    return f"Retrying at {format_time(at)} UTC (attempt {attempt} of {max_attempts}): {cause}"
+
+
 def render(row: Any) -> dict[str, Any]:
     """A request row (the columns of persistence.requests.STATUS_COLUMNS) as an aws.status
     entry."""

@@ -10,11 +10,13 @@ from datetime import datetime
 
 from vodpush.crypto import SecretBox
 from vodpush.memory.accounts import MemoryAccountStore
+from vodpush.memory.orphans import MemoryOrphanStore
 from vodpush.memory.queue import MemoryQueueStore, MemoryRequestLedger, MemoryRequestStore
 from vodpush.memory.tables import Tables
 
 __all__ = [
     "MemoryAccountStore",
+    "MemoryOrphanStore",
     "MemoryQueueStore",
     "MemoryRequestLedger",
     "MemoryRequestStore",
@@ -23,13 +25,15 @@ __all__ = [
 
 
 class MemoryStores:
-    """One in-memory database: its account, request and queue stores, and its ledgers."""
+    """One in-memory database: its account, request, queue and orphan stores, and its
+    ledgers."""
 
     def __init__(self, box: SecretBox, *, clock: Callable[[], datetime] | None = None) -> None:
         self.tables = Tables(clock)
         self.accounts = MemoryAccountStore(self.tables, box)
         self.requests = MemoryRequestStore(self.tables)
         self.queue = MemoryQueueStore(self.tables)
+        self.orphans = MemoryOrphanStore(self.tables)
 
     def ledger(self, request_id: int, owner: str, *, empty: bool = False) -> MemoryRequestLedger:
         return MemoryRequestLedger(self.tables, request_id, owner, empty=empty)

@@ -11,7 +11,7 @@ from typing import Any
 from vodpush.core import outcomes
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.ports import StatusRow
-from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE
+from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE, retrying_message
 from vodpush.core.requests import (
     WAITING_STATES,
     CallbackState,
@@ -132,6 +132,8 @@ class MemoryQueueStore:
     ) -> RequestRow:
         with self._t.lock:
             row = self._t.leased(request_id, owner)
+            if drop_parts:
+                self._t.record_checkpoint(row)  # before the values drop it
             for name, value in values.items():
                 assert name in REQUEST_FIELDS, name
                 setattr(row, name, value)
@@ -209,26 +211,36 @@ class MemoryQueueStore:
         request_id: int,
         owner: str,
         *,
-        at: datetime,
-        message: str,
+        delay: float,
+        cause: str,
+        max_attempts: int,
         http_status: int | None,
         code: str | None,
         refund_attempt: bool = False,
-    ) -> None:
+    ) -> datetime:
+        now = self._t.now()
+        at = now + timedelta(seconds=delay)
         with self._t.lock:
+            attempts = self._t.leased(request_id, owner).attempts
             row = self._change(
                 request_id,
                 owner,
                 state=State.RETRYING.value,
                 not_before=at,
-                message=message,
+                message=retrying_message(
+                    at=at,
+                    attempt=attempts + (0 if refund_attempt else 1),
+                    max_attempts=max_attempts,
+                    cause=cause,
+                ),
                 http_status=http_status or 0,
                 error_code=code,
                 lease_owner=None,
                 lease_expires_at=None,
-                updated_at=self._t.now(),
+                updated_at=now,
             )
             row.attempts -= refund_attempt
+        return at
 
     def release(self, request_id: int, owner: str) -> None:
         now = self._t.now()
@@ -283,14 +295,19 @@ class MemoryQueueStore:
         http_status: int | None,
         error: str | None,
         duration: float,
-        next_at: datetime | None,
+        next_delay: float | None,
         permanent: bool = False,
     ) -> str:
         state = (
             CallbackState.DELIVERED
             if ok
-            else (CallbackState.PENDING if next_at and not permanent else CallbackState.FAILED)
+            else (
+                CallbackState.PENDING
+                if next_delay is not None and not permanent
+                else CallbackState.FAILED
+            )
         ).value
+        now = self._t.now()
         # The attempt is recorded whatever happens (the POST was made, even by a worker that
         # lost the callback lease); only the state transition is guarded.
         with self._t.lock:
@@ -313,7 +330,11 @@ class MemoryQueueStore:
             if row.callback_state != PENDING or row.callback_msg_id != msg_id:
                 raise LeaseLost(f"callback of request {request_id} is no longer pending")
             row.callback_state = state
-            row.callback_next_at = next_at if state == PENDING else None
+            row.callback_next_at = (
+                now + timedelta(seconds=next_delay)
+                if state == PENDING and next_delay is not None
+                else None
+            )
             row.callback_last_error = None if ok else error
         return state
 
@@ -386,6 +407,14 @@ class MemoryRequestLedger:
     def clear(self) -> None:
         with self._t.lock:
             row = self._t.leased(self._request_id, self._owner)
+            row.multipart_json = None
+            row.parts.clear()
+        self._empty = True
+
+    def give_up(self) -> None:
+        with self._t.lock:
+            row = self._t.leased(self._request_id, self._owner)
+            self._t.record_checkpoint(row)
             row.multipart_json = None
             row.parts.clear()
         self._empty = True

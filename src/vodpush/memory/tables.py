@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import namedtuple
 from collections.abc import Callable
@@ -75,6 +76,20 @@ class RequestRow:
 REQUEST_FIELDS = {f.name for f in fields(RequestRow)}
 
 
+@dataclass
+class OrphanRow:
+    id: int
+    account_id: int
+    request_id: int | None
+    bucket: str
+    key: str
+    upload_id: str
+    created_at: datetime
+    next_at: datetime
+    attempts: int = 0
+    last_error: str | None = None
+
+
 def _utc_now() -> datetime:
     # Not core.clock.utcnow: a patched caller clock must not move the store's.
     return datetime.now(UTC).replace(tzinfo=None)
@@ -90,7 +105,9 @@ class Tables:
         self.lock = threading.RLock()
         self.accounts: dict[int, AccountRow] = {}
         self.requests: dict[int, RequestRow] = {}
+        self.orphans: dict[int, OrphanRow] = {}
         self.next_account = 1
+        self.next_orphan = 1
         self.next_request = 1
         self.next_attempt = 1
 
@@ -106,3 +123,30 @@ class Tables:
         if row is None or row.state != State.RUNNING.value or row.lease_owner != owner:
             raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
         return row
+
+    def record_checkpoint(self, row: RequestRow) -> None:
+        """The database's record_checkpoint: the upload of ``row``'s checkpoint, if any,
+        becomes an orphan due now (once per account, bucket and upload id). Call with the
+        lock held, before the checkpoint is dropped."""
+        if not row.multipart_json:
+            return
+        upload_id = str(json.loads(row.multipart_json)["upload_id"])
+        for orphan in self.orphans.values():
+            if (orphan.account_id, orphan.bucket, orphan.upload_id) == (
+                row.account_id,
+                row.bucket,
+                upload_id,
+            ):
+                return
+        now = self.now()
+        self.orphans[self.next_orphan] = OrphanRow(
+            id=self.next_orphan,
+            account_id=row.account_id,
+            request_id=row.id,
+            bucket=row.bucket,
+            key=row.destination_path,
+            upload_id=upload_id,
+            created_at=now,
+            next_at=now,
+        )
+        self.next_orphan += 1

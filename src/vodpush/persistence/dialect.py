@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     DateTime,
     Engine,
+    Interval,
     Select,
+    String,
     Table,
+    cast,
     create_engine,
     event,
     func,
@@ -36,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql.elements import ColumnElement
 
 from vodpush.filemodes import create_private, restrict_to_owner
@@ -92,9 +96,11 @@ class Dialect:
         """The row-picking subquery of a claim: let concurrent claimers pass each other."""
         return pick
 
-    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    def now(self, plus_seconds: float | ColumnElement[Any] = 0.0) -> ColumnElement[datetime]:
         """The database's own time (naive UTC, as the columns store it), ``plus_seconds``
-        later: leases are measured on this one clock, never a worker's."""
+        later: leases and due times are measured on this one clock, never a worker's.
+        ``plus_seconds`` may be a bound parameter (a number of seconds), so that a statement
+        with a varying delay is built once."""
         raise NotImplementedError(self.name)
 
     def for_update(self, read: Select[Any]) -> Select[Any]:
@@ -109,6 +115,21 @@ class Dialect:
         return statement.on_conflict_do_update(
             index_elements=keys, set_={k: statement.excluded[k] for k in update}
         )
+
+    def insert_new(
+        self, table: Table, columns: list[str], rows: Select[Any], keys: list[Any]
+    ) -> Any:
+        """INSERT the ``rows`` selected into ``columns``, skipping any that conflict on
+        ``keys`` (already there)."""
+        return (
+            self._insert(table)
+            .from_select(columns, rows)
+            .on_conflict_do_nothing(index_elements=keys)
+        )
+
+    def json_text(self, column: Any, key: str) -> ColumnElement[str]:
+        """The text member ``key`` of a JSON document stored as text in ``column``."""
+        raise NotImplementedError(self.name)
 
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT with ON CONFLICT (both spell the upsert alike)."""
@@ -208,16 +229,52 @@ class _SQLite(Dialect):
         # A write transaction holds the database's write lock from its start (IMMEDIATE).
         return read
 
-    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    def now(self, plus_seconds: float | ColumnElement[Any] = 0.0) -> ColumnElement[datetime]:
         # 'now' is UTC in SQLite, to the millisecond. SQLAlchemy stores a DateTime as text
         # with six decimals, and SQLite compares text: the same layout keeps comparisons
         # with stored times right and reads back as a datetime. '999': the end of the
-        # millisecond, so a time stored by Python within it (enqueue's not_before) is due.
-        stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
+        # millisecond, so a time stored by Python within it is due.
+        if isinstance(plus_seconds, ColumnElement):
+            modifier: Any = func.printf("%+.3f seconds", plus_seconds)
+        else:
+            modifier = f"{plus_seconds:+.3f} seconds"
+        stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier)
         return type_coerce(stamp.op("||")(literal("999")), DateTime)
+
+    def json_text(self, column: Any, key: str) -> ColumnElement[str]:
+        return func.json_extract(column, f"$.{key}", type_=String)
 
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table)
+
+
+# libpq parameters of every connection, unless the URL gives its own (``?keepalives_idle=30``).
+# A partition leaves TCP connections silent, not closed:
+_PG_CONNECTION_DEFAULTS: dict[str, Any] = {
+    # A server that does not answer a new connection fails it in seconds, not minutes.
+    "connect_timeout": 10,
+    # A client waiting for an answer sends nothing, so without keepalives it never finds
+    # out that the server forgot the connection while the network was down (a restart, a
+    # NAT or proxy timing it out: their reset was lost); it would wait forever, holding
+    # its upload slot and, in the heartbeat thread, every lease of the worker. Probes after
+    # 10 s of silence, 5 s apart, 3 unanswered: a dead connection is dropped within ~25 s.
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+# The server side: a client cut off inside a transaction never sends its COMMIT, and the
+# transaction keeps the request's row locked; every claim skips a locked row, so no worker
+# could take the request over when the lease runs out. Nothing here waits on anything but
+# the database inside a transaction: one idle for 5 s (the shortest lease) is ended by the
+# server, which releases its locks. Set with SET, not the startup ``options`` (PgBouncer
+# refuses those); a URL with ``options`` of its own is left to them.
+_IDLE_IN_TRANSACTION_MS = 5000
+
+
+def _pg_connect_args(url: str | URL) -> dict[str, Any]:
+    query = make_url(url).query
+    return {k: v for k, v in _PG_CONNECTION_DEFAULTS.items() if k not in query}
 
 
 class _PostgreSQL(Dialect):
@@ -227,13 +284,21 @@ class _PostgreSQL(Dialect):
     def make_engine(self, url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
-        if "connect_timeout" not in make_url(url).query:
-            # A server that vanished without a reset would hold a new connection for
-            # minutes; an answer (StoreUnavailable) within seconds lets callers retry.
-            kwargs["connect_args"] = {"connect_timeout": 10, **kwargs.get("connect_args", {})}
+        kwargs["connect_args"] = {**_pg_connect_args(url), **kwargs.get("connect_args", {})}
         # A pooled connection is checked before use: one killed while idle (a server
         # restart, pg_terminate_backend) is replaced instead of failing the next statement.
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        engine = create_engine(url, pool_pre_ping=True, **kwargs)
+        if "options" not in make_url(url).query:
+
+            @event.listens_for(engine, "connect")
+            def _idle_in_transaction_timeout(dbapi_conn: Any, _record: Any) -> None:
+                with dbapi_conn.cursor() as cur:
+                    cur.execute(
+                        f"SET idle_in_transaction_session_timeout = {_IDLE_IN_TRANSACTION_MS}"
+                    )
+                dbapi_conn.commit()
+
+        return engine
 
     def _passes(self, error: BaseException) -> bool:
         import psycopg
@@ -250,10 +315,15 @@ class _PostgreSQL(Dialect):
     def skip_locked(self, pick: Select[Any]) -> Select[Any]:
         return pick.with_for_update(skip_locked=True)
 
-    def now(self, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    def now(self, plus_seconds: float | ColumnElement[Any] = 0.0) -> ColumnElement[datetime]:
         # now(): the transaction's start, the same for every statement in it.
         utc = func.timezone("UTC", func.now(), type_=DateTime)
+        if isinstance(plus_seconds, ColumnElement):
+            return utc + func.make_interval(0, 0, 0, 0, 0, 0, plus_seconds, type_=Interval)
         return utc + timedelta(seconds=plus_seconds) if plus_seconds else utc
+
+    def json_text(self, column: Any, key: str) -> ColumnElement[str]:
+        return func.json_extract_path_text(cast(column, JSON), key, type_=String)
 
     def _insert(self, table: Table) -> Any:
         return pg_insert(table)
@@ -268,6 +338,9 @@ class _PostgreSQL(Dialect):
     def migration_lock(self, engine: Engine) -> Iterator[Connection | None]:
         with engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
+            # The lock is the session's: commit at once, so that the migrator is not idle
+            # in a transaction (and ended by the server) while alembic loads its scripts.
+            conn.commit()
             try:
                 yield conn
                 conn.commit()
@@ -282,6 +355,8 @@ class PostgresNotifications:
 
     def __init__(self, engine: Engine) -> None:
         self._url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # The listening connection idles for good: keepalives find it dead after a partition.
+        self._params = _pg_connect_args(engine.url)
 
     def listen(self, wake: Callable[[], None], stopping: threading.Event) -> None:
         import psycopg
@@ -289,7 +364,7 @@ class PostgresNotifications:
         failures = 0
         while not stopping.is_set():
             try:
-                with psycopg.connect(self._url, autocommit=True) as conn:
+                with psycopg.connect(self._url, autocommit=True, **self._params) as conn:
                     conn.execute(f"LISTEN {QUEUE_CHANNEL}")
                     if failures:
                         log.info("LISTEN connection back", extra={"action": "worker.listen_ok"})

@@ -1,16 +1,23 @@
 """The queue as workers see it: claim with a lease, renew, finish, retry, release; the
 multipart ledger; due callbacks. Every state change names the state and the lease it
-expects to find, and "no row updated" raises LeaseLost instead of passing silently."""
+expects to find, and "no row updated" raises LeaseLost instead of passing silently.
+
+A checkpoint is dropped in one of three ways: ``DbLedger.clear`` (its upload was completed
+or its abort confirmed), ``DbLedger.give_up``, or an outcome (succeed, fail). The last two
+record a checkpoint still there as an orphan upload in the same transaction
+(``persistence.orphans``): an upload id is never forgotten before S3 confirms it gone."""
 
 from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     Engine,
+    Float,
     and_,
     bindparam,
     case,
@@ -27,8 +34,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from vodpush.core import outcomes
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
-from vodpush.core.clock import utcnow
-from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE
+from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE, retrying_message
 from vodpush.core.requests import (
     WAITING_STATES,
     CallbackState,
@@ -40,6 +46,7 @@ from vodpush.core.requests import (
 from vodpush.persistence import dialect
 from vodpush.persistence.db import read, write_transaction
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
+from vodpush.persistence.orphans import record_checkpoint
 from vodpush.webhooks import new_message_id
 
 _T = UploadRequest.__table__
@@ -67,6 +74,18 @@ _LEASED = and_(
 )
 
 
+@dataclass(frozen=True)
+class _DbNow:
+    """A column value: the database's time, ``seconds`` later. Written by the database on
+    its clock (never a worker's), and the seconds are a parameter, so that the statement is
+    still built once."""
+
+    seconds: float = 0.0
+
+
+_DB_NOW = _DbNow()
+
+
 class QueueStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -76,16 +95,26 @@ class QueueStore:
         # One claim statement per lease length (a worker uses one): the lease is computed
         # by the database, on its clock.
         self._claims: dict[float, Any] = {}
-        self._updates: dict[tuple[str, ...], Any] = {}
+        self._updates: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+        self._callback_claims: dict[float, Any] = {}
+        # Due by the database's clock, as the lease claim_callback sets.
         self._due_callback = (
             select(_T.c.id)
             .where(
                 _T.c.callback_state == _PENDING,
-                _T.c.callback_next_at <= bindparam("now"),
+                _T.c.callback_next_at <= self._dialect.now(),
                 _ACCOUNT_ENABLED,
             )
             .order_by(_T.c.callback_next_at)
             .limit(1)
+        )
+        # retry_later's first step: the due time on the database's clock, and the attempt
+        # count of the request we lease (locked until the update that follows).
+        self._retry_time = self._dialect.for_update(
+            select(
+                self._dialect.now(bindparam("delay", type_=Float)).label("at"),
+                _T.c.attempts,
+            ).where(_LEASED)
         )
 
     # -- claiming --------------------------------------------------------------------------
@@ -159,36 +188,50 @@ class QueueStore:
             lease_expiries=row.lease_expiries,
         )
 
-    def _update_of(self, columns: tuple[str, ...]) -> Any:
+    def _update_of(self, columns: tuple[str, ...], timed: tuple[str, ...]) -> Any:
         """The UPDATE of ``columns`` of a request we lease, built once per set of columns
-        (building one costs more than running it). Parameters: rid, owner, new_<column>."""
-        statement = self._updates.get(columns)
+        (building one costs more than running it); the ``timed`` ones are set to the
+        database's time plus their parameter. Parameters: rid, owner, new_<column>."""
+        statement = self._updates.get((columns, timed))
         if statement is None:
-            statement = (
-                update(_T)
-                .where(_LEASED)
-                .values({name: bindparam(f"new_{name}") for name in columns})
-            )
-            self._updates[columns] = statement
+            values = {
+                name: self._dialect.now(bindparam(f"new_{name}", type_=Float))
+                if name in timed
+                else bindparam(f"new_{name}")
+                for name in columns
+            }
+            statement = update(_T).where(_LEASED).values(values)
+            self._updates[(columns, timed)] = statement
         return statement
 
     def _change(
         self, request_id: int, owner: str, *, drop_parts: bool = False, **values: Any
     ) -> None:
         """Update our leased request; with ``drop_parts`` also forget its multipart ledger,
-        in the same transaction. Values are plain values, or SQL expressions (not cached)."""
+        in the same transaction, recording a checkpoint still there as an orphan (the
+        caller sets multipart_json to NULL). Values are plain values, ``_DbNow`` (the
+        database's time), or SQL expressions (then the statement is not cached)."""
+        with write_transaction(self._engine) as conn:
+            if drop_parts:
+                lease = {"rid": request_id, "owner": owner}
+                conn.execute(record_checkpoint(self._dialect, _LEASED), lease)
+            self._write(conn, request_id, owner, values)
+            if drop_parts:
+                conn.execute(delete(_P).where(_P.c.request_id == request_id))
+
+    def _write(self, conn: Any, request_id: int, owner: str, values: dict[str, Any]) -> None:
+        """``_change``'s UPDATE on an open transaction; LeaseLost when no row changed."""
         params: dict[str, Any] = {"rid": request_id, "owner": owner}
         if any(isinstance(v, ClauseElement) for v in values.values()):
             statement = update(_T).where(_LEASED).values(**values)
         else:
-            statement = self._update_of(tuple(sorted(values)))
-            params |= {f"new_{k}": v for k, v in values.items()}
-        with write_transaction(self._engine) as conn:
-            result = conn.execute(statement, params)
-            if result.rowcount != 1:
-                raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
-            if drop_parts:
-                conn.execute(delete(_P).where(_P.c.request_id == request_id))
+            timed = tuple(sorted(k for k, v in values.items() if isinstance(v, _DbNow)))
+            statement = self._update_of(tuple(sorted(values)), timed)
+            params |= {
+                f"new_{k}": v.seconds if isinstance(v, _DbNow) else v for k, v in values.items()
+            }
+        if conn.execute(statement, params).rowcount != 1:
+            raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
 
     def heartbeat(
         self,
@@ -200,11 +243,9 @@ class QueueStore:
         bytes_total: int | None = None,
     ) -> None:
         """Extend the lease (on the database's clock), and record progress when given."""
-        values: dict[str, Any] = {"lease_expires_at": self._dialect.now(lease_seconds)}
+        values: dict[str, Any] = {"lease_expires_at": _DbNow(lease_seconds)}
         if bytes_done is not None:
-            values.update(
-                bytes_done=bytes_done, bytes_total=bytes_total, updated_at=self._dialect.now()
-            )
+            values.update(bytes_done=bytes_done, bytes_total=bytes_total, updated_at=_DB_NOW)
         self._change(request_id, owner, **values)
 
     # -- outcomes --------------------------------------------------------------------------
@@ -230,7 +271,7 @@ class QueueStore:
                 sha256=sha256,
                 size=size,
                 has_callback=has_callback,
-                now=utcnow(),
+                now=_DB_NOW,
                 new_msg_id=new_message_id,
             ),
         )
@@ -254,7 +295,7 @@ class QueueStore:
                 http_status=http_status,
                 code=code,
                 has_callback=has_callback,
-                now=utcnow(),
+                now=_DB_NOW,
                 new_msg_id=new_message_id,
             ),
         )
@@ -264,26 +305,46 @@ class QueueStore:
         request_id: int,
         owner: str,
         *,
-        at: datetime,
-        message: str,
+        delay: float,
+        cause: str,
+        max_attempts: int,
         http_status: int | None,
         code: str | None,
         refund_attempt: bool = False,
-    ) -> None:
-        refund = {"attempts": _T.c.attempts - 1} if refund_attempt else {}
-        self._change(
-            request_id,
-            owner,
-            state=State.RETRYING.value,
-            not_before=at,
-            message=message,
-            http_status=http_status or 0,
-            error_code=code,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=utcnow(),
-            **refund,
-        )
+    ) -> datetime:
+        """Due ``delay`` seconds from now by the database's clock; the message names that
+        time, so it is read from the database first, in the same transaction. With
+        ``refund_attempt`` the attempt does not count (the database cut it short)."""
+        with write_transaction(self._engine) as conn:
+            found = conn.execute(
+                self._retry_time, {"rid": request_id, "owner": owner, "delay": delay}
+            ).first()
+            if found is None:
+                raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
+            at: datetime = found.at
+            message = retrying_message(
+                at=at,
+                attempt=found.attempts + (0 if refund_attempt else 1),
+                max_attempts=max_attempts,
+                cause=cause,
+            )
+            self._write(
+                conn,
+                request_id,
+                owner,
+                {
+                    "state": State.RETRYING.value,
+                    "not_before": at,
+                    "message": message,
+                    "http_status": http_status or 0,
+                    "error_code": code,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "updated_at": _DB_NOW,
+                    **({"attempts": found.attempts - 1} if refund_attempt else {}),
+                },
+            )
+        return at
 
     def release(self, request_id: int, owner: str) -> None:
         """Give a request back untouched (shutdown): it does not count as an attempt."""
@@ -302,35 +363,44 @@ class QueueStore:
 
     # -- callbacks -------------------------------------------------------------------------
 
+    def _callback_claim(self, lease_seconds: float) -> Any:
+        """The claim of a due callback, built once per lease length. Parameter: msg_id."""
+        statement = self._callback_claims.get(lease_seconds)
+        if statement is None:
+            pick = self._dialect.skip_locked(self._due_callback)
+            statement = (
+                update(_T)
+                .where(_T.c.id == pick.scalar_subquery())
+                .values(
+                    callback_next_at=self._dialect.now(lease_seconds),
+                    # A row made due without an id (before ids were fixed at due time) gets
+                    # one here, in the claim itself: the first claimer's id sticks.
+                    callback_msg_id=func.coalesce(_T.c.callback_msg_id, bindparam("msg_id")),
+                )
+                .returning(
+                    _T.c.id,
+                    _T.c.account_id,
+                    _T.c.callback,
+                    _T.c.callback_attempts,
+                    _T.c.callback_msg_id,
+                )
+            )
+            self._callback_claims[lease_seconds] = statement
+        return statement
+
     def claim_callback(self, lease_seconds: float) -> DueCallback | None:
         """Take a due callback by pushing its next time past the lease: a crashed deliverer's
-        callback becomes due again when the lease runs out."""
-        now = utcnow()
+        callback becomes due again when the lease runs out. Due and lease are both judged
+        by the database's clock."""
         # A read first spares a write lock (SQLite) or a row lock (PostgreSQL) when, as
         # usual, nothing is due.
         with read(self._engine) as conn:
-            if conn.execute(self._due_callback, {"now": now}).first() is None:
+            if conn.execute(self._due_callback).first() is None:
                 return None
-        pick = self._dialect.skip_locked(self._due_callback.params(now=now))
-        statement = (
-            update(_T)
-            .where(_T.c.id == pick.scalar_subquery())
-            .values(
-                callback_next_at=now + timedelta(seconds=lease_seconds),
-                # A row made due without an id (before ids were fixed at due time) gets one
-                # here, in the claim itself: the first claimer's id sticks.
-                callback_msg_id=func.coalesce(_T.c.callback_msg_id, new_message_id()),
-            )
-            .returning(
-                _T.c.id,
-                _T.c.account_id,
-                _T.c.callback,
-                _T.c.callback_attempts,
-                _T.c.callback_msg_id,
-            )
-        )
         with write_transaction(self._engine) as conn:
-            row = conn.execute(statement).first()
+            row = conn.execute(
+                self._callback_claim(lease_seconds), {"msg_id": new_message_id()}
+            ).first()
         if row is None:
             return None
         return DueCallback(
@@ -351,10 +421,11 @@ class QueueStore:
         http_status: int | None,
         error: str | None,
         duration: float,
-        next_at: datetime | None,
+        next_delay: float | None,
         permanent: bool = False,
     ) -> str:
-        """Record one attempt and move the callback on; returns its new state.
+        """Record one attempt and move the callback on (a next try due ``next_delay``
+        seconds from now by the database's clock); returns its new state.
 
         The attempt (its row and the count) is recorded whatever happens: the POST was made,
         and aws.status must say so even when this worker lost the callback lease and another
@@ -363,8 +434,13 @@ class QueueStore:
         state = (
             CallbackState.DELIVERED
             if ok
-            else (CallbackState.PENDING if next_at and not permanent else CallbackState.FAILED)
+            else (
+                CallbackState.PENDING
+                if next_delay is not None and not permanent
+                else CallbackState.FAILED
+            )
         ).value
+        next_at = self._dialect.now(next_delay) if next_delay is not None else None
         with write_transaction(self._engine) as conn:
             counted = conn.execute(
                 update(_T)
@@ -438,7 +514,7 @@ class QueueStore:
     def has_work(self) -> bool:
         """Anything a burst worker should still wait for: queued requests (retries
         included), leased ones, or callbacks due now; not what a disabled account holds."""
-        now = utcnow()
+        now = self._dialect.now()
         with read(self._engine) as conn:
             busy = conn.execute(
                 select(_T.c.id)
@@ -532,6 +608,15 @@ class DbLedger:
 
     def clear(self) -> None:
         with write_transaction(self._engine) as conn:
+            result = conn.execute(_LEDGER_CLEAR, self._params)
+            if result.rowcount != 1:
+                raise self._lost()
+            conn.execute(delete(_P).where(_P.c.request_id == self._request_id))
+        self._empty = True
+
+    def give_up(self) -> None:
+        with write_transaction(self._engine) as conn:
+            conn.execute(record_checkpoint(self._dialect, _LEASED), self._params)
             result = conn.execute(_LEDGER_CLEAR, self._params)
             if result.rowcount != 1:
                 raise self._lost()

@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy import Engine, Row, bindparam, select
 from sqlalchemy.exc import IntegrityError
 
-from vodpush.core.clock import utcnow
 from vodpush.core.records import QUEUED_MESSAGE
 from vodpush.core.requests import Enqueued, NewRequest, State
 from vodpush.persistence import dialect
@@ -61,8 +60,10 @@ class RequestStore:
         self._one = PreparedQuery(engine, mine.where(_T.c.id == bindparam("id")))
 
     def enqueue(self, new: NewRequest) -> Enqueued:
-        """Queue a request once per signature digest: a replay returns the first request's id."""
-        now = utcnow()
+        """Queue a request once per signature digest: a replay returns the first request's id.
+        Its times are the database's (a fast or slow API host cannot hold it back or push it
+        ahead of others)."""
+        now = self._dialect.now()
         values = {
             "account_id": new.account_id,
             "cdn_id": new.cdn_id,

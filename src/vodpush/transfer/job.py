@@ -26,12 +26,18 @@ class UploadJob:
     customer's file a function that opens it safely, called at the start of each attempt
     (the worker passes ``sestore.open_source``), or an ``OpenFile`` already open (the
     caller closes it). The uploader never opens a customer's file by name. ``options``
-    say how the object is stored (ACL, metadata, encryption, checksums)."""
+    say how the object is stored (ACL, metadata, encryption, checksums).
+
+    ``may_exist``: an earlier attempt may have written the object without its outcome
+    being recorded (it was retried, or its worker died). A single PUT then first looks
+    whether S3 already holds these bytes under the key, and claims that object instead of
+    writing a second version. (A multipart upload knows it from its checkpoint.)"""
 
     source: Source
     bucket: str
     key: str
     options: ObjectOptions = field(default_factory=ObjectOptions)
+    may_exist: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.source, str | os.PathLike):
@@ -44,6 +50,8 @@ class UploadJob:
             raise ValueError(f"key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
         if not isinstance(self.options, ObjectOptions):
             raise ValueError("options must be an ObjectOptions")
+        if not isinstance(self.may_exist, bool):
+            raise ValueError("may_exist must be True or False")
 
     def object_arguments(self, file_name: str) -> dict[str, Any]:
         """What PutObject and CreateMultipartUpload are both given: Bucket, Key and the

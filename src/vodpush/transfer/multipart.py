@@ -1,12 +1,20 @@
 """A file from the multipart threshold on: parts read in order, sent by a thread pool,
-recorded in the ledger as they complete, resumed from it after a crash, then verified."""
+recorded in the ledger as they complete, resumed from it after a crash, then verified.
+
+The checkpoint outlives the completed upload: the caller drops it with its record of the
+outcome (``queue.succeed``). A worker killed between CompleteMultipartUpload and that
+record leaves a checkpoint whose upload S3 no longer knows (NoSuchUpload); the next attempt
+then looks at the object under the key, and when it is the one these parts make, and the
+file still holds these parts, that object is the result: nothing is sent again.
+"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,7 +22,6 @@ from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
 from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
-from vodpush.core.requests import StoreUnavailable
 from vodpush.transfer.cleanup import abort_multipart
 from vodpush.transfer.errors import (
     STALE_CHECKPOINT,
@@ -23,9 +30,11 @@ from vodpush.transfer.errors import (
     classify,
     s3_call,
 )
+from vodpush.transfer.existing import find_same
 from vodpush.transfer.hashing import MD5_ETAG, b64, md5, md5_or_none, multipart_etag
 from vodpush.transfer.job import Progress, ShouldStop, UploadJob, UploadResult
 from vodpush.transfer.source import SourceFile
+from vodpush.transfer.threads import DaemonPool
 from vodpush.transfer.verify import build_result, verify_upload
 
 __all__ = ["Multipart"]
@@ -90,11 +99,26 @@ class Multipart:
     # -- lifecycle ----------------------------------------------------------------------
 
     def run(self) -> UploadResult:
-        checkpoint = self._resume() or self._create()
+        checkpoint = self.ledger.load()
+        if checkpoint is not None:
+            resumed = self._resume(checkpoint)
+            if isinstance(resumed, UploadResult):
+                return resumed
+            checkpoint = resumed
+        if checkpoint is None:
+            checkpoint = self._create()
         self.upload_id = checkpoint.upload_id
         try:
             sha = self._send_parts(checkpoint)
-            response = self._complete()
+            try:
+                response = self._complete()
+            except UploadError as err:
+                # AWS answers NoSuchUpload to a Complete that had already succeeded (its
+                # answer was lost, botocore sent it again): the object may be there.
+                found = self._completed_already(err, checkpoint, sha)
+                if found is not None:
+                    return found
+                raise
         except UploadError as err:
             # The upload was aborted behind our back (or expired), or S3 lacks a part the
             # ledger claims: the checkpoint is wrong, but a fresh upload will work.
@@ -119,16 +143,7 @@ class Multipart:
             else None,
             etag=lambda: self._expected_etag(digests),
         )
-        try:
-            self.ledger.clear()
-        except StoreUnavailable as exc:
-            # The object is complete: failing now would upload it again. The caller's
-            # record of the success drops the checkpoint as well.
-            log.warning(
-                "completed multipart upload, checkpoint not cleared: %s",
-                exc,
-                extra={"action": "s3.multipart.clear_failed", "upload_id": self.upload_id},
-            )
+        # The checkpoint stays: the caller drops it with the record of success (see above).
         self._log("multipart upload completed", "s3.multipart.complete", parts=self.total)
         return build_result(
             self.client,
@@ -146,27 +161,18 @@ class Multipart:
             return self.source.md5_etag(self.chunksize)
         return multipart_etag(md5s)
 
-    def _resume(self) -> MultipartCheckpoint | None:
-        """The checkpoint to continue, with only parts S3 still holds; None to start over."""
-        checkpoint = self.ledger.load()
-        if checkpoint is None:
-            return None
-        same = (checkpoint.size, checkpoint.mtime_ns, checkpoint.chunksize, checkpoint.checksums)
-        if same != (
-            self.source.size,
-            self.source.mtime_ns,
-            self.chunksize,
-            self.job.options.checksums,
-        ):
-            self._drop(checkpoint, "source or part size changed")
-            return None
+    def _resume(self, checkpoint: MultipartCheckpoint) -> MultipartCheckpoint | UploadResult | None:
+        """The checkpoint to continue, with only parts S3 still holds; or the object its
+        upload completed to; or None to start over."""
         try:
             listed = self._list_parts(checkpoint.upload_id)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             if code == "NoSuchUpload":
-                self._drop(checkpoint, "upload gone from S3")
-                return None
+                found = self._adopt(checkpoint)
+                if found is None:
+                    self._drop(checkpoint, "upload gone from S3")
+                return found
             if code not in ("AccessDenied", "NotImplemented"):
                 raise classify(exc) from exc
             # Without s3:ListMultipartUploadParts (or ListParts at all), trust the ledger;
@@ -175,6 +181,22 @@ class Multipart:
             listed = None
         except BotoCoreError as exc:
             raise classify(exc) from exc
+        source = self.source
+        same_file = checkpoint.same_file(
+            size=source.size,
+            mtime_ns=source.mtime_ns,
+            ctime_ns=source.identity.ctime_ns,
+            inode=source.identity.ino,
+        )
+        same_parts = (checkpoint.chunksize, checkpoint.checksums) == (
+            self.chunksize,
+            self.job.options.checksums,
+        )
+        if not (same_file and same_parts):
+            # Parts of another version of the file must not be mixed into this one, even
+            # where their hashes cannot be compared (SSE-KMS ETags): start over.
+            self._drop(checkpoint, "source or part size changed")
+            return None
         parts = {
             number: record
             for number, record in checkpoint.parts.items()
@@ -188,12 +210,125 @@ class Multipart:
         )
         return replace(checkpoint, parts=parts)
 
+    def _adopt(self, checkpoint: MultipartCheckpoint) -> UploadResult | None:
+        """The object ``checkpoint``'s upload completed to, when S3 holds it under the key
+        and the file still holds every part; None to start over.
+
+        HeadObject first (the parts recorded tell what the completed object must be), so
+        that an upload that was aborted costs one request; only then is the file read, once,
+        as an upload reads it: each part compared with its record, the whole hashed for the
+        result."""
+        expected = _completed_object(checkpoint)
+        if expected is None or checkpoint.size != self.source.size:
+            return None
+        composite, etag = expected
+        stored = find_same(
+            self.client,
+            self.job,
+            file_name=self.source.name,
+            size=checkpoint.size,
+            sha256_composite=composite,
+            etag=etag,
+        )
+        if stored is None:
+            return None
+        sha = self._read_as_recorded(checkpoint)
+        if sha is None:
+            return None
+        self.source.check_unchanged()
+        return self._found(stored, checkpoint, sha, sent=0, how="by an earlier attempt")
+
+    def _read_as_recorded(self, checkpoint: MultipartCheckpoint) -> bytes | None:
+        """The SHA-256 of the file, read part by part; None as soon as a part differs from
+        what the checkpoint recorded (the file is no longer what was uploaded)."""
+        whole = hashlib.sha256()
+        offset = 0
+        for number in range(1, checkpoint.part_count + 1):
+            if self.should_stop is not None and self.should_stop():
+                raise UploadInterrupted()  # the checkpoint stays: the next attempt looks again
+            record = checkpoint.parts[number]
+            data = self.source.read_at(offset, record.size)
+            whole.update(data)
+            if checkpoint.checksums:
+                same = record.checksum_sha256 == b64(hashlib.sha256(data).digest())
+            else:
+                same = record.etag.strip('"') == md5(data).hex()
+            del data
+            if not same:
+                self._log(
+                    "the file no longer holds the uploaded parts",
+                    "s3.multipart.found_changed",
+                    upload_id=checkpoint.upload_id,
+                    part=number,
+                )
+                return None
+            offset += record.size
+            if self.progress is not None:
+                self.progress(offset, self.source.size)
+        return whole.digest()
+
+    def _completed_already(
+        self, err: UploadError, checkpoint: MultipartCheckpoint, sha: bytes
+    ) -> UploadResult | None:
+        """After CompleteMultipartUpload said NoSuchUpload: the object, when S3 holds the
+        one these parts make (this attempt read every part and compared it or sent it)."""
+        if err.code != "NoSuchUpload":
+            return None
+        done = replace(
+            checkpoint, parts={n: self._done[n].record for n in range(1, self.total + 1)}
+        )
+        expected = _completed_object(done)
+        if expected is None:
+            return None
+        composite, etag = expected
+        stored = find_same(
+            self.client,
+            self.job,
+            file_name=self.source.name,
+            size=done.size,
+            sha256_composite=composite,
+            etag=etag,
+        )
+        if stored is None:
+            return None
+        return self._found(stored, done, sha, sent=self._sent, how="though S3 lost track")
+
+    def _found(
+        self,
+        stored: dict[str, Any],
+        checkpoint: MultipartCheckpoint,
+        sha: bytes,
+        *,
+        sent: int,
+        how: str,
+    ) -> UploadResult:
+        """The result of the upload S3 completed ``how``: the object was verified by
+        ``find_same`` (size, SHA-256 or ETag against the parts, as after any upload)."""
+        self._log(
+            f"multipart upload found completed {how}",
+            "s3.multipart.found_completed",
+            upload_id=checkpoint.upload_id,
+            version_id=stored.get("VersionId"),
+            parts=checkpoint.part_count,
+        )
+        return build_result(
+            self.client,
+            self.job,
+            stored,
+            sha=sha,
+            size=self.source.size,
+            sent=sent,
+            total=checkpoint.part_count,
+        )
+
     def _drop(self, checkpoint: MultipartCheckpoint, why: str) -> None:
         self._log(
             f"discarding checkpoint: {why}", "s3.multipart.discard", upload_id=checkpoint.upload_id
         )
-        abort_multipart(self.client, self.job.bucket, self.job.key, checkpoint.upload_id)
-        self.ledger.clear()
+        if abort_multipart(self.client, self.job.bucket, self.job.key, checkpoint.upload_id):
+            self.ledger.clear()
+        else:
+            self.ledger.give_up()  # the reaper aborts it later; this attempt starts anew
 
     def _list_parts(self, upload_id: str) -> dict[int, tuple[str, int]]:
         listed: dict[int, tuple[str, int]] = {}
@@ -215,6 +350,8 @@ class Multipart:
             size=self.source.size,
             mtime_ns=self.source.mtime_ns,
             checksums=self.job.options.checksums,
+            ctime_ns=self.source.identity.ctime_ns,
+            inode=self.source.identity.ino,
         )
         # The upload exists from here on: if it cannot be recorded, nobody could ever
         # resume or abort it, so abort it now.
@@ -235,6 +372,8 @@ class Multipart:
             if self.job.options.checksums and record.checksum_sha256:
                 entry["ChecksumSHA256"] = record.checksum_sha256
             parts.append(entry)
+        # The object is written from here on: what was read must still be the file.
+        self.source.check_unchanged()
         # A worker that lost its lease must not complete: the new holder may be sending
         # (or have completed) the same object.
         self.ledger.confirm()
@@ -253,7 +392,8 @@ class Multipart:
         whole = hashlib.sha256()
         stopped = False
         futures: list[Future[None]] = []
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vodpush-part") as pool:
+        # Daemon threads: a part S3 never answers must not hold the process's exit.
+        with DaemonPool(self.concurrency, name="vodpush-part") as pool:
             try:
                 for number in range(1, self.total + 1):
                     if self._failed.is_set():
@@ -281,8 +421,6 @@ class Multipart:
                     finally:
                         if not handed_off:
                             self._slots.release()
-                else:
-                    self.source.check_unchanged()
             except UploadError as err:
                 self._fail(err)
             except BaseException:
@@ -364,3 +502,29 @@ class Multipart:
             if isinstance(exc, UploadError) and not exc.transient:
                 return exc
         return self._errors[0]
+
+
+def _completed_object(checkpoint: MultipartCheckpoint) -> tuple[str | None, str | None] | None:
+    """What CompleteMultipartUpload makes of the checkpoint's parts: its composite SHA-256
+    (``base64-N``, with checksums) and its ETag (``md5(part md5s)-N``, when the part ETags
+    are MD5s). None when a part is missing or the wrong size, or neither can be told
+    (SSE-KMS without checksums): such an object can never be proven ours."""
+    count = checkpoint.part_count
+    parts = [checkpoint.parts.get(number) for number in range(1, count + 1)]
+    last = checkpoint.size - (count - 1) * checkpoint.chunksize
+    sizes = [checkpoint.chunksize] * (count - 1) + [last]
+    if not parts or any(p is None or p.size != size for p, size in zip(parts, sizes, strict=True)):
+        return None
+    records = [p for p in parts if p is not None]
+    composite = None
+    sums = [r.checksum_sha256 for r in records]
+    if checkpoint.checksums and all(sums):
+        digests = b"".join(base64.b64decode(str(value)) for value in sums)
+        composite = f"{b64(hashlib.sha256(digests).digest())}-{count}"
+    etags = [r.etag.strip('"') for r in records]
+    etag = None
+    if all(MD5_ETAG.match(e) and "-" not in e for e in etags):
+        etag = multipart_etag([bytes.fromhex(e) for e in etags])
+    if composite is None and etag is None:
+        return None
+    return composite, etag

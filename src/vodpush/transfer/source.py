@@ -1,4 +1,5 @@
-"""The source file: opened once, read by offset, and checked to be unchanged at the end."""
+"""The source file: opened once, read by offset, and checked to be unchanged before the
+object is written."""
 
 from __future__ import annotations
 
@@ -28,14 +29,18 @@ class SourceFile:
     """
 
     def __init__(self, source: Source) -> None:
+        # How to look the name up again (None for an OpenFile: its owner knows the name).
+        self._source: Path | SourceOpener | None = None
         if isinstance(source, OpenFile):
             self.file, self.owned = source, False
         else:
             self.file, self.owned = self._open(source), True
+            self._source = source
         self.path = self.file.path
         self.name = self.file.name
-        self.size = self.file.size
-        self.mtime_ns = self.file.identity.mtime_ns
+        self.identity = self.file.identity
+        self.size = self.identity.size
+        self.mtime_ns = self.identity.mtime_ns
 
     @staticmethod
     def _open(source: Path | SourceOpener) -> OpenFile:
@@ -109,14 +114,35 @@ class SourceFile:
         return md5.digest()
 
     def check_unchanged(self) -> None:
-        """After the last byte: nothing was appended, and the open file is the one opened
-        (size, mtime, ctime, inode)."""
+        """Before the object is written (every byte read): nothing was appended, the open
+        file has the size, mtime and ctime it had when opened, and its name still leads to
+        it (same device and inode). Else UploadError SOURCE_CHANGED."""
         try:
             extra = os.pread(self.file.fd, 1, self.size)
-            what = self.file.changed()
+            what = self._name_moved() or self.file.changed()
         except OSError as exc:
             raise self._error(exc) from exc
         if extra:
             raise self.changed("its size changed")
         if what is not None:
             raise self.changed(what)
+
+    def _name_moved(self) -> str | None:
+        """How the file the name leads to now differs from the one open, or None.
+
+        A rename-over leaves the open file intact (only its ctime moves, on local file
+        systems), but the customer's file is now another one: said as such. Opening it
+        afresh also fetches fresh attributes where fstat may answer from a cache (NFS
+        close-to-open consistency)."""
+        if self._source is None:
+            return None
+        try:
+            again = self._open(self._source)
+        except UploadError as err:
+            if err.transient:
+                raise
+            return "it was removed or can no longer be opened"
+        try:
+            return self.identity.difference(again.identity)
+        finally:
+            again.close()

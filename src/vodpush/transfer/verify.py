@@ -17,7 +17,7 @@ from vodpush.transfer.errors import INTEGRITY_ERROR, UploadError, classify
 from vodpush.transfer.hashing import MD5_ETAG
 from vodpush.transfer.job import UploadJob, UploadResult
 
-__all__ = ["build_result", "object_url", "verify_stored", "verify_upload"]
+__all__ = ["build_result", "holds_same", "object_url", "verify_stored", "verify_upload"]
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +44,72 @@ def verify_stored(
         return f"S3 stored {length} bytes but {size} were read"
     stored_sum = stored.get("ChecksumSHA256")
     if stored_sum and (sha256 or sha256_composite):
-        if stored.get("ChecksumType") == "FULL_OBJECT":
-            expected = {sha256}
-        elif "-" in stored_sum:
-            expected = {sha256_composite}
-        else:  # a composite without its "-N" (moto's HeadObject), or a full-object sum
-            expected = {sha256, (sha256_composite or "").partition("-")[0] or None}
+        expected = _sums_to_compare(stored, sha256, sha256_composite)
         if stored_sum not in expected:
-            wanted = " or ".join(sorted(filter(None, expected)))
+            wanted = " or ".join(sorted(expected))
             return f"S3 reports SHA-256 {stored_sum}, expected {wanted}"
         return None
+    stored_etag = _md5_etag(stored)
+    if not etag or stored_etag is None:
+        return None
+    expected_etag = etag() if callable(etag) else etag
+    if stored_etag != expected_etag:
+        return f"S3 reports ETag {stored_etag}, expected {expected_etag}"
+    return None
+
+
+def holds_same(
+    stored: Mapping[str, Any],
+    *,
+    size: int,
+    sha256: str | None = None,
+    sha256_composite: str | None = None,
+    etag: str | Callable[[], str] | None = None,
+) -> bool:
+    """Whether the object ``stored`` describes (a HeadObject response) provably holds the
+    bytes we have: the same size, and a SHA-256 or else an MD5 ETag equal to ours.
+
+    The arguments are those of ``verify_stored``, which finds no fault where nothing can
+    be compared; this wants proof, and is False then (an object under SSE-KMS stored
+    without a SHA-256): an object that is not proven ours is written again, never claimed.
+    """
+    if stored.get("ContentLength") != size:
+        return False
+    stored_sum = stored.get("ChecksumSHA256")
+    if stored_sum and (sha256 or sha256_composite):
+        return stored_sum in _sums_to_compare(stored, sha256, sha256_composite)
+    stored_etag = _md5_etag(stored)
+    if not etag or stored_etag is None:
+        return False
+    return stored_etag == (etag() if callable(etag) else etag)
+
+
+def _sums_to_compare(
+    stored: Mapping[str, Any], sha256: str | None, sha256_composite: str | None
+) -> set[str]:
+    """Which of our sums the SHA-256 S3 reports is to be equal to."""
+    stored_sum = str(stored.get("ChecksumSHA256") or "")
+    if stored.get("ChecksumType") == "FULL_OBJECT":
+        expected = {sha256}
+    elif "-" in stored_sum:
+        expected = {sha256_composite}
+    else:  # a composite without its "-N" (moto's HeadObject), or a full-object sum
+        expected = {sha256, (sha256_composite or "").partition("-")[0] or None}
+    return {value for value in expected if value}
+
+
+def _md5_etag(stored: Mapping[str, Any]) -> str | None:
+    """The stored ETag when it is an MD5 (of the object, or multipart): not under SSE-KMS
+    or SSE-C, whose ETags are not."""
     stored_etag = str(stored.get("ETag") or "").strip('"')
     encryption = str(stored.get("ServerSideEncryption") or "")
     if (
-        not etag
-        or not MD5_ETAG.match(stored_etag)
+        not MD5_ETAG.match(stored_etag)
         or encryption.startswith(SSE_KMS)
         or stored.get("SSECustomerAlgorithm")
     ):
         return None
-    expected = etag() if callable(etag) else etag
-    if stored_etag != expected:
-        return f"S3 reports ETag {stored_etag}, expected {expected}"
-    return None
+    return stored_etag
 
 
 def object_url(client: BaseClient, bucket: str, key: str) -> str:

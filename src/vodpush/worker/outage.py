@@ -98,7 +98,8 @@ class PatientLedger:
     """A PartLedger whose calls ride out a short database outage (``persist``), so an
     upload pauses instead of failing. Once ``lost()`` (another claim holds the request) a
     call raises LeaseLost instead of being tried again. Every ledger call may be repeated:
-    ``part_done`` is an upsert, ``begin`` and ``clear`` replace, the others read."""
+    ``part_done`` is an upsert, ``begin``, ``clear`` and ``give_up`` replace (a repeat of
+    an applied ``give_up`` finds no checkpoint left to record), the others read."""
 
     def __init__(
         self,
@@ -136,6 +137,9 @@ class PatientLedger:
 
     def clear(self) -> None:
         self._call("ledger.clear", self._ledger.clear)
+
+    def give_up(self) -> None:
+        self._call("ledger.give_up", self._ledger.give_up)
 
     def confirm(self) -> None:
         self._call("ledger.confirm", self._ledger.confirm)

@@ -1,11 +1,11 @@
-"""When to try an upload again: a pure decision, no I/O."""
+"""When to try an upload, or the abort of an orphaned one, again: pure decisions, no I/O, no
+clock (the store puts an upload's delay on its own clock)."""
 
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta
 
-from vodpush.core.retry import RetryDecision
+from vodpush.core.retry import RetryDecision, backoff_ceiling
 
 
 def decide(
@@ -15,21 +15,23 @@ def decide(
     max_attempts: int,
     base_delay: float,
     max_delay: float,
-    now: datetime,
     rng: random.Random | None = None,
 ) -> RetryDecision:
     """Retry transient errors with exponential backoff and jitter until ``max_attempts``
-    attempts have been made; never retry a permanent error."""
+    attempts have been made; never retry a permanent error.
+
+    The wait after attempt ``n`` is drawn from [c/2, c], c = min(max_delay, base_delay *
+    2^(n-1)) ("equal jitter": never less than half the backoff, so retries neither bunch up
+    at zero nor shorten the schedule below ``core.retry.shortest_retry_span``)."""
     if not transient or attempts_made >= max_attempts:
         return RetryDecision(retry=False)
-    ceiling = min(max_delay, base_delay * 2 ** (attempts_made - 1))
-    # "Equal jitter": at least half the backoff, so retries never bunch up at zero.
+    ceiling = backoff_ceiling(max(attempts_made, 1), base_delay, max_delay)
     delay = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
-    return RetryDecision(retry=True, at=now + timedelta(seconds=delay))
+    return RetryDecision(retry=True, delay=delay)
 
 
 def after_store_error(
-    *, base_delay: float, max_delay: float, now: datetime, rng: random.Random | None = None
+    *, base_delay: float, max_delay: float, rng: random.Random | None = None
 ) -> RetryDecision:
     """An attempt cut short by the database (StoreUnavailable): always tried again, about
     ``base_delay`` later. It costs no attempt, so it never exhausts ``max_attempts`` and
@@ -40,7 +42,6 @@ def after_store_error(
         max_attempts=2,
         base_delay=base_delay,
         max_delay=max_delay,
-        now=now,
         rng=rng,
     )
 
@@ -50,3 +51,9 @@ def store_delay(tries: int, *, first: float = 0.1, cap: float = 2.0) -> float:
     doubling from ``first``, at most ``cap`` (a restarted database is back within seconds,
     and the call is then done within ``cap`` of it)."""
     return min(cap, first * 2 ** max(0, tries - 1))
+
+
+def abort_delay(attempts_made: int, *, base: float, cap: float) -> float:
+    """Seconds before the abort of an orphaned upload is tried again after its
+    ``attempts_made``-th failure: ``base``, doubling each time, at most ``cap``."""
+    return min(cap, base * 2 ** min(max(attempts_made - 1, 0), 32))

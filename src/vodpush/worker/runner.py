@@ -1,10 +1,15 @@
 """The worker: claims queued requests with a lease, uploads them, records the outcome, and
 delivers callbacks.
 
-Threads: the main loop claims work and hands it to an upload pool; a heartbeat thread
-renews the leases of running uploads and writes their progress about once a second; a
-callback pool delivers callbacks so a slow receiver never holds an upload slot; where the
-stores have a notification channel (PostgreSQL's LISTEN) a listener thread wakes the loop.
+Threads: the main loop claims work and starts an upload thread for each request (as many
+as there are slots); a heartbeat thread renews the leases of running uploads and writes their
+progress about once a second; callback threads deliver callbacks so a slow receiver never
+holds an upload slot; where the stores have a notification channel (PostgreSQL's LISTEN) a
+listener thread wakes the loop. Upload and callback threads are daemons: at shutdown the
+loop waits for them only until the grace period is over (see ``worker.shutdown``), then hands
+back what still runs and returns, so an S3 call or a receiver that never answers cannot hold
+the process. A reaper thread aborts the multipart uploads given up without a
+confirmed abort (worker.reaper).
 
 The stores are the Service's (core.ports: a database, or vodpush.memory), and the transfer
 itself is ``uploader`` (the S3 engine by default): tests/test_runner.py drives this loop on
@@ -21,8 +26,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from botocore.client import BaseClient
@@ -32,8 +37,8 @@ from vodpush.callbacks.delivery import deliver
 from vodpush.callbacks.payload import build_delivery
 from vodpush.callbacks.schedule import next_delivery
 from vodpush.core import records
-from vodpush.core.accounts import AccountRecord, S3Settings
-from vodpush.core.checkpoint import PartLedger
+from vodpush.core.accounts import AccountRecord
+from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
 from vodpush.core.clock import utcnow
 from vodpush.core.requests import Claimed, DueCallback, LeaseLost, StoreUnavailable
 from vodpush.service import Service
@@ -46,9 +51,17 @@ from vodpush.transfer import (
     abandon_quietly,
     upload,
 )
-from vodpush.transfer.s3client import make_s3_client
 from vodpush.worker import retry
+from vodpush.worker.clients import AccountClients
 from vodpush.worker.outage import FailureLog, PatientLedger, persist
+from vodpush.worker.reaper import ClientFor, Reaper
+from vodpush.worker.shutdown import (
+    HAND_BACK_SECONDS,
+    NOT_STOPPING,
+    deadline_after,
+    give_up_at,
+    time_left,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +92,7 @@ class _NotRecorded(Exception):
 
 @dataclass
 class _Active:
-    """A running upload, as the heartbeat thread sees it."""
+    """A running upload, as the heartbeat thread and a stopping worker see it."""
 
     request: Claimed
     bytes_done: int = 0
@@ -87,6 +100,13 @@ class _Active:
     reported: tuple[int, int | None] = (-1, None)
     lost: bool = False
     started: float = field(default_factory=time.monotonic)
+    # Under ``lock``: handed back (released) by this worker, or past ledger.confirm(), its
+    # final S3 call (PutObject, CompleteMultipartUpload, an abort) perhaps in flight. Never
+    # both: a request handed back must not be completed, and one that may be completed must
+    # not be handed back (the next worker would upload it again).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    released: bool = False
+    committing: bool = False
     # Set once the upload's outcome (or release) is being written: from then on (as once
     # it is lost) a claim of the same request is a new attempt, not this one's lease taken
     # back.
@@ -100,10 +120,65 @@ class _Active:
         self.bytes_done, self.bytes_total = done, total
 
 
+class _GuardedLedger:
+    """The request's ledger, with confirm() (the gate before the final S3 call) refused
+    once this worker has handed the request back, and marking the upload as committing."""
+
+    def __init__(self, ledger: PartLedger, active: _Active) -> None:
+        self._ledger = ledger
+        self._active = active
+
+    def load(self) -> MultipartCheckpoint | None:
+        return self._ledger.load()
+
+    def begin(self, checkpoint: MultipartCheckpoint) -> None:
+        self._ledger.begin(checkpoint)
+
+    def part_done(self, part_number: int, record: PartRecord) -> None:
+        self._ledger.part_done(part_number, record)
+
+    def clear(self) -> None:
+        self._ledger.clear()
+
+    def give_up(self) -> None:
+        self._ledger.give_up()
+
+    def confirm(self) -> None:
+        with self._active.lock:
+            if self._active.released:
+                raise LeaseLost(f"request {self._active.request.id} was handed back")
+            self._ledger.confirm()
+            self._active.committing = True
+
+
+@dataclass
+class _Delivering:
+    """A callback being delivered; ``settled`` (under ``lock``) once its attempt is recorded
+    or about to be, by the delivering thread or by a worker giving up at shutdown."""
+
+    due: DueCallback
+    at: datetime = field(default_factory=utcnow)
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    settled: bool = False
+
+    def settle(self) -> bool:
+        """True for the one caller that is to record the attempt."""
+        with self.lock:
+            first, self.settled = not self.settled, True
+            return first
+
+
 class Worker:
     def __init__(
-        self, service: Service, *, concurrency: int | None = None, uploader: Uploader = upload
+        self,
+        service: Service,
+        *,
+        concurrency: int | None = None,
+        uploader: Uploader = upload,
+        clients: ClientFor | None = None,
     ) -> None:
+        """``clients(account)``: the account's S3 client (default: ``AccountClients``)."""
         self.service = service
         self._transfer = uploader
         self.settings = service.settings
@@ -111,19 +186,21 @@ class Worker:
         self.concurrency = concurrency or self.settings.worker_concurrency
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping = threading.Event()
-        self._deadline = float("inf")  # monotonic time after which uploads are interrupted
+        self._deadline = NOT_STOPPING  # monotonic time after which uploads are interrupted
         self._wakeup = threading.Event()
         self._slots = threading.Semaphore(self.concurrency)
         self._callback_slots = threading.Semaphore(CALLBACK_THREADS)
         self._active: dict[int, _Active] = {}
-        self._callbacks_inflight = 0
+        self._delivering: dict[int, _Delivering] = {}
         # Due callbacks are looked for when one may just have become due (an upload with a
         # callback ended, a delivery slot freed) and otherwise once a poll interval, not
         # after every upload.
         self._callback_news = threading.Event()
         self._next_callback_poll = 0.0
         self._lock = threading.Lock()
-        self._clients: dict[tuple[int, S3Settings], BaseClient] = {}
+        # One client per set of credentials, not per account (transfer.clients).
+        self._clients: ClientFor = clients or AccountClients(self.settings)
+        self._reaper = Reaper(service, self._clients)
         # Calls repeated all the time: during a database outage each logs a line when it
         # starts failing, one every 30 s while it goes on, and one when it works again.
         self._claim_errors = FailureLog("claim", action="worker.claim_error")
@@ -136,13 +213,19 @@ class Worker:
         """New work may be there (an API in this process just queued a request)."""
         self._wakeup.set()
 
+    @property
+    def stop_requested(self) -> bool:
+        """stop() was called (a signal): not a burst that ran out of work."""
+        return self._deadline != NOT_STOPPING
+
     def stop(self, grace: float | None = None) -> None:
         """Stop claiming; running uploads get ``grace`` seconds to finish, then are
-        interrupted and released for another worker (they resume from their parts)."""
+        interrupted and released for another worker (they resume from their parts); run()
+        returns at the latest SETTLE_SECONDS later, leaving behind what did not end."""
         grace = self.settings.shutdown_grace if grace is None else grace
-        deadline = time.monotonic() + grace
         # A second stop (a second signal, or the server's own shutdown after one) can only
         # bring the deadline nearer, never push it away.
+        deadline = deadline_after(time.monotonic(), grace, self._deadline)
         if self._stopping.is_set() and deadline >= self._deadline:
             return
         self._deadline = deadline
@@ -161,10 +244,13 @@ class Worker:
                 "burst": burst,
             },
         )
-        uploads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="upload")
-        callbacks = ThreadPoolExecutor(CALLBACK_THREADS, thread_name_prefix="callback")
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        # Not waited for (a burst run does not wait for S3 to come back): a reaper stopped
+        # mid-abort leaves its claim to run out, and the orphan is tried again after it.
+        threading.Thread(
+            target=self._reaper.run, args=(self._stopping,), name="reaper", daemon=True
+        ).start()
         if self.service.notifications is not None:
             threading.Thread(
                 target=self.service.notifications.listen,
@@ -174,11 +260,11 @@ class Worker:
             ).start()
         try:
             while not self._stopping.is_set():
-                claimed = self._claim_uploads(uploads)
+                claimed = self._claim_uploads()
                 if self._callback_news.is_set() or time.monotonic() >= self._next_callback_poll:
                     self._callback_news.clear()
                     self._next_callback_poll = time.monotonic() + self.settings.poll_interval
-                    self._claim_callbacks(callbacks)
+                    self._claim_callbacks()
                 if (
                     burst
                     and not self._active
@@ -191,8 +277,7 @@ class Worker:
                     self._wakeup.clear()
         finally:
             self._stopping.set()
-            uploads.shutdown(wait=True)
-            callbacks.shutdown(wait=True)
+            self._wind_down()
             log.info("worker stopped", extra={"action": "worker.stopped", "owner": self.owner})
 
     def _has_work(self) -> bool:
@@ -202,7 +287,59 @@ class Worker:
             self._claim_errors.failed(exc)
             return True  # unknown: a burst worker waits for the database to tell
 
-    def _claim_uploads(self, pool: ThreadPoolExecutor) -> bool:
+    def _wind_down(self) -> None:
+        """Wait for running uploads and callbacks: until they end, or after a stop() until
+        give_up_at(deadline) (recomputed: a second stop brings it nearer); then hand back
+        what still runs, and leave its threads behind."""
+        while True:
+            with self._lock:
+                if not self._active and not self._delivering:
+                    return
+            give_up = give_up_at(self._deadline)
+            now = time.monotonic()
+            if now >= give_up:
+                break
+            self._wakeup.wait(min(time_left(give_up, now), 0.1))
+            self._wakeup.clear()
+        with self._lock:
+            uploads = list(self._active.values())
+            callbacks = list(self._delivering.values())
+        log.warning(
+            "grace period over: handing back what still runs",
+            extra={
+                "action": "worker.give_up",
+                "owner": self.owner,
+                "uploads": [a.request.id for a in uploads],
+                "callbacks": [d.due.id for d in callbacks],
+            },
+        )
+        # Each hand-back is a database write (or waits for an upload thread that is in
+        # one): on threads of their own, waited for HAND_BACK_SECONDS at most, so a
+        # database that is away or slow cannot hold the exit. What is not handed back by
+        # then is left to its lease.
+        hand_backs = [
+            threading.Thread(
+                target=self._give_up_upload, args=(a,), name="give-up-upload", daemon=True
+            )
+            for a in uploads
+        ] + [
+            threading.Thread(
+                target=self._give_up_callback, args=(d,), name="give-up-callback", daemon=True
+            )
+            for d in callbacks
+        ]
+        for thread in hand_backs:
+            thread.start()
+        until = time.monotonic() + HAND_BACK_SECONDS
+        for thread in hand_backs:
+            thread.join(time_left(until, time.monotonic()))
+        if any(thread.is_alive() for thread in hand_backs):
+            log.warning(
+                "hand-back not finished (database slow or away): left to the leases",
+                extra={"action": "worker.give_up_unfinished", "owner": self.owner},
+            )
+
+    def _claim_uploads(self) -> bool:
         claimed = False
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
             try:
@@ -241,14 +378,16 @@ class Worker:
                     "attempt": request.attempts,
                 },
             )
-            pool.submit(self._run_upload, active)
+            threading.Thread(
+                target=self._run_upload, args=(active,), name=f"upload-{request.id}", daemon=True
+            ).start()
         return claimed
 
     def _callbacks_running(self) -> bool:
         with self._lock:
-            return self._callbacks_inflight > 0
+            return bool(self._delivering)
 
-    def _claim_callbacks(self, pool: ThreadPoolExecutor) -> None:
+    def _claim_callbacks(self) -> None:
         while self._callback_slots.acquire(blocking=False):
             try:
                 due = self.queue.claim_callback(lease_seconds=self._callback_lease)
@@ -260,9 +399,15 @@ class Worker:
             if due is None:
                 self._callback_slots.release()
                 return
+            delivering = _Delivering(due)
             with self._lock:
-                self._callbacks_inflight += 1
-            pool.submit(self._run_callback, due)
+                self._delivering[due.id] = delivering
+            threading.Thread(
+                target=self._run_callback,
+                args=(delivering,),
+                name=f"callback-{due.id}",
+                daemon=True,
+            ).start()
 
     # -- uploads ---------------------------------------------------------------------------
 
@@ -271,39 +416,74 @@ class Worker:
         return self.settings.callback_timeout * 3
 
     def _should_stop(self, active: _Active) -> bool:
-        return active.lost or self._past_deadline()
+        return active.lost or active.released or self._past_deadline()
 
     def _past_deadline(self) -> bool:
         return time.monotonic() > self._deadline
+
+    def _past_give_up(self) -> bool:
+        return time.monotonic() >= give_up_at(self._deadline)
 
     def _record(
         self, active: _Active, operation: str, call: Callable[[], Any], extra: dict[str, Any]
     ) -> Any:
         """A write of an upload's outcome (or a release), tried again through a database
-        outage for up to the lease length, or until the stop grace is over; then
-        _NotRecorded. A late try of a request another worker took over is LeaseLost."""
+        outage for up to the lease length, or until a stopping worker gives up on what
+        still runs (give_up_at); then _NotRecorded. A late try of a request another worker
+        took over is LeaseLost."""
         active.settled = True
         try:
             return persist(
                 operation,
                 call,
                 budget=self.settings.lease_seconds,
-                give_up=self._past_deadline,
+                give_up=self._past_give_up,
                 extra=extra,
             )
         except StoreUnavailable as exc:
             raise _NotRecorded(str(exc)) from exc
 
-    def _client(self, account: AccountRecord) -> BaseClient:
-        key = (account.id, account.s3)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                client = make_s3_client(
-                    account.s3, max_pool_connections=max(16, self.settings.part_concurrency * 2)
-                )
-                self._clients[key] = client
-            return client
+    def _release(self, active: _Active, extra: dict[str, Any]) -> bool:
+        """Hand the request back (queued, the attempt not counted), once. False when that
+        is not done: already handed back, or its final S3 call may be in flight. The write
+        rides out a database outage (``_record``: _NotRecorded when it could not)."""
+        with active.lock:
+            if active.released or active.committing:
+                return False
+            self._record(
+                active,
+                "release",
+                functools.partial(self.queue.release, active.request.id, self.owner),
+                extra,
+            )
+            active.released = True
+        return True
+
+    def _give_up_upload(self, active: _Active) -> None:
+        """At give_up_at: the upload did not end (an S3 call that does not return). Hand its
+        request back for another worker and stop waiting; the lease guard refuses whatever
+        its thread tries later. One in its final call keeps its lease (the call may still
+        land): the lease runs out after the process is gone, and the next holder takes over."""
+        request = active.request
+        extra = {"request_id": request.id, "account_id": request.account_id}
+        try:
+            released = self._release(active, extra)
+        except Exception:  # LeaseLost, or the database is away: the lease runs out anyway
+            log.exception("hand-back failed", extra={"action": "upload.release_failed", **extra})
+            return
+        if released:
+            with self._lock:
+                if self._active.get(request.id) is active:
+                    del self._active[request.id]  # no more heartbeats for it
+            log.info(
+                "upload released for another worker; its S3 call is abandoned",
+                extra={"action": "upload.released", **extra, "abandoned": True},
+            )
+        elif active.committing and not active.released:
+            log.warning(
+                "upload in its final S3 call at shutdown: left to its lease",
+                extra={"action": "upload.in_doubt", **extra},
+            )
 
     def _run_upload(self, active: _Active) -> None:
         request = active.request
@@ -316,11 +496,14 @@ class Worker:
             except StoreUnavailable as exc:
                 # Met during the attempt (not in writing its outcome): nothing is wrong
                 # with the upload, and its multipart upload and checkpoint are kept.
-                self._store_failed(active, exc, extra)
+                if not active.released:  # else: handed back already, nothing to write
+                    self._store_failed(active, exc, extra)
             except (LeaseLost, _NotRecorded):
                 raise
             except Exception:
-                # A bug. Never let it leave the request leased forever: record it.
+                # A bug. Never let it leave the request leased forever: record it. If the
+                # lease is gone (another worker took over meanwhile), nothing is recorded:
+                # said below.
                 log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
                 self._record(
                     active,
@@ -338,10 +521,11 @@ class Worker:
                 )
                 metrics.UPLOADS.labels("error").inc()
         except LeaseLost:
-            log.warning(
-                "lease lost; another worker has the request",
-                extra={"action": "upload.lease_lost", **extra},
-            )
+            if not active.released:  # else: the refused write of an abandoned upload
+                log.warning(
+                    "lease lost; another worker has the request",
+                    extra={"action": "upload.lease_lost", **extra},
+                )
         except _NotRecorded as exc:
             log.error(
                 "outcome not recorded: the database stayed unavailable; the request stays "
@@ -360,23 +544,21 @@ class Worker:
         """The attempt met a database error that passes: try the request again soon, from
         its checkpoint, without counting the attempt. Never a failure."""
         request = active.request
-        now = utcnow()
         decision = retry.after_store_error(
             base_delay=self.settings.retry_base_delay,
             max_delay=self.settings.retry_max_delay,
-            now=now,
         )
-        at = decision.at or now
-        delay = (at - now).total_seconds()
-        self._record(
+        delay = decision.delay or 0.0
+        at = self._record(
             active,
             "retry_later",
             functools.partial(
                 self.queue.retry_later,
                 request.id,
                 self.owner,
-                at=at,
-                message=f"Retrying in {delay:.0f} s: the database was unavailable",
+                delay=delay,
+                cause="the database was unavailable",
+                max_attempts=self.settings.max_attempts,
                 http_status=None,
                 code="StoreUnavailable",
                 refund_attempt=True,
@@ -392,6 +574,7 @@ class Worker:
                 "error": str(exc),
                 "code": "StoreUnavailable",
                 "delay": round(delay, 3),
+                "next_attempt_at": at.isoformat(sep=" ", timespec="seconds"),
                 "attempt": request.attempts,
             },
         )
@@ -421,20 +604,27 @@ class Worker:
             bucket=request.bucket,
             key=request.destination_path,
             options=object_options(request, account),
+            # An earlier attempt may have written the object and died (or lost the answer)
+            # before its success was recorded: look before writing a second version.
+            may_exist=request.attempts > 1 or request.lease_expiries > 0,
         )
-        client = self._client(account)
-        ledger = PatientLedger(
-            self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint),
-            # A database outage pauses the upload for up to the lease length, then ends the
-            # attempt (StoreUnavailable: tried again later, from the checkpoint).
-            budget=self.settings.lease_seconds,
-            lost=lambda: active.lost,
-            give_up=self._past_deadline,
-            extra=extra,
+        client = self._clients(account)
+        ledger = _GuardedLedger(
+            PatientLedger(
+                self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint),
+                # A database outage pauses the upload for up to the lease length, then ends
+                # the attempt (StoreUnavailable: tried again later, from the checkpoint).
+                budget=self.settings.lease_seconds,
+                lost=lambda: active.lost or active.released,
+                give_up=self._past_deadline,
+                extra=extra,
+            ),
+            active,
         )
-        if request.lease_expiries >= self.settings.max_attempts:
+        if request.lease_expiries >= self.settings.max_lease_expiries:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
-            # rather than hand it to the next one, and leave no multipart upload behind.
+            # rather than hand it to the next one, and leave no multipart upload behind
+            # (one whose abort fails is recorded by fail() for the reaper).
             abandon_quietly(client, job, ledger)
             self._fail(
                 active,
@@ -459,17 +649,21 @@ class Worker:
         except UploadInterrupted:
             if active.lost:
                 raise LeaseLost(f"request {request.id}") from None
-            self._record(
-                active,
-                "release",
-                functools.partial(self.queue.release, request.id, self.owner),
-                extra,
-            )
-            log.info(
-                "upload released for another worker", extra={"action": "upload.released", **extra}
-            )
+            if self._release(active, extra):
+                log.info(
+                    "upload released for another worker",
+                    extra={"action": "upload.released", **extra},
+                )
             return
         except UploadError as err:
+            # A stopping worker does not judge a transient failure (S3 away as it stops):
+            # the request goes back uncounted, and the next worker retries it at once.
+            if err.transient and self.stop_requested and self._release(active, extra):
+                log.info(
+                    "upload released for another worker after a transient error",
+                    extra={"action": "upload.released", **extra, "error": err.message},
+                )
+                return
             self._upload_failed(active, err, client, job, ledger, extra)
             return
         self._record(
@@ -513,12 +707,7 @@ class Worker:
         request = active.request
         if not account.enabled:
             # Disabled between the claim and now: hold it again, it resumes on enable.
-            self._record(
-                active,
-                "release",
-                functools.partial(self.queue.release, request.id, self.owner),
-                extra,
-            )
+            self._release(active, extra)
             log.info("upload held: account disabled", extra={"action": "upload.held", **extra})
             return True
         refused = account.may_use_bucket(request.bucket)
@@ -541,29 +730,26 @@ class Worker:
         extra: dict[str, Any],
     ) -> None:
         request = active.request
-        now = utcnow()
         decision = retry.decide(
             transient=err.transient,
             attempts_made=request.attempts,
             max_attempts=self.settings.max_attempts,
             base_delay=self.settings.retry_base_delay,
             max_delay=self.settings.retry_max_delay,
-            now=now,
         )
-        if decision.retry and decision.at is not None:  # a retry always says when
-            delay = (decision.at - now).total_seconds()
-            self._record(
+        if decision.retry and decision.delay is not None:  # a retry always says when
+            delay = decision.delay
+            # The store puts the delay on its own clock and writes "Retrying at <time>".
+            at = self._record(
                 active,
                 "retry_later",
                 functools.partial(
                     self.queue.retry_later,
                     request.id,
                     self.owner,
-                    at=decision.at,
-                    message=(
-                        f"Retrying in {delay:.0f} s after attempt {request.attempts} of "
-                        f"{self.settings.max_attempts}: {err.message}"
-                    ),
+                    delay=delay,
+                    cause=err.message,
+                    max_attempts=self.settings.max_attempts,
                     http_status=err.http_status,
                     code=err.code,
                 ),
@@ -578,13 +764,17 @@ class Worker:
                     "error": err.message,
                     "detail": err.detail,
                     "delay": round(delay, 3),
+                    "next_attempt_at": at.isoformat(sep=" ", timespec="seconds"),
                     "attempt": request.attempts,
+                    "max_attempts": self.settings.max_attempts,
+                    "code": err.code,
                 },
             )
             return
         if err.transient:
             # Out of attempts: the multipart upload will never resume, so abort it now
-            # rather than leave its parts in the bucket.
+            # rather than leave its parts in the bucket. If S3 does not confirm (it is
+            # down), the checkpoint stays and fail() hands its upload id to the reaper.
             abandon(client, job, ledger)
         self._fail(
             active,
@@ -671,10 +861,11 @@ class Worker:
         self._callback_news.set()
         self._wakeup.set()
 
-    def _run_callback(self, due: DueCallback) -> None:
+    def _run_callback(self, delivering: _Delivering) -> None:
+        due = delivering.due
         extra = {"request_id": due.id, "account_id": due.account_id}
         try:
-            self._deliver(due, extra)
+            self._deliver(delivering, extra)
         except LeaseLost:
             pass
         except StoreUnavailable as exc:
@@ -689,11 +880,44 @@ class Worker:
             log.exception("callback crashed", extra={"action": "callback.crashed", **extra})
         finally:
             with self._lock:
-                self._callbacks_inflight -= 1
+                self._delivering.pop(due.id, None)
             self._callback_slots.release()
             self._callback_ready()  # the freed slot may take another due callback
 
-    def _deliver(self, due: DueCallback, extra: dict[str, Any]) -> None:
+    def _give_up_callback(self, delivering: _Delivering) -> None:
+        """At give_up_at: the receiver has not answered. Record the attempt (the receiver may
+        have read the POST) as cut by the shutdown, due again at once for another worker
+        (same message id: the receiver can tell a repeat), unless the schedule is used up."""
+        if not delivering.settle():
+            return  # its thread is recording the outcome
+        due = delivering.due
+        extra = {"request_id": due.id, "account_id": due.account_id}
+        seconds = time.monotonic() - delivering.started
+        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule)
+        try:
+            state = self.queue.record_callback(
+                due.id,
+                msg_id=due.msg_id,
+                at=delivering.at,
+                ok=False,
+                http_status=None,
+                error=f"interrupted by shutdown: no answer after {seconds:.1f} s",
+                duration=seconds,
+                next_delay=0.0 if decision.retry else None,
+            )
+        except Exception:  # the callback is due again when its claim runs out
+            log.exception(
+                "could not record the interrupted callback",
+                extra={"action": "callback.record_failed", **extra},
+            )
+            return
+        log.warning(
+            "callback interrupted by shutdown",
+            extra={"action": f"callback.{state}", **extra, "interrupted": True},
+        )
+
+    def _deliver(self, delivering: _Delivering, extra: dict[str, Any]) -> None:
+        due = delivering.due
         account = self.service.accounts.by_id(due.account_id)
         row = self.service.requests.get(due.id)
         if account is None or row is None or not account.enabled:
@@ -708,7 +932,9 @@ class Worker:
             timeout=self.settings.callback_timeout,
             allow_private=self.settings.callback_allow_private,
         )
-        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule, utcnow())
+        if not delivering.settle():
+            return  # recorded as interrupted by a worker that stopped waiting for it
+        decision = next_delivery(due.attempts + 1, self.settings.callback_schedule)
         # The POST was made: record it through a database outage, for up to the callback
         # lease (after it another deliverer may send it again, with the same webhook-id).
         state = persist(
@@ -722,13 +948,11 @@ class Worker:
                 http_status=attempt.http_status,
                 error=attempt.error,
                 duration=attempt.duration,
-                next_at=decision.at.replace(tzinfo=None)
-                if decision.retry and decision.at
-                else None,
+                next_delay=decision.delay if decision.retry else None,
                 permanent=attempt.permanent,
             ),
             budget=self._callback_lease,
-            give_up=self._past_deadline,
+            give_up=self._past_give_up,
             extra=extra,
         )
         metrics.CALLBACKS.labels("delivered" if attempt.ok else "failed").inc()
