@@ -6,6 +6,10 @@ renews the leases of running uploads and writes their progress about once a seco
 callback pool delivers callbacks so a slow receiver never holds an upload slot; where the
 stores have a notification channel (PostgreSQL's LISTEN) a listener thread wakes the loop.
 
+A database that does not answer for a while (core.requests.StoreUnavailable) is ridden out,
+never a failure: worker.outage tries store calls again, and _store_failed retries an attempt
+the database cut short without counting it.
+
 The stores are the Service's (core.ports: a database, or vodpush.memory), and the transfer
 itself is ``uploader`` (the S3 engine by default): tests/test_runner.py drives this loop on
 memory stores with a plain function in its place.
