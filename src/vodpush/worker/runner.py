@@ -11,6 +11,10 @@ back what still runs and returns, so an S3 call or a receiver that never answers
 the process. A reaper thread aborts the multipart uploads given up without a
 confirmed abort (worker.reaper).
 
+A database that does not answer for a while (core.requests.StoreUnavailable) is ridden out,
+never a failure: worker.outage tries store calls again, and _store_failed retries an attempt
+the database cut short without counting it.
+
 The stores are the Service's (core.ports: a database, or vodpush.memory), and the transfer
 itself is ``uploader`` (the S3 engine by default): tests/test_runner.py drives this loop on
 memory stores with a plain function in its place.
