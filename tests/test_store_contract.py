@@ -204,6 +204,20 @@ def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) 
     assert stores.queue.claim("w", 30).attempts == 2  # type: ignore[union-attr]
 
 
+def test_a_retry_after_a_database_error_does_not_count_the_attempt(stores: Service) -> None:
+    (rid,) = _enqueue(stores, _account(stores))
+    assert stores.queue.claim("w", 30).attempts == 1  # type: ignore[union-attr]
+    stores.queue.retry_later(rid, "w", delay=0, cause="the database was unavailable",
+                             max_attempts=5, http_status=None, code="StoreUnavailable",
+                             refund_attempt=True)  # fmt: skip
+    row = stores.requests.get(rid)
+    assert row is not None and (row.state, row.attempts) == ("retrying", 0)
+    assert row.error_code == "StoreUnavailable"
+    # The next attempt is still the first: the message says so.
+    assert "(attempt 1 of 5): the database was unavailable" in row.message
+    assert stores.queue.claim("w", 30).attempts == 1  # type: ignore[union-attr]
+
+
 def test_a_claim_that_takes_over_an_expired_lease_counts_it(stores: Service) -> None:
     (rid,) = _enqueue(stores, _account(stores))
     first = stores.queue.claim("w1", 0.001)
@@ -214,6 +228,19 @@ def test_a_claim_that_takes_over_an_expired_lease_counts_it(stores: Service) -> 
     stores.queue.release(rid, "w2")  # a graceful release is not an expiry
     third = stores.queue.claim("w3", 30)
     assert third is not None and third.lease_expiries == 1
+
+
+def test_a_worker_taking_back_its_own_expired_lease_counts_nothing(stores: Service) -> None:
+    # Its heartbeats could not reach the database for a while; the upload went on.
+    (rid,) = _enqueue(stores, _account(stores))
+    assert stores.queue.claim("w1", 0.001).attempts == 1  # type: ignore[union-attr]
+    time.sleep(0.01)
+    again = stores.queue.claim("w1", 0.001)
+    assert again is not None and again.id == rid
+    assert (again.attempts, again.lease_expiries) == (1, 0)
+    time.sleep(0.01)
+    other = stores.queue.claim("w2", 30)  # another worker's takeover does count
+    assert other is not None and (other.attempts, other.lease_expiries) == (2, 1)
 
 
 def test_a_disabled_accounts_requests_and_callbacks_are_held(stores: Service) -> None:

@@ -24,6 +24,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vodpush.core.requests import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 UPLOADS = Counter("vodpush_uploads_total", "Finished upload attempts by outcome", ["outcome"])
@@ -34,6 +36,12 @@ UPLOAD_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
 CALLBACKS = Counter("vodpush_callbacks_total", "Callback delivery attempts by outcome", ["outcome"])
+STORE_UNAVAILABLE = Counter(
+    "vodpush_store_unavailable_total",
+    "Database calls of the worker that met an error that passes (a lost or refused "
+    "connection, a restart, SQLite busy), by operation; most are tried again",
+    ["operation"],
+)
 # Set by the worker's reaper after each pass (worker.reaper).
 ORPHANS_PENDING = Gauge(
     "vodpush_orphan_uploads",
@@ -57,10 +65,21 @@ class QueueDepthCollector(Collector):
         self._queue = queue
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            depth = self._queue.depth()
+        except StoreUnavailable:
+            depth = None  # the process's own counters are still worth a scrape
+        up = GaugeMetricFamily(
+            "vodpush_database_up", "1 when the database answered this scrape, else 0"
+        )
+        up.add_metric([], 0 if depth is None else 1)
+        yield up
+        if depth is None:
+            return
         gauge = GaugeMetricFamily(
             "vodpush_queue_depth", "Upload requests by state", labels=["state"]
         )
-        for state, count in self._queue.depth().items():
+        for state, count in depth.items():
             gauge.add_metric([state], count)
         yield gauge
 

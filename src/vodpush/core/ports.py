@@ -171,11 +171,13 @@ class QueueStorePort(Protocol):
         max_attempts: int,
         http_status: int | None,
         code: str | None,
+        refund_attempt: bool = False,
     ) -> datetime:
         """Back to the queue as ``retrying``, due ``delay`` seconds from now by the store's
         own clock (never the caller's); its message says when, which attempt comes next (of
         ``max_attempts``) and the ``cause`` (core.records.retrying_message). Returns the
-        time it is due."""
+        time it is due. With ``refund_attempt`` the attempt does not count (it was cut
+        short by the database, not by the upload)."""
         ...
 
     def release(self, request_id: int, owner: str) -> None:

@@ -102,12 +102,15 @@ class MemoryQueueStore:
                     break
             else:
                 return None
-            if row.state == State.RUNNING.value:
-                row.lease_expiries += 1  # its worker died or hung
+            # Taking back our own lease (the database was away, not the worker): the
+            # attempt goes on. Another worker's: it died or hung.
+            own = row.state == State.RUNNING.value and row.lease_owner == owner
+            if row.state == State.RUNNING.value and not own:
+                row.lease_expiries += 1
             row.state = State.RUNNING.value
             row.lease_owner = owner
             row.lease_expires_at = now + timedelta(seconds=lease_seconds)
-            row.attempts += 1
+            row.attempts += 0 if own else 1
             row.message = UPLOADING_MESSAGE
             row.updated_at = now
             return Claimed(
@@ -213,18 +216,22 @@ class MemoryQueueStore:
         max_attempts: int,
         http_status: int | None,
         code: str | None,
+        refund_attempt: bool = False,
     ) -> datetime:
         now = self._t.now()
         at = now + timedelta(seconds=delay)
         with self._t.lock:
             attempts = self._t.leased(request_id, owner).attempts
-            self._change(
+            row = self._change(
                 request_id,
                 owner,
                 state=State.RETRYING.value,
                 not_before=at,
                 message=retrying_message(
-                    at=at, attempt=attempts + 1, max_attempts=max_attempts, cause=cause
+                    at=at,
+                    attempt=attempts + (0 if refund_attempt else 1),
+                    max_attempts=max_attempts,
+                    cause=cause,
                 ),
                 http_status=http_status or 0,
                 error_code=code,
@@ -232,6 +239,7 @@ class MemoryQueueStore:
                 lease_expires_at=None,
                 updated_at=now,
             )
+            row.attempts -= refund_attempt
         return at
 
     def release(self, request_id: int, owner: str) -> None:

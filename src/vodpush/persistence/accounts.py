@@ -24,7 +24,7 @@ from vodpush.core.accounts import (
 from vodpush.core.clock import utcnow
 from vodpush.crypto import SecretBox, new_api_key, new_api_secret, new_webhook_secret
 from vodpush.persistence import dialect
-from vodpush.persistence.db import PreparedQuery, write_transaction
+from vodpush.persistence.db import PreparedQuery, read, write_transaction
 from vodpush.persistence.models import Account
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class AccountStore:
 
     def find(self, ref: str) -> AccountRecord:
         """An account by api_key, id, or ``cdn/username``."""
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             query = self._columns
             if "/" in ref:
                 cdn, _, username = ref.partition("/")
@@ -124,7 +124,7 @@ class AccountStore:
         return record
 
     def list(self) -> list[AccountRecord]:
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             rows = conn.execute(self._columns.order_by(_A.c.id)).all()
         return [self._record(row) for row in rows]
 
@@ -229,8 +229,8 @@ class AccountStore:
         # Read and write under the write lock (SQLite) or the row lock (PostgreSQL), so two
         # operators' edits do not lose one another.
         with write_transaction(self._engine) as conn:
-            read = select(_A.c.allowed_buckets).where(_A.c.id == account.id)
-            current = conn.execute(self._dialect.for_update(read)).scalar_one_or_none()
+            query = select(_A.c.allowed_buckets).where(_A.c.id == account.id)
+            current = conn.execute(self._dialect.for_update(query)).scalar_one_or_none()
             if current is None:
                 raise AccountError(f"account {account.id} vanished during the update")
             patterns = change(_load_patterns(current))

@@ -13,6 +13,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, Select
 
+from vodpush.core.requests import StoreUnavailable
 from vodpush.persistence import dialect
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,44 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return dialect.for_url(url).make_engine(url, **kwargs)
 
 
+def unavailable(engine: Engine, error: BaseException) -> StoreUnavailable | None:
+    """The StoreUnavailable that ``error`` amounts to (see Dialect.unavailable), or None."""
+    if not dialect.for_engine(engine).unavailable(error):
+        return None
+    cause = getattr(error, "orig", None) or error
+    # The driver's first line ("terminating connection due to administrator command",
+    # "database is locked"): for the operator's log, never shown to a customer.
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return StoreUnavailable(f"database unavailable: {type(cause).__name__}: {first}")
+
+
+@contextmanager
+def _translated(engine: Engine) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        translated = unavailable(engine, error)
+        if translated is None:
+            raise
+        raise translated from error
+
+
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A transaction that will write: on SQLite it holds the write lock from its start."""
+    """A transaction that will write: on SQLite it holds the write lock from its start.
+    Errors that pass (a lost connection, SQLite busy...) leave as StoreUnavailable."""
     db = dialect.for_engine(engine)
-    with db.write_lock(engine), engine.connect() as conn:
+    with _translated(engine), db.write_lock(engine), engine.connect() as conn:
         conn = conn.execution_options(**db.write_options)
         with conn.begin():
             yield conn
+
+
+@contextmanager
+def read(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads; errors that pass leave as StoreUnavailable."""
+    with _translated(engine), engine.connect() as conn:
+        yield conn
 
 
 class PreparedQuery:
@@ -54,6 +85,17 @@ class PreparedQuery:
         self.row = namedtuple("Row", [c.key for c in statement.selected_columns])  # type: ignore[misc]
 
     def all(self, **params: Any) -> list[Any]:
+        try:
+            rows = self._run(params)
+        except Exception as error:
+            translated = unavailable(self._engine, error)
+            if translated is None:
+                raise
+            raise translated from error
+        make = self.row._make
+        return [make(row) for row in rows]
+
+    def _run(self, params: dict[str, Any]) -> list[Any]:
         args: Any = [params[name] for name in self._order] if self._order else params
         conn = self._engine.raw_connection()
         try:
@@ -70,10 +112,15 @@ class PreparedQuery:
             finally:
                 if self._autocommit:
                     conn.driver_connection.autocommit = False  # type: ignore[union-attr]
+        except Exception as error:
+            if dialect.for_engine(self._engine).unavailable(error):
+                # Dead or unusable: the pool must not hand it out again (its reset on
+                # return would fail too, and log that).
+                conn.invalidate(error)
+            raise
         finally:
             conn.close()
-        make = self.row._make
-        return [make(row) for row in rows]
+        return rows
 
     def first(self, **params: Any) -> Any | None:
         rows = self.all(**params)

@@ -11,6 +11,7 @@ announced with NOTIFY, and migrators serialise on an advisory lock.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from sqlalchemy import (
     text,
     type_coerce,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -68,6 +70,23 @@ class Dialect:
 
     def make_engine(self, url: str, **kwargs: Any) -> Engine:
         return create_engine(url, **kwargs)
+
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether ``error`` (SQLAlchemy's or the driver's) says the database could not
+        answer for a reason that passes on its own: the connection was lost or refused, the
+        server is restarting or shutting down, the transaction lost a serialization or
+        deadlock race, the file is locked. The stores raise core.requests.StoreUnavailable
+        for these; every other error (a bug, a constraint, bad SQL) stays what it is."""
+        if isinstance(error, sa_exc.TimeoutError):
+            return True  # no pooled connection came free in time: the pool is exhausted
+        if isinstance(error, sa_exc.DBAPIError):
+            # SQLAlchemy saw the connection die (it invalidates it, and the pool drops it).
+            return error.connection_invalidated or self._passes(error.orig)
+        return self._passes(error)
+
+    def _passes(self, error: BaseException) -> bool:
+        """``unavailable`` for an error of the driver itself."""
+        return False
 
     def write_lock(self, engine: Engine) -> AbstractContextManager[Any]:
         """Held around every write transaction of this process."""
@@ -129,6 +148,22 @@ class Dialect:
         yield None
 
 
+_SQLITE_BUSY_TIMEOUT = 30.0  # seconds
+# SQLITE_BUSY, SQLITE_LOCKED (primary result codes: "database is locked" and its kin).
+_SQLITE_BUSY_CODES = (5, 6)
+# PostgreSQL SQLSTATEs that pass: besides class 08 (connection exception).
+_PG_PASSING = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "53300",  # too_many_connections
+        "57P01",  # admin_shutdown: pg_terminate_backend, a fast or smart shutdown
+        "57P02",  # crash_shutdown: another backend crashed, the server restarts
+        "57P03",  # cannot_connect_now: starting up or shutting down
+    }
+)
+
+
 class _SQLite(Dialect):
     name = "sqlite"
     inline_reads = True
@@ -149,8 +184,11 @@ class _SQLite(Dialect):
         parsed = make_url(url)
         if parsed.database and parsed.database != ":memory:":
             _private_sqlite_file(Path(parsed.database).expanduser())
+        # How long a write waits for another process's write lock before it fails as
+        # "database is locked" (StoreUnavailable); ``?timeout=SECONDS`` in the URL sets it.
+        busy = float(str(parsed.query.get("timeout", _SQLITE_BUSY_TIMEOUT)))
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
+            url, connect_args={"check_same_thread": False, "timeout": busy}, **kwargs
         )
 
         @event.listens_for(engine, "connect")
@@ -161,7 +199,7 @@ class _SQLite(Dialect):
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -177,6 +215,15 @@ class _SQLite(Dialect):
 
     def write_lock(self, engine: Engine) -> AbstractContextManager[Any]:
         return self._write_locks.get(engine) or nullcontext()
+
+    def _passes(self, error: BaseException) -> bool:
+        # Another process (or connection) held the write lock past the busy timeout.
+        if not isinstance(error, sqlite3.OperationalError):
+            return False
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _SQLITE_BUSY_CODES
+        return "locked" in str(error) or "busy" in str(error)
 
     def for_update(self, read: Select[Any]) -> Select[Any]:
         # A write transaction holds the database's write lock from its start (IMMEDIATE).
@@ -238,6 +285,8 @@ class _PostgreSQL(Dialect):
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
         kwargs["connect_args"] = {**_pg_connect_args(url), **kwargs.get("connect_args", {})}
+        # A pooled connection is checked before use: one killed while idle (a server
+        # restart, pg_terminate_backend) is replaced instead of failing the next statement.
         engine = create_engine(url, pool_pre_ping=True, **kwargs)
         if "options" not in make_url(url).query:
 
@@ -250,6 +299,18 @@ class _PostgreSQL(Dialect):
                 dbapi_conn.commit()
 
         return engine
+
+    def _passes(self, error: BaseException) -> bool:
+        import psycopg
+
+        if not isinstance(error, psycopg.Error):
+            return False
+        state = error.sqlstate
+        if state is None:
+            # Raised by the client, not the server: the connection failed, was lost or is
+            # closed ("server closed the connection unexpectedly", "connection refused").
+            return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+        return state.startswith("08") or state in _PG_PASSING
 
     def skip_locked(self, pick: Select[Any]) -> Select[Any]:
         return pick.with_for_update(skip_locked=True)
@@ -300,19 +361,27 @@ class PostgresNotifications:
     def listen(self, wake: Callable[[], None], stopping: threading.Event) -> None:
         import psycopg
 
+        failures = 0
         while not stopping.is_set():
             try:
                 with psycopg.connect(self._url, autocommit=True, **self._params) as conn:
                     conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    if failures:
+                        log.info("LISTEN connection back", extra={"action": "worker.listen_ok"})
+                    failures = 0
                     while not stopping.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             wake()
             except Exception as exc:
-                log.warning(
-                    "LISTEN connection lost: %s",
-                    type(exc).__name__,
-                    extra={"action": "worker.listen_error"},
-                )
+                failures += 1
+                # Tried every 5 s: while the database is away, a line a minute is enough.
+                if failures % 12 == 1:
+                    log.warning(
+                        "LISTEN connection lost: %s (%d failures in a row)",
+                        type(exc).__name__,
+                        failures,
+                        extra={"action": "worker.listen_error", "failures": failures},
+                    )
                 stopping.wait(5)
 
 

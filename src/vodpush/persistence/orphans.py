@@ -11,7 +11,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from vodpush.core.orphans import Orphan
 from vodpush.persistence import dialect
-from vodpush.persistence.db import write_transaction
+from vodpush.persistence.db import read, write_transaction
 from vodpush.persistence.models import OrphanUpload, UploadRequest
 
 _O = OrphanUpload.__table__
@@ -77,12 +77,12 @@ class OrphanStore:
             return bool(conn.execute(statement).rowcount)
 
     def list(self) -> list[Orphan]:
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             rows = conn.execute(select(_O).order_by(_O.c.created_at, _O.c.id)).all()
         return [_orphan(row) for row in rows]
 
     def count(self) -> int:
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             return int(conn.execute(select(func.count()).select_from(_O)).scalar_one())
 
 

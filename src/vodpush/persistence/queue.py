@@ -44,7 +44,7 @@ from vodpush.core.requests import (
     State,
 )
 from vodpush.persistence import dialect
-from vodpush.persistence.db import write_transaction
+from vodpush.persistence.db import read, write_transaction
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
 from vodpush.persistence.orphans import record_checkpoint
 from vodpush.webhooks import new_message_id
@@ -126,7 +126,11 @@ class QueueStore:
             and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
         )
         # A claim of a running request takes over a lease that ran out: its worker died.
-        expired = case((_T.c.state == State.RUNNING.value, 1), else_=0)
+        # Unless the lease was the claimer's own: it is alive, its heartbeats could not
+        # reach the database for a while, and its upload goes on (no attempt, no death).
+        running = _T.c.state == State.RUNNING.value
+        own = and_(running, _T.c.lease_owner == bindparam("owner"))
+        expired = case((and_(running, _T.c.lease_owner != bindparam("owner")), 1), else_=0)
         pick = select(_T.c.id).where(runnable, _ACCOUNT_ENABLED).order_by(_T.c.id).limit(1)
         pick = self._dialect.skip_locked(pick)
         return (
@@ -136,7 +140,7 @@ class QueueStore:
                 state=State.RUNNING.value,
                 lease_owner=bindparam("owner"),
                 lease_expires_at=self._dialect.now(lease_seconds),
-                attempts=_T.c.attempts + 1,
+                attempts=_T.c.attempts + case((own, 0), else_=1),
                 lease_expiries=_T.c.lease_expiries + expired,
                 message=UPLOADING_MESSAGE,
                 updated_at=now,
@@ -306,9 +310,11 @@ class QueueStore:
         max_attempts: int,
         http_status: int | None,
         code: str | None,
+        refund_attempt: bool = False,
     ) -> datetime:
         """Due ``delay`` seconds from now by the database's clock; the message names that
-        time, so it is read from the database first, in the same transaction."""
+        time, so it is read from the database first, in the same transaction. With
+        ``refund_attempt`` the attempt does not count (the database cut it short)."""
         with write_transaction(self._engine) as conn:
             found = conn.execute(
                 self._retry_time, {"rid": request_id, "owner": owner, "delay": delay}
@@ -317,7 +323,10 @@ class QueueStore:
                 raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
             at: datetime = found.at
             message = retrying_message(
-                at=at, attempt=found.attempts + 1, max_attempts=max_attempts, cause=cause
+                at=at,
+                attempt=found.attempts + (0 if refund_attempt else 1),
+                max_attempts=max_attempts,
+                cause=cause,
             )
             self._write(
                 conn,
@@ -332,6 +341,7 @@ class QueueStore:
                     "lease_owner": None,
                     "lease_expires_at": None,
                     "updated_at": _DB_NOW,
+                    **({"attempts": found.attempts - 1} if refund_attempt else {}),
                 },
             )
         return at
@@ -384,7 +394,7 @@ class QueueStore:
         by the database's clock."""
         # A read first spares a write lock (SQLite) or a row lock (PostgreSQL) when, as
         # usual, nothing is due.
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             if conn.execute(self._due_callback).first() is None:
                 return None
         with write_transaction(self._engine) as conn:
@@ -467,7 +477,7 @@ class QueueStore:
         return state
 
     def callback_attempts(self, request_id: int) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             rows = conn.execute(
                 select(_A).where(_A.c.request_id == request_id).order_by(_A.c.id)
             ).mappings()
@@ -479,7 +489,7 @@ class QueueStore:
         """Requests by state, pending callbacks, and how many of the queued requests and
         pending callbacks are held because their account is disabled."""
         held = not_(_ACCOUNT_ENABLED)
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             counts = {
                 state: count
                 for state, count in conn.execute(
@@ -505,7 +515,7 @@ class QueueStore:
         """Anything a burst worker should still wait for: queued requests (retries
         included), leased ones, or callbacks due now; not what a disabled account holds."""
         now = self._dialect.now()
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             busy = conn.execute(
                 select(_T.c.id)
                 .where(
@@ -543,7 +553,7 @@ class DbLedger:
     def load(self) -> MultipartCheckpoint | None:
         if self._empty:
             return None
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             header = conn.execute(_LEDGER_HEADER, {"rid": self._request_id}).scalar()
             if not header:
                 return None
@@ -617,7 +627,7 @@ class DbLedger:
         """Before the final S3 call: the lease is still ours and has not run out by the
         database's clock, else LeaseLost."""
         live = select(_T.c.id).where(_LEASED, _T.c.lease_expires_at > self._dialect.now())
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             if conn.execute(live, self._params).first() is None:
                 raise self._lost()
 

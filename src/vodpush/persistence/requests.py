@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from vodpush.core.records import QUEUED_MESSAGE
 from vodpush.core.requests import Enqueued, NewRequest, State
 from vodpush.persistence import dialect
-from vodpush.persistence.db import PreparedQuery, write_transaction
+from vodpush.persistence.db import PreparedQuery, read, write_transaction
 from vodpush.persistence.models import UploadRequest
 
 _T = UploadRequest.__table__
@@ -99,7 +99,7 @@ class RequestStore:
         return Enqueued(id=request_id, replayed=False)
 
     def _by_signature(self, account_id: int, signature: str) -> int | None:
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             return conn.execute(
                 select(_T.c.id).where(_T.c.account_id == account_id, _T.c.signature == signature)
             ).scalar()
@@ -113,5 +113,5 @@ class RequestStore:
         return self._one.all(account_id=account_id, id=request_id)
 
     def get(self, request_id: int) -> Row[Any] | None:
-        with self._engine.connect() as conn:
+        with read(self._engine) as conn:
             return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()

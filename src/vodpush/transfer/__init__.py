@@ -23,7 +23,8 @@ Failure policy, in one place:
   so the next attempt resumes from the completed parts (``abandon`` cleans up when the
   caller gives up);
 - any other exception (a bug, a ledger/database failure) propagates unchanged and keeps the
-  upload, like an interruption;
+  upload, like an interruption; so does StoreUnavailable met while cleaning up after an
+  UploadError (the checkpoint must outlive an abort that was not recorded);
 - success leaves the checkpoint of a multipart upload in the ledger: the caller drops it
   with its record of the outcome. An attempt killed between S3's answer and that record is
   recognised by the next one, which claims the object S3 holds when it provably holds the

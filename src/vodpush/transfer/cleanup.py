@@ -15,7 +15,7 @@ from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
 from vodpush.core.checkpoint import PartLedger
-from vodpush.core.requests import LeaseLost
+from vodpush.core.requests import LeaseLost, StoreUnavailable
 from vodpush.transfer.errors import UploadError, classify
 from vodpush.transfer.job import UploadJob
 
@@ -85,12 +85,13 @@ def abandon(client: BaseClient, job: UploadJob, ledger: PartLedger) -> bool:
 
 
 def abandon_quietly(client: BaseClient, job: UploadJob, ledger: PartLedger) -> None:
-    # Cleanup must not hide the error that caused it, except a lost lease: then the
-    # checkpoint is not ours to drop (failing the request would forget an upload id that was
-    # not aborted); the next holder resumes, meets the same error, and cleans up.
+    # Cleanup must not hide the error that caused it, except a lost lease or a database
+    # that did not answer: then the checkpoint is not ours to drop (failing the request
+    # would forget an upload id that was not aborted); the next attempt, ours or the next
+    # holder's, meets the same error and cleans up.
     try:
         abandon(client, job, ledger)
-    except LeaseLost:
+    except (LeaseLost, StoreUnavailable):
         raise
     except Exception:
         log.exception(

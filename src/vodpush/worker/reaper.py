@@ -21,6 +21,7 @@ from vodpush.core.orphans import Orphan
 from vodpush.service import Service
 from vodpush.transfer import abort_error
 from vodpush.worker import retry
+from vodpush.worker.outage import FailureLog
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class Reaper:
         self._accounts = service.accounts
         self._settings = service.settings
         self._client_for = client_for
+        # A database outage: a line when passes start failing, and one when they work again
+        # (no traceback); any other error with its traceback.
+        self._errors = FailureLog("reap", action="orphan.reap_error")
 
     def run(self, stopping: threading.Event) -> None:
         """The worker's reaper thread: a pass now, then one every ``reap_interval``, until
@@ -47,9 +51,11 @@ class Reaper:
         while not stopping.is_set():
             try:
                 self.reap_due(stopping)
-            except Exception:
+            except Exception as exc:
                 # The store is down, say: the orphans wait for the next pass.
-                log.exception("reaper pass failed", extra={"action": "orphan.reap_error"})
+                self._errors.failed(exc)
+            else:
+                self._errors.ok()
             stopping.wait(self._settings.reap_interval)
 
     def reap_due(self, stopping: threading.Event | None = None) -> tuple[int, int]:

@@ -30,6 +30,29 @@ def decide(
     return RetryDecision(retry=True, delay=delay)
 
 
+def after_store_error(
+    *, base_delay: float, max_delay: float, rng: random.Random | None = None
+) -> RetryDecision:
+    """An attempt cut short by the database (StoreUnavailable): always tried again, about
+    ``base_delay`` later. It costs no attempt, so it never exhausts ``max_attempts`` and
+    its backoff does not grow: a database outage is not the upload's fault."""
+    return decide(
+        transient=True,
+        attempts_made=1,
+        max_attempts=2,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        rng=rng,
+    )
+
+
+def store_delay(tries: int, *, first: float = 0.1, cap: float = 2.0) -> float:
+    """Seconds before trying a store call again after ``tries`` StoreUnavailable in a row:
+    doubling from ``first``, at most ``cap`` (a restarted database is back within seconds,
+    and the call is then done within ``cap`` of it)."""
+    return min(cap, first * 2 ** max(0, tries - 1))
+
+
 def abort_delay(attempts_made: int, *, base: float, cap: float) -> float:
     """Seconds before the abort of an orphaned upload is tried again after its
     ``attempts_made``-th failure: ``base``, doubling each time, at most ``cap``."""

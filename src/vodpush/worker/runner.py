@@ -11,6 +11,10 @@ back what still runs and returns, so an S3 call or a receiver that never answers
 the process. A reaper thread aborts the multipart uploads given up without a
 confirmed abort (worker.reaper).
 
+A database that does not answer for a while (core.requests.StoreUnavailable) is ridden out,
+never a failure: worker.outage tries store calls again, and _store_failed retries an attempt
+the database cut short without counting it.
+
 The stores are the Service's (core.ports: a database, or vodpush.memory), and the transfer
 itself is ``uploader`` (the S3 engine by default): tests/test_runner.py drives this loop on
 memory stores with a plain function in its place.
@@ -40,7 +44,7 @@ from vodpush.core import records
 from vodpush.core.accounts import AccountRecord
 from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
 from vodpush.core.clock import utcnow
-from vodpush.core.requests import Claimed, DueCallback, LeaseLost
+from vodpush.core.requests import Claimed, DueCallback, LeaseLost, StoreUnavailable
 from vodpush.service import Service
 from vodpush.transfer import (
     ObjectOptions,
@@ -53,8 +57,15 @@ from vodpush.transfer import (
 )
 from vodpush.worker import retry
 from vodpush.worker.clients import AccountClients
+from vodpush.worker.outage import FailureLog, PatientLedger, persist
 from vodpush.worker.reaper import ClientFor, Reaper
-from vodpush.worker.shutdown import NOT_STOPPING, deadline_after, give_up_at, time_left
+from vodpush.worker.shutdown import (
+    HAND_BACK_SECONDS,
+    NOT_STOPPING,
+    deadline_after,
+    give_up_at,
+    time_left,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +89,11 @@ def object_options(request: Claimed, account: AccountRecord) -> ObjectOptions:
     )
 
 
+class _NotRecorded(Exception):
+    """An outcome could not be written: the database stayed unavailable for the whole
+    budget. The request stays leased; when the lease runs out, a worker takes it over."""
+
+
 @dataclass
 class _Active:
     """A running upload, as the heartbeat thread and a stopping worker see it."""
@@ -95,6 +111,14 @@ class _Active:
     lock: threading.Lock = field(default_factory=threading.Lock)
     released: bool = False
     committing: bool = False
+    # Set once the upload's outcome (or release) is being written: from then on (as once
+    # it is lost) a claim of the same request is a new attempt, not this one's lease taken
+    # back.
+    settled: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+    # A new attempt claimed while an earlier one here was still writing its outcome
+    # starts when that one has finished.
+    after: threading.Event | None = None
 
     def progress(self, done: int, total: int) -> None:
         self.bytes_done, self.bytes_total = done, total
@@ -181,6 +205,11 @@ class Worker:
         # One client per set of credentials, not per account (transfer.clients).
         self._clients: ClientFor = clients or AccountClients(self.settings)
         self._reaper = Reaper(service, self._clients)
+        # Calls repeated all the time: during a database outage each logs a line when it
+        # starts failing, one every 30 s while it goes on, and one when it works again.
+        self._claim_errors = FailureLog("claim", action="worker.claim_error")
+        self._callback_claim_errors = FailureLog("claim_callback", action="callback.claim_error")
+        self._heartbeat_errors = FailureLog("heartbeat", action="worker.heartbeat_error")
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -244,7 +273,7 @@ class Worker:
                     burst
                     and not self._active
                     and not self._callbacks_running()
-                    and (not self.queue.has_work())
+                    and not self._has_work()
                 ):
                     break
                 if not claimed:
@@ -254,6 +283,13 @@ class Worker:
             self._stopping.set()
             self._wind_down()
             log.info("worker stopped", extra={"action": "worker.stopped", "owner": self.owner})
+
+    def _has_work(self) -> bool:
+        try:
+            return self.queue.has_work()
+        except StoreUnavailable as exc:
+            self._claim_errors.failed(exc)
+            return True  # unknown: a burst worker waits for the database to tell
 
     def _wind_down(self) -> None:
         """Wait for running uploads and callbacks: until they end, or after a stop() until
@@ -281,27 +317,62 @@ class Worker:
                 "callbacks": [d.due.id for d in callbacks],
             },
         )
-        for active in uploads:
-            self._give_up_upload(active)
-        for delivering in callbacks:
-            self._give_up_callback(delivering)
+        # Each hand-back is a database write (or waits for an upload thread that is in
+        # one): on threads of their own, waited for HAND_BACK_SECONDS at most, so a
+        # database that is away or slow cannot hold the exit. What is not handed back by
+        # then is left to its lease.
+        hand_backs = [
+            threading.Thread(
+                target=self._give_up_upload, args=(a,), name="give-up-upload", daemon=True
+            )
+            for a in uploads
+        ] + [
+            threading.Thread(
+                target=self._give_up_callback, args=(d,), name="give-up-callback", daemon=True
+            )
+            for d in callbacks
+        ]
+        for thread in hand_backs:
+            thread.start()
+        until = time.monotonic() + HAND_BACK_SECONDS
+        for thread in hand_backs:
+            thread.join(time_left(until, time.monotonic()))
+        if any(thread.is_alive() for thread in hand_backs):
+            log.warning(
+                "hand-back not finished (database slow or away): left to the leases",
+                extra={"action": "worker.give_up_unfinished", "owner": self.owner},
+            )
 
     def _claim_uploads(self) -> bool:
         claimed = False
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
             try:
                 request = self.queue.claim(self.owner, self.settings.lease_seconds)
-            except Exception:
+            except Exception as exc:
                 self._slots.release()
-                log.exception("claim failed", extra={"action": "worker.claim_error"})
+                self._claim_errors.failed(exc)
                 return claimed
+            self._claim_errors.ok()
             if request is None:
                 self._slots.release()
                 return claimed
             claimed = True
-            active = _Active(request)
             with self._lock:
-                self._active[request.id] = active
+                running = self._active.get(request.id)
+                going_on = running is not None and not (running.settled or running.lost)
+                if not going_on:
+                    active = _Active(request, after=running.finished if running else None)
+                    self._active[request.id] = active
+            if going_on:
+                # Our own upload, whose lease ran out while the database was away (its
+                # heartbeats could not renew it): the claim renewed it for us, under the
+                # same owner and as the same attempt, so the upload here simply goes on.
+                self._slots.release()
+                log.info(
+                    "lease of a running upload taken back after it ran out",
+                    extra={"action": "upload.lease_renewed", "request_id": request.id},
+                )
+                continue
             log.info(
                 "upload claimed",
                 extra={
@@ -323,11 +394,12 @@ class Worker:
     def _claim_callbacks(self) -> None:
         while self._callback_slots.acquire(blocking=False):
             try:
-                due = self.queue.claim_callback(lease_seconds=self.settings.callback_timeout * 3)
-            except Exception:
+                due = self.queue.claim_callback(lease_seconds=self._callback_lease)
+            except Exception as exc:
                 self._callback_slots.release()
-                log.exception("callback claim failed", extra={"action": "callback.claim_error"})
+                self._callback_claim_errors.failed(exc)
                 return
+            self._callback_claim_errors.ok()
             if due is None:
                 self._callback_slots.release()
                 return
@@ -343,16 +415,51 @@ class Worker:
 
     # -- uploads ---------------------------------------------------------------------------
 
-    def _should_stop(self, active: _Active) -> bool:
-        return active.lost or active.released or time.monotonic() > self._deadline
+    @property
+    def _callback_lease(self) -> float:
+        return self.settings.callback_timeout * 3
 
-    def _release(self, active: _Active) -> bool:
+    def _should_stop(self, active: _Active) -> bool:
+        return active.lost or active.released or self._past_deadline()
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() > self._deadline
+
+    def _past_give_up(self) -> bool:
+        return time.monotonic() >= give_up_at(self._deadline)
+
+    def _record(
+        self, active: _Active, operation: str, call: Callable[[], Any], extra: dict[str, Any]
+    ) -> Any:
+        """A write of an upload's outcome (or a release), tried again through a database
+        outage for up to the lease length, or until a stopping worker gives up on what
+        still runs (give_up_at); then _NotRecorded. A late try of a request another worker
+        took over is LeaseLost."""
+        active.settled = True
+        try:
+            return persist(
+                operation,
+                call,
+                budget=self.settings.lease_seconds,
+                give_up=self._past_give_up,
+                extra=extra,
+            )
+        except StoreUnavailable as exc:
+            raise _NotRecorded(str(exc)) from exc
+
+    def _release(self, active: _Active, extra: dict[str, Any]) -> bool:
         """Hand the request back (queued, the attempt not counted), once. False when that
-        is not done: already handed back, or its final S3 call may be in flight."""
+        is not done: already handed back, or its final S3 call may be in flight. The write
+        rides out a database outage (``_record``: _NotRecorded when it could not)."""
         with active.lock:
             if active.released or active.committing:
                 return False
-            self.queue.release(active.request.id, self.owner)
+            self._record(
+                active,
+                "release",
+                functools.partial(self.queue.release, active.request.id, self.owner),
+                extra,
+            )
             active.released = True
         return True
 
@@ -364,13 +471,14 @@ class Worker:
         request = active.request
         extra = {"request_id": request.id, "account_id": request.account_id}
         try:
-            released = self._release(active)
+            released = self._release(active, extra)
         except Exception:  # LeaseLost, or the database is away: the lease runs out anyway
             log.exception("hand-back failed", extra={"action": "upload.release_failed", **extra})
             return
         if released:
             with self._lock:
-                self._active.pop(request.id, None)  # no more heartbeats for it
+                if self._active.get(request.id) is active:
+                    del self._active[request.id]  # no more heartbeats for it
             log.info(
                 "upload released for another worker; its S3 call is abandoned",
                 extra={"action": "upload.released", **extra, "abandoned": True},
@@ -385,22 +493,35 @@ class Worker:
         request = active.request
         extra = {"request_id": request.id, "account_id": request.account_id}
         try:
+            if active.after is not None:
+                active.after.wait()
             try:
                 self._upload(active, extra)
-            except LeaseLost:
+            except StoreUnavailable as exc:
+                # Met during the attempt (not in writing its outcome): nothing is wrong
+                # with the upload, and its multipart upload and checkpoint are kept.
+                if not active.released:  # else: handed back already, nothing to write
+                    self._store_failed(active, exc, extra)
+            except (LeaseLost, _NotRecorded):
                 raise
             except Exception:
-                # Never let an unexpected error leave the request leased forever: record
-                # it. If the lease is gone (the error was a lost database connection, and
-                # another worker took over meanwhile), nothing is recorded: said below.
+                # A bug. Never let it leave the request leased forever: record it. If the
+                # lease is gone (another worker took over meanwhile), nothing is recorded:
+                # said below.
                 log.exception("upload crashed", extra={"action": "upload.crashed", **extra})
-                self.queue.fail(
-                    request.id,
-                    self.owner,
-                    message="Upload failed: internal error (see the server log)",
-                    http_status=None,
-                    code="InternalError",
-                    has_callback=bool(request.callback),
+                self._record(
+                    active,
+                    "fail",
+                    functools.partial(
+                        self.queue.fail,
+                        request.id,
+                        self.owner,
+                        message="Upload failed: internal error (see the server log)",
+                        http_status=None,
+                        code="InternalError",
+                        has_callback=bool(request.callback),
+                    ),
+                    extra,
                 )
                 metrics.UPLOADS.labels("error").inc()
         except LeaseLost:
@@ -409,21 +530,68 @@ class Worker:
                     "lease lost; another worker has the request",
                     extra={"action": "upload.lease_lost", **extra},
                 )
+        except _NotRecorded as exc:
+            log.error(
+                "outcome not recorded: the database stayed unavailable; the request stays "
+                "leased and is taken over (resumed) when its lease runs out",
+                extra={"action": "upload.not_recorded", "error": str(exc), **extra},
+            )
         finally:
             with self._lock:
-                self._active.pop(request.id, None)
+                if self._active.get(request.id) is active:
+                    del self._active[request.id]
+            active.finished.set()
             self._slots.release()
             self._wakeup.set()
+
+    def _store_failed(self, active: _Active, exc: StoreUnavailable, extra: dict[str, Any]) -> None:
+        """The attempt met a database error that passes: try the request again soon, from
+        its checkpoint, without counting the attempt. Never a failure."""
+        request = active.request
+        decision = retry.after_store_error(
+            base_delay=self.settings.retry_base_delay,
+            max_delay=self.settings.retry_max_delay,
+        )
+        delay = decision.delay or 0.0
+        at = self._record(
+            active,
+            "retry_later",
+            functools.partial(
+                self.queue.retry_later,
+                request.id,
+                self.owner,
+                delay=delay,
+                cause="the database was unavailable",
+                max_attempts=self.settings.max_attempts,
+                http_status=None,
+                code="StoreUnavailable",
+                refund_attempt=True,
+            ),
+            extra,
+        )
+        metrics.UPLOADS.labels("retry").inc()
+        log.warning(
+            "upload will be retried: database unavailable",
+            extra={
+                "action": "upload.retry",
+                **extra,
+                "error": str(exc),
+                "code": "StoreUnavailable",
+                "delay": round(delay, 3),
+                "next_attempt_at": at.isoformat(sep=" ", timespec="seconds"),
+                "attempt": request.attempts,
+            },
+        )
 
     def _upload(self, active: _Active, extra: dict[str, Any]) -> None:
         request = active.request
         account = self.service.accounts.by_id(request.account_id)
         if account is None:
             self._fail(
-                request, "Upload failed: the account no longer exists", None, "NoSuchAccount", extra
+                active, "Upload failed: the account no longer exists", None, "NoSuchAccount", extra
             )
             return
-        if self._refused_for_account(request, account, extra):
+        if self._refused_for_account(active, account, extra):
             return
         job = UploadJob(
             # Opened (race-free, beneath the user's directory) by the uploader at the start
@@ -446,7 +614,16 @@ class Worker:
         )
         client = self._clients(account)
         ledger = _GuardedLedger(
-            self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint), active
+            PatientLedger(
+                self.service.ledger(request.id, self.owner, empty=not request.has_checkpoint),
+                # A database outage pauses the upload for up to the lease length, then ends
+                # the attempt (StoreUnavailable: tried again later, from the checkpoint).
+                budget=self.settings.lease_seconds,
+                lost=lambda: active.lost or active.released,
+                give_up=self._past_deadline,
+                extra=extra,
+            ),
+            active,
         )
         if request.lease_expiries >= self.settings.max_lease_expiries:
             # Every worker that took it died or hung (a crash, the OOM killer): end it
@@ -454,7 +631,7 @@ class Worker:
             # (one whose abort fails is recorded by fail() for the reaper).
             abandon_quietly(client, job, ledger)
             self._fail(
-                request,
+                active,
                 f"Upload failed: worker died while uploading ({request.lease_expiries} times)",
                 None,
                 "WorkerDied",
@@ -476,7 +653,7 @@ class Worker:
         except UploadInterrupted:
             if active.lost:
                 raise LeaseLost(f"request {request.id}") from None
-            if self._release(active):
+            if self._release(active, extra):
                 log.info(
                     "upload released for another worker",
                     extra={"action": "upload.released", **extra},
@@ -485,22 +662,28 @@ class Worker:
         except UploadError as err:
             # A stopping worker does not judge a transient failure (S3 away as it stops):
             # the request goes back uncounted, and the next worker retries it at once.
-            if err.transient and self.stop_requested and self._release(active):
+            if err.transient and self.stop_requested and self._release(active, extra):
                 log.info(
                     "upload released for another worker after a transient error",
                     extra={"action": "upload.released", **extra, "error": err.message},
                 )
                 return
-            self._upload_failed(request, err, client, job, ledger, extra)
+            self._upload_failed(active, err, client, job, ledger, extra)
             return
-        self.queue.succeed(
-            request.id,
-            self.owner,
-            results=result.results,
-            http_status=result.http_status,
-            sha256=result.sha256,
-            size=result.size,
-            has_callback=bool(request.callback),
+        self._record(
+            active,
+            "succeed",
+            functools.partial(
+                self.queue.succeed,
+                request.id,
+                self.owner,
+                results=result.results,
+                http_status=result.http_status,
+                sha256=result.sha256,
+                size=result.size,
+                has_callback=bool(request.callback),
+            ),
+            extra,
         )
         elapsed = time.monotonic() - active.started
         metrics.UPLOADS.labels("success").inc()
@@ -521,34 +704,36 @@ class Worker:
             self._callback_ready()
 
     def _refused_for_account(
-        self, request: Claimed, account: AccountRecord, extra: dict[str, Any]
+        self, active: _Active, account: AccountRecord, extra: dict[str, Any]
     ) -> bool:
         """Checks against the account as it is now (it may have changed since submit);
         True when the request was handled here and must not be uploaded."""
+        request = active.request
         if not account.enabled:
             # Disabled between the claim and now: hold it again, it resumes on enable.
-            self.queue.release(request.id, self.owner)
+            self._release(active, extra)
             log.info("upload held: account disabled", extra={"action": "upload.held", **extra})
             return True
         refused = account.may_use_bucket(request.bucket)
         if refused is not None:
-            self._fail(request, f"Upload failed: {refused}", None, "BucketNotAllowed", extra)
+            self._fail(active, f"Upload failed: {refused}", None, "BucketNotAllowed", extra)
             return True
         refused = account.files_refused()
         if refused is not None:
-            self._fail(request, f"Upload failed: {refused}", None, "UsernameShared", extra)
+            self._fail(active, f"Upload failed: {refused}", None, "UsernameShared", extra)
             return True
         return False
 
     def _upload_failed(
         self,
-        request: Claimed,
+        active: _Active,
         err: UploadError,
         client: BaseClient,
         job: UploadJob,
         ledger: PartLedger,
         extra: dict[str, Any],
     ) -> None:
+        request = active.request
         decision = retry.decide(
             transient=err.transient,
             attempts_made=request.attempts,
@@ -559,14 +744,20 @@ class Worker:
         if decision.retry and decision.delay is not None:  # a retry always says when
             delay = decision.delay
             # The store puts the delay on its own clock and writes "Retrying at <time>".
-            at = self.queue.retry_later(
-                request.id,
-                self.owner,
-                delay=delay,
-                cause=err.message,
-                max_attempts=self.settings.max_attempts,
-                http_status=err.http_status,
-                code=err.code,
+            at = self._record(
+                active,
+                "retry_later",
+                functools.partial(
+                    self.queue.retry_later,
+                    request.id,
+                    self.owner,
+                    delay=delay,
+                    cause=err.message,
+                    max_attempts=self.settings.max_attempts,
+                    http_status=err.http_status,
+                    code=err.code,
+                ),
+                extra,
             )
             metrics.UPLOADS.labels("retry").inc()
             log.warning(
@@ -590,7 +781,7 @@ class Worker:
             # down), the checkpoint stays and fail() hands its upload id to the reaper.
             abandon(client, job, ledger)
         self._fail(
-            request,
+            active,
             f"Upload failed: {err.message}",
             err.http_status,
             err.code,
@@ -600,7 +791,7 @@ class Worker:
 
     def _fail(
         self,
-        request: Claimed,
+        active: _Active,
         message: str,
         http_status: int | None,
         code: str | None,
@@ -608,13 +799,20 @@ class Worker:
         *,
         detail: str | None = None,
     ) -> None:
-        self.queue.fail(
-            request.id,
-            self.owner,
-            message=message,
-            http_status=http_status,
-            code=code,
-            has_callback=bool(request.callback),
+        request = active.request
+        self._record(
+            active,
+            "fail",
+            functools.partial(
+                self.queue.fail,
+                request.id,
+                self.owner,
+                message=message,
+                http_status=http_status,
+                code=code,
+                has_callback=bool(request.callback),
+            ),
+            extra,
         )
         metrics.UPLOADS.labels("failure").inc()
         log.warning(
@@ -654,12 +852,12 @@ class Worker:
             active.reported = progress
         except LeaseLost:
             active.lost = True
-        except Exception:
-            # A database hiccup: the lease is long enough to try again next beat.
-            log.exception(
-                "heartbeat failed",
-                extra={"action": "worker.heartbeat_error", "request_id": active.request.id},
-            )
+        except Exception as exc:
+            # A database hiccup: the lease is long enough to try again next beat (and if
+            # it runs out meanwhile, our next claim takes it back: _claim_uploads).
+            self._heartbeat_errors.failed(exc, request_id=active.request.id)
+        else:
+            self._heartbeat_errors.ok()
 
     # -- callbacks -------------------------------------------------------------------------
 
@@ -674,6 +872,14 @@ class Worker:
             self._deliver(delivering, extra)
         except LeaseLost:
             pass
+        except StoreUnavailable as exc:
+            # Before the POST (reading what to send), or in recording it after tries for
+            # the whole callback lease: it is due again when that lease runs out, and is
+            # then sent with the same webhook-id.
+            log.warning(
+                "callback not finished: database unavailable; due again after its lease",
+                extra={"action": "callback.store_unavailable", "error": str(exc), **extra},
+            )
         except Exception:
             log.exception("callback crashed", extra={"action": "callback.crashed", **extra})
         finally:
@@ -733,16 +939,25 @@ class Worker:
         if not delivering.settle():
             return  # recorded as interrupted by a worker that stopped waiting for it
         decision = next_delivery(due.attempts + 1, self.settings.callback_schedule)
-        state = self.queue.record_callback(
-            due.id,
-            msg_id=msg_id,
-            at=attempt.at.replace(tzinfo=None),
-            ok=attempt.ok,
-            http_status=attempt.http_status,
-            error=attempt.error,
-            duration=attempt.duration,
-            next_delay=decision.delay if decision.retry else None,
-            permanent=attempt.permanent,
+        # The POST was made: record it through a database outage, for up to the callback
+        # lease (after it another deliverer may send it again, with the same webhook-id).
+        state = persist(
+            "record_callback",
+            functools.partial(
+                self.queue.record_callback,
+                due.id,
+                msg_id=msg_id,
+                at=attempt.at.replace(tzinfo=None),
+                ok=attempt.ok,
+                http_status=attempt.http_status,
+                error=attempt.error,
+                duration=attempt.duration,
+                next_delay=decision.delay if decision.retry else None,
+                permanent=attempt.permanent,
+            ),
+            budget=self._callback_lease,
+            give_up=self._past_give_up,
+            extra=extra,
         )
         metrics.CALLBACKS.labels("delivered" if attempt.ok else "failed").inc()
         log.info(

@@ -11,19 +11,32 @@ A stop at time t with ``grace`` seconds:
   try afterwards).
 
 So the process is gone SETTLE_SECONDS after the grace, plus the few database writes of
-the hand-back. A second stop can only bring the deadline nearer (``stop(grace=0)``: now).
+the hand-back: HAND_BACK_SECONDS at most, even when the database is away or slow (what
+is not handed back by then is left to its lease). A second stop can only bring the
+deadline nearer (``stop(grace=0)``: now).
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["NOT_STOPPING", "SETTLE_SECONDS", "deadline_after", "give_up_at", "time_left"]
+__all__ = [
+    "HAND_BACK_SECONDS",
+    "NOT_STOPPING",
+    "SETTLE_SECONDS",
+    "deadline_after",
+    "give_up_at",
+    "time_left",
+]
 
 # A part in flight at the deadline usually lands within a second on a healthy link; waiting
 # this long lets it be recorded (the next worker need not send it again) without letting a
 # stuck one hold the exit.
 SETTLE_SECONDS = 2.0
+
+# How long the hand-back at give_up_at may take: a database that is away (a refused or
+# unanswered connection) must not hold the exit past grace + SETTLE_SECONDS + this.
+HAND_BACK_SECONDS = 1.5
 
 NOT_STOPPING = math.inf
 
