@@ -105,9 +105,9 @@ def put_in_flight(endpoint: FaultyEndpoint, mode: str, service: Service, rid: in
     wait_for(lambda: parts_stored(service, rid) >= 1, 60, "a stored part")
     endpoint.set_mode(mode)
     if mode == "blackhole":
-        wait_for(lambda: endpoint.swallowed > 0, 30, "a part sent into the hole")
+        wait_for(lambda: endpoint.swallowed > 0, 60, "a part sent into the hole")
     elif mode == "trickle":
-        wait_for(lambda: endpoint.trickled > 0, 30, "an answer trickling back")
+        wait_for(lambda: endpoint.trickled > 0, 60, "an answer trickling back")
 
 
 def assert_handed_back(service: Service, rid: int, log: Path) -> None:

@@ -217,3 +217,35 @@ def test_the_daemon_pool_runs_reports_and_skips_cancelled_work() -> None:
     assert not any(t.name.startswith("pool-under-test-") for t in threading.enumerate())  # joined
     with pytest.raises(RuntimeError):
         pool.submit(print)
+
+
+def test_a_signal_never_runs_stop_inside_a_lock_the_main_thread_holds() -> None:
+    """`vodpush worker` runs its loop on the main thread, where signal handlers run: a stop()
+    that takes a lock the interrupted loop holds (its Event's) must not run there."""
+    import os
+    import signal
+
+    from vodpush.cli.common import stop_on_signals
+
+    lock = threading.Lock()
+    called: list[bool] = []
+    done = threading.Event()
+
+    def stop() -> None:
+        got = lock.acquire(timeout=2)  # run inside the lock, this would wait in vain
+        called.append(got)
+        if got:
+            lock.release()
+        done.set()
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop_on_signals(stop)
+        with lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # the handler has run by now, inside the lock
+        assert done.wait(10)
+        assert called == [True]
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

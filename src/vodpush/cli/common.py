@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, NoReturn
@@ -72,6 +75,24 @@ def exit_after_stop() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT call ``stop`` from a thread of its own. A Python signal handler
+    runs on the main thread between two bytecodes, possibly inside a lock that thread holds
+    (the worker loop's Event, whose lock is not reentrant): calling ``stop`` there could wait
+    on that lock forever. The handler only puts the signal on a SimpleQueue, whose put is
+    reentrant and safe in a signal handler."""
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def relay() -> None:
+        while True:
+            signals.get()
+            stop()
+
+    threading.Thread(target=relay, name="signals", daemon=True).start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: signals.put_nowait(number))
 
 
 def print_json(obj: Any) -> None:

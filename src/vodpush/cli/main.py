@@ -9,7 +9,13 @@ import click
 
 from vodpush import logs
 from vodpush.cli.accounts import account
-from vodpush.cli.common import exit_after_stop, open_service, print_json, settings_or_fail
+from vodpush.cli.common import (
+    exit_after_stop,
+    open_service,
+    print_json,
+    settings_or_fail,
+    stop_on_signals,
+)
 from vodpush.cli.orphans import reap
 from vodpush.cli.requests import request_group
 from vodpush.cli.secrets import secrets_group
@@ -65,7 +71,6 @@ def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
 )
 def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> None:
     """Run an upload worker until SIGTERM/SIGINT (running uploads get a grace period)."""
-    import signal
 
     from vodpush.worker.runner import Worker
 
@@ -83,8 +88,7 @@ def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> No
             queue=None,
             token=token.get_secret_value() if token is not None else None,
         )
-    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
-    signal.signal(signal.SIGINT, lambda *_: runner.stop())
+    stop_on_signals(runner.stop)  # runner.run() holds locks on this (the main) thread
     try:
         runner.run(burst=burst)
     finally:
