@@ -218,18 +218,9 @@ class Multipart:
         that an upload that was aborted costs one request; only then is the file read, once,
         as an upload reads it: each part compared with its record, the whole hashed for the
         result."""
-        expected = _completed_object(checkpoint)
-        if expected is None or checkpoint.size != self.source.size:
+        if checkpoint.size != self.source.size:
             return None
-        composite, etag = expected
-        stored = find_same(
-            self.client,
-            self.job,
-            file_name=self.source.name,
-            size=checkpoint.size,
-            sha256_composite=composite,
-            etag=etag,
-        )
+        stored = self._stored_object(checkpoint)
         if stored is None:
             return None
         sha = self._read_as_recorded(checkpoint)
@@ -277,21 +268,25 @@ class Multipart:
         done = replace(
             checkpoint, parts={n: self._done[n].record for n in range(1, self.total + 1)}
         )
-        expected = _completed_object(done)
-        if expected is None:
-            return None
-        composite, etag = expected
-        stored = find_same(
-            self.client,
-            self.job,
-            file_name=self.source.name,
-            size=done.size,
-            sha256_composite=composite,
-            etag=etag,
-        )
+        stored = self._stored_object(done)
         if stored is None:
             return None
         return self._found(stored, done, sha, sent=self._sent, how="though S3 lost track")
+
+    def _stored_object(self, checkpoint: MultipartCheckpoint) -> dict[str, Any] | None:
+        """HeadObject of the key, when it holds the object ``checkpoint``'s parts make."""
+        expected = _completed_object(checkpoint)
+        if expected is None:
+            return None
+        composite, etag = expected
+        return find_same(
+            self.client,
+            self.job,
+            file_name=self.source.name,
+            size=checkpoint.size,
+            sha256_composite=composite,
+            etag=etag,
+        )
 
     def _found(
         self,
