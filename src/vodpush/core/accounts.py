@@ -36,6 +36,10 @@ class S3Settings:
     sse: str | None = None
     sse_kms_key_id: str | None = None
     checksums: bool = True
+    # An IAM role to assume through STS (with the keys above, or boto3's defaults) and the
+    # external id the role's trust policy asks for; None: the keys are used as they are.
+    role_arn: str | None = None
+    external_id: str | None = None
 
     def __repr__(self) -> str:  # never show the secret
         masked = MASKED if self.secret_access_key else None
@@ -43,7 +47,8 @@ class S3Settings:
             f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
             f"access_key_id={self.access_key_id!r}, secret_access_key={masked!r}, "
             f"sse={self.sse!r}, sse_kms_key_id={self.sse_kms_key_id!r}, "
-            f"checksums={self.checksums!r})"
+            f"checksums={self.checksums!r}, role_arn={self.role_arn!r}, "
+            f"external_id={MASKED if self.external_id else None!r})"
         )
 
 
@@ -62,6 +67,8 @@ class AccountRecord:
     # Another account has the same username (a database from before 0003): whose
     # sestore directory that is cannot be told, so no file is read for either.
     username_shared: bool = False
+    # Uploads of this account in flight at once, across all workers; None: no limit.
+    max_in_flight: int | None = None
 
     @property
     def has_own_s3_credentials(self) -> bool:

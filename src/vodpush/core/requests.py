@@ -4,7 +4,8 @@ callback. Plain values; how they are stored is the persistence layer's business.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class State(enum.StrEnum):
@@ -16,6 +17,8 @@ class State(enum.StrEnum):
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # Stopped by the customer (aws.cancel) or the operator; aws.retry queues it again.
+    CANCELED = "canceled"
 
 
 class CallbackState(enum.StrEnum):
@@ -30,6 +33,11 @@ class CallbackState(enum.StrEnum):
 
 # The states a worker may claim from (when due): waiting for a first or a next attempt.
 WAITING_STATES = (State.QUEUED.value, State.RETRYING.value)
+# The states a request ends in; nothing changes it any more but aws.retry (failed,
+# canceled).
+FINAL_STATES = (State.SUCCEEDED.value, State.FAILED.value, State.CANCELED.value)
+# The states aws.retry queues again.
+RETRYABLE_STATES = (State.FAILED.value, State.CANCELED.value)
 
 
 class LeaseLost(RuntimeError):
@@ -55,6 +63,14 @@ class NewRequest:
     # The canonical base64 of the request's HMAC digest (44 characters), not the text the
     # client sent: every spelling of one signature is one request.
     signature: str
+    # The object options beyond the reference API's (core.options.REQUEST_OPTIONS: content
+    # type, storage class, tags, ...), as checked at submit; empty for a documented-only
+    # request.
+    options: dict[str, Any] = field(default_factory=dict)
+    # The customer's idempotency key and the SHA-256 (hex) of the fields it covers; None
+    # when none was sent.
+    idempotency_key: str | None = None
+    idempotency_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,8 @@ class Claimed:
     # How often a worker's lease on it ran out (the worker died or hung): counted at the
     # claim that took it over. A request that kills every worker ends at max_attempts.
     lease_expiries: int = 0
+    # The object options of NewRequest.options.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class MemoryAccountStore:
             allowed_buckets=a.allowed_buckets,
             webhook_secret_enc=a.webhook_secret_enc,
             username_shared=shared,
+            max_in_flight=a.max_in_flight,
         )
 
     def api_secret(self, account: AccountRecord) -> str:

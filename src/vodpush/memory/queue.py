@@ -54,6 +54,7 @@ class MemoryRequestStore:
                 metadata_json=json.dumps(new.metadata, ensure_ascii=False),
                 callback=new.callback,
                 signature=new.signature,
+                options_json=json.dumps(new.options, ensure_ascii=False) if new.options else None,
                 created_at=now,
                 updated_at=now,
                 not_before=now,
@@ -125,6 +126,7 @@ class MemoryQueueStore:
                 attempts=row.attempts,
                 has_checkpoint=row.multipart_json is not None,
                 lease_expiries=row.lease_expiries,
+                options=json.loads(row.options_json) if row.options_json else {},
             )
 
     def _change(

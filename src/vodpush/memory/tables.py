@@ -34,6 +34,7 @@ class AccountRow:
     created_at: datetime
     allowed_buckets: tuple[str, ...] = ()
     webhook_secret_enc: str | None = None
+    max_in_flight: int | None = None
 
 
 @dataclass
@@ -69,8 +70,13 @@ class RequestRow:
     callback_next_at: datetime | None = None
     callback_msg_id: str | None = None
     callback_last_error: str | None = None
+    options_json: str | None = None
+    idempotency_key: str | None = None
+    idempotency_hash: str | None = None
     parts: dict[int, PartRecord] = field(default_factory=dict)
     callback_log: list[dict[str, Any]] = field(default_factory=list)
+    # The request_events rows: {"at", "event", "state", "attempts", "message", "error_code"}.
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 REQUEST_FIELDS = {f.name for f in fields(RequestRow)}

@@ -76,11 +76,14 @@ class AccountStore:
                 sse=row.s3_sse,
                 sse_kms_key_id=row.s3_sse_kms_key_id,
                 checksums=bool(row.s3_checksums),
+                role_arn=row.s3_role_arn,
+                external_id=row.s3_external_id,
             ),
             created_at=row.created_at,
             allowed_buckets=_load_patterns(row.allowed_buckets),
             webhook_secret_enc=row.webhook_secret_enc,
             username_shared=bool(row.username_shared),
+            max_in_flight=row.max_in_flight,
         )
 
     def api_secret(self, account: AccountRecord) -> str:
@@ -175,6 +178,8 @@ class AccountStore:
             "s3_sse": s3.sse,
             "s3_sse_kms_key_id": s3.sse_kms_key_id,
             "s3_checksums": s3.checksums,
+            "s3_role_arn": s3.role_arn,
+            "s3_external_id": s3.external_id,
         }
 
     def _update(self, account_id: int, **values: Any) -> None:

@@ -71,6 +71,12 @@ class Account(Base):
     )
     # A separate key for signing callbacks (whsec_..., encrypted); NULL: the API secret.
     webhook_secret_enc: Mapped[str | None] = mapped_column(Text)
+    # An IAM role the worker assumes (STS AssumeRole, with the account's keys or boto3's
+    # defaults) before it writes; NULL: the keys are used as they are.
+    s3_role_arn: Mapped[str | None] = mapped_column(String(2048))
+    s3_external_id: Mapped[str | None] = mapped_column(String(1224))
+    # Uploads of this account in flight at once, across all workers; NULL: no limit.
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
 
@@ -84,6 +90,19 @@ class UploadRequest(Base):
         Index("ix_upload_requests_state_not_before", "state", "not_before"),
         # Replay protection: one request per accepted signature.
         UniqueConstraint("account_id", "signature"),
+        # The customer's idempotency keys (aws.upload idempotency_key): one request a key.
+        UniqueConstraint("account_id", "idempotency_key"),
+        # aws.status filters, each with the listing's order (id) after it.
+        Index("ix_upload_requests_account_id_state_id", "account_id", "state", "id"),
+        Index("ix_upload_requests_account_id_created_at_id", "account_id", "created_at", "id"),
+        Index("ix_upload_requests_account_id_bucket_id", "account_id", "bucket", "id"),
+        # path_prefix: LIKE 'prefix%' uses it on PostgreSQL only with text_pattern_ops.
+        Index(
+            "ix_upload_requests_account_id_path",
+            "account_id",
+            "path",
+            postgresql_ops={"path": "text_pattern_ops"},
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -96,6 +115,12 @@ class UploadRequest(Base):
     metadata_json: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
     callback: Mapped[str] = mapped_column(Text, nullable=False, default="")
     signature: Mapped[str] = mapped_column(String(128), nullable=False)
+    # Object options beyond the reference API's (core.requests.NewRequest.options), JSON;
+    # NULL: none.
+    options_json: Mapped[str | None] = mapped_column(Text)
+    # aws.upload's idempotency_key, and the SHA-256 of the fields it covers (hex).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
 
     state: Mapped[str] = mapped_column(String(16), nullable=False, default=State.QUEUED.value)
     message: Mapped[str] = mapped_column(Text, nullable=False, default=QUEUED_MESSAGE)
@@ -172,6 +197,26 @@ class CallbackAttempt(Base):
     http_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     duration: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class RequestEvent(Base):
+    """A step in a request's life (queued, claimed, retrying, succeeded, failed, canceled,
+    queued again by aws.retry, callback redelivered): its history, kept when the request
+    itself is reset."""
+
+    __tablename__ = "request_events"
+    __table_args__ = (Index("ix_request_events_request_id_id", "request_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("upload_requests.id", ondelete="CASCADE"), nullable=False
+    )
+    at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    event: Mapped[str] = mapped_column(String(32), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # the state it led to
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    message: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(128))
 
 
 class OrphanUpload(Base):

@@ -159,6 +159,7 @@ class QueueStore:
                 # The column, not "multipart_json IS NOT NULL": SQLite 3.40 evaluates that
                 # wrongly in RETURNING (1 for a NULL column added by ALTER TABLE).
                 _T.c.multipart_json,
+                _T.c.options_json,
             )
         )
 
@@ -186,6 +187,7 @@ class QueueStore:
             attempts=row.attempts,
             has_checkpoint=row.multipart_json is not None,
             lease_expiries=row.lease_expiries,
+            options=json.loads(row.options_json) if row.options_json else {},
         )
 
     def _update_of(self, columns: tuple[str, ...], timed: tuple[str, ...]) -> Any:

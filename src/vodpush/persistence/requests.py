@@ -74,6 +74,7 @@ class RequestStore:
             "metadata_json": json.dumps(new.metadata, ensure_ascii=False),
             "callback": new.callback,
             "signature": new.signature,
+            "options_json": json.dumps(new.options, ensure_ascii=False) if new.options else None,
             "state": State.QUEUED.value,
             "message": QUEUED_MESSAGE,
             "http_status": 0,

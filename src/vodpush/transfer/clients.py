@@ -55,12 +55,16 @@ class ClientKey:
     access_key_id: str | None
     secret_digest: bytes | None
     checksums: bool
+    # A role to assume: another role (or external id) is another identity.
+    role_arn: str | None = None
+    external_id: str | None = None
 
     def __repr__(self) -> str:
         # The access key id is an identifier, not a secret (S3 puts it in every request).
         return (
             f"ClientKey(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
-            f"access_key_id={self.access_key_id!r}, checksums={self.checksums!r})"
+            f"access_key_id={self.access_key_id!r}, checksums={self.checksums!r}, "
+            f"role_arn={self.role_arn!r})"
         )
 
 
@@ -76,6 +80,8 @@ def client_key(s3: S3Settings, digest_key: bytes) -> ClientKey:
             else hmac.new(digest_key, secret.encode("utf-8"), hashlib.sha256).digest()
         ),
         checksums=s3.checksums,
+        role_arn=s3.role_arn,
+        external_id=s3.external_id,
     )
 
 
