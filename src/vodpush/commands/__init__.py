@@ -17,7 +17,14 @@ COMMANDS: dict[str, Handler] = {
     "aws.upload": answering_refusals(aws_upload),
     "aws.status": answering_refusals(aws_status),
 }
+# The fields each command reads beyond the envelope's (command, api_key, timestamp, cdn,
+# signature): one table, so that a field no command knows can be named back to the client
+# instead of being dropped in silence. A new command or field adds its entry here.
+COMMAND_FIELDS: dict[str, frozenset[str]] = {
+    "aws.upload": frozenset({"path", "destination_path", "bucket", "acl", "metadata", "callback"}),
+    "aws.status": frozenset({"id", "limit", "offset"}),
+}
 # Commands that only read: they never wait for a write lock.
 READ_ONLY_COMMANDS = frozenset({"aws.status"})
 
-__all__ = ["COMMANDS", "READ_ONLY_COMMANDS", "CommandContext", "Handler"]
+__all__ = ["COMMANDS", "COMMAND_FIELDS", "READ_ONLY_COMMANDS", "CommandContext", "Handler"]
