@@ -173,6 +173,23 @@ def test_outcomes(stores: Service) -> None:
     depth = stores.queue.depth()
     assert (depth["succeeded"], depth["failed"], depth["queued"], depth["running"]) == (1, 1, 0, 0)
     assert not stores.queue.has_work()
+    live = stores.queue.depth(live_only=True)  # what /metrics shows: no finished states
+    assert {"queued", "retrying", "running", "callbacks_pending"} <= set(live)
+    assert not {"succeeded", "failed", "canceled"} & set(live)
+    assert stores.queue.oldest_due_seconds() == 0.0  # nothing waits
+
+
+def test_oldest_due_counts_only_due_waiting_requests(stores: Service) -> None:
+    first, later = _enqueue(stores, _account(stores), 2)
+    assert stores.queue.claim("w", 30) is not None and stores.queue.claim("w", 30) is not None
+    assert stores.queue.oldest_due_seconds() == 0.0  # both running
+    stores.queue.retry_later(later, "w", delay=3600, cause="slow", max_attempts=16,
+                             http_status=503, code="SlowDown")  # fmt: skip
+    assert stores.queue.oldest_due_seconds() == 0.0  # retrying, not due for an hour
+    stores.queue.release(first, "w")
+    time.sleep(0.05)
+    waited = stores.queue.oldest_due_seconds()
+    assert 0.0 < waited < 30
 
 
 def test_retry_later_is_due_by_time_and_release_does_not_count(stores: Service) -> None:

@@ -242,7 +242,10 @@ def test_failure_log_logs_an_outage_at_a_sane_rate(caplog: pytest.LogCaptureFixt
 
 def test_metrics_are_served_while_the_database_is_down() -> None:
     class Down:
-        def depth(self) -> dict[str, int]:
+        def depth(self, *, live_only: bool = False) -> dict[str, int]:
+            raise StoreUnavailable("database unavailable: refused")
+
+        def oldest_due_seconds(self) -> float:
             raise StoreUnavailable("database unavailable: refused")
 
     text = metrics.render(Down()).decode()

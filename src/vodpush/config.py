@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     metrics_host: str | None = None
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_token: SecretStr | None = None
+    # A series per account (vodpush_account_*): their number grows with the accounts, so
+    # they are off unless asked for.
+    metrics_per_account: bool = False
 
     # Worker
     worker_concurrency: int = Field(default=4, ge=1, le=256)

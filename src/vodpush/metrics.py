@@ -19,6 +19,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -28,8 +29,28 @@ from vodpush.core.requests import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# A `_created` series beside every counter doubles what is scraped and stored and no
+# dashboard reads it.
+disable_created_metrics()
+
 UPLOADS = Counter("vodpush_uploads_total", "Finished upload attempts by outcome", ["outcome"])
 UPLOADED_BYTES = Counter("vodpush_uploaded_bytes_total", "Bytes of source files uploaded")
+# Counted as the bytes are sent, not when an upload ends: rate() of it is the throughput.
+BYTES_SENT = Counter(
+    "vodpush_upload_bytes_sent_total", "Bytes sent to S3 by this process, as they are sent"
+)
+UPLOADS_IN_FLIGHT = Gauge("vodpush_uploads_in_flight", "Uploads this worker process is running now")
+# Per account: only with VODPUSH_METRICS_PER_ACCOUNT (a series per account and outcome).
+ACCOUNT_UPLOADS = Counter(
+    "vodpush_account_uploads_total",
+    "Finished upload attempts by account id and outcome (VODPUSH_METRICS_PER_ACCOUNT)",
+    ["account", "outcome"],
+)
+ACCOUNT_BYTES = Counter(
+    "vodpush_account_uploaded_bytes_total",
+    "Bytes of source files uploaded by account id (VODPUSH_METRICS_PER_ACCOUNT)",
+    ["account"],
+)
 UPLOAD_SECONDS = Histogram(
     "vodpush_upload_duration_seconds",
     "Duration of successful uploads",
@@ -54,10 +75,33 @@ ORPHAN_ABORTS = Counter(
 )
 
 
+_per_account = False
+
+
+def configure(*, per_account: bool) -> None:
+    """Whether the per-account series are kept (their number grows with the accounts)."""
+    global _per_account
+    _per_account = per_account
+
+
+def upload_finished(outcome: str, account_id: int, *, size: int | None = None) -> None:
+    """One finished attempt: success, failure, retry or error (and the file's size on
+    success)."""
+    UPLOADS.labels(outcome).inc()
+    if size is not None:
+        UPLOADED_BYTES.inc(size)
+    if _per_account:
+        ACCOUNT_UPLOADS.labels(str(account_id), outcome).inc()
+        if size is not None:
+            ACCOUNT_BYTES.labels(str(account_id)).inc(size)
+
+
 class QueueDepth(Protocol):
     """What the metrics need of the queue (core.ports.QueueStorePort)."""
 
-    def depth(self) -> dict[str, int]: ...
+    def depth(self, *, live_only: bool = False) -> dict[str, int]: ...
+
+    def oldest_due_seconds(self) -> float: ...
 
 
 class QueueDepthCollector(Collector):
@@ -66,7 +110,10 @@ class QueueDepthCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            depth = self._queue.depth()
+            # Live states only: counting every finished request of all time costs a scan
+            # of the table at each scrape, and grows for ever.
+            depth = self._queue.depth(live_only=True)
+            oldest = self._queue.oldest_due_seconds()
         except StoreUnavailable:
             depth = None  # the process's own counters are still worth a scrape
         up = GaugeMetricFamily(
@@ -82,6 +129,13 @@ class QueueDepthCollector(Collector):
         for state, count in depth.items():
             gauge.add_metric([state], count)
         yield gauge
+        age = GaugeMetricFamily(
+            "vodpush_queue_oldest_due_seconds",
+            "How long the longest-waiting due request (queued, or retrying past its time) "
+            "has waited for a worker, by the database's clock; 0 when none waits",
+        )
+        age.add_metric([], oldest)
+        yield age
 
 
 def render(queue: QueueDepth) -> bytes:

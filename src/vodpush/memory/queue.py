@@ -345,15 +345,26 @@ class MemoryQueueStore:
             row = self._t.requests.get(request_id)
             return [] if row is None else [dict(a) for a in row.callback_log]
 
-    def depth(self) -> dict[str, int]:
+    def depth(self, *, live_only: bool = False) -> dict[str, int]:
         with self._t.lock:
             rows = list(self._t.requests.values())
             held = [r for r in rows if not self._t.account_enabled(r.account_id)]
-        result = {state.value: sum(r.state == state.value for r in rows) for state in State}
+        states = [*WAITING_STATES, State.RUNNING.value] if live_only else [s.value for s in State]
+        result = {state: sum(r.state == state for r in rows) for state in states}
         result["callbacks_pending"] = sum(r.callback_state == PENDING for r in rows)
         result["held_account_disabled"] = sum(r.state in WAITING_STATES for r in held)
         result["callbacks_held_account_disabled"] = sum(r.callback_state == PENDING for r in held)
         return result
+
+    def oldest_due_seconds(self) -> float:
+        now = self._t.now()
+        with self._t.lock:
+            due = [
+                r.not_before
+                for r in self._t.requests.values()
+                if r.state in WAITING_STATES and r.not_before <= now
+            ]
+        return max(0.0, (now - min(due)).total_seconds()) if due else 0.0
 
     def has_work(self) -> bool:
         now = self._t.now()

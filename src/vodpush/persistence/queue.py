@@ -487,17 +487,20 @@ class QueueStore:
 
     # -- operator views --------------------------------------------------------------------
 
-    def depth(self) -> dict[str, int]:
+    def depth(self, *, live_only: bool = False) -> dict[str, int]:
         """Requests by state, pending callbacks, and how many of the queued requests and
-        pending callbacks are held because their account is disabled."""
+        pending callbacks are held because their account is disabled. ``live_only``: the
+        states a request is on its way in (queued, retrying, running) only, read through
+        the claim's index instead of counting every request ever made."""
         held = not_(_ACCOUNT_ENABLED)
+        states = [s.value for s in State]
+        if live_only:
+            states = [*WAITING_STATES, State.RUNNING.value]
+        counting = select(_T.c.state, func.count()).group_by(_T.c.state)
+        if live_only:
+            counting = counting.where(_T.c.state.in_(states))
         with read(self._engine) as conn:
-            counts = {
-                state: count
-                for state, count in conn.execute(
-                    select(_T.c.state, func.count()).group_by(_T.c.state)
-                )
-            }
+            counts = {state: count for state, count in conn.execute(counting)}
             pending = conn.execute(
                 select(func.count()).where(_T.c.callback_state == _PENDING)
             ).scalar_one()
@@ -507,11 +510,28 @@ class QueueStore:
             held_callbacks = conn.execute(
                 select(func.count()).where(_T.c.callback_state == _PENDING, held)
             ).scalar_one()
-        result = {state.value: counts.get(state.value, 0) for state in State}
+        result = {state: counts.get(state, 0) for state in states}
         result["callbacks_pending"] = pending
         result["held_account_disabled"] = held_requests
         result["callbacks_held_account_disabled"] = held_callbacks
         return result
+
+    def oldest_due_seconds(self) -> float:
+        """How long (seconds, the database's clock) the request that has been due longest
+        without a worker has waited: queued or retrying, past its due time. 0.0 when none
+        waits. Read from the claim's index (state, not_before)."""
+        now = self._dialect.now()
+        query = select(func.min(_T.c.not_before).label("since"), now.label("now")).where(
+            _T.c.state.in_(WAITING_STATES), _T.c.not_before <= now
+        )
+        with read(self._engine) as conn:
+            row = conn.execute(query).one()
+        if row.since is None:
+            return 0.0
+        since, current = row.since, row.now
+        if isinstance(since, str):  # SQLite's min() loses the column's type
+            since = datetime.fromisoformat(since)
+        return max(0.0, (current - since).total_seconds())
 
     def has_work(self) -> bool:
         """Anything a burst worker should still wait for: queued requests (retries

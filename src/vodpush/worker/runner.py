@@ -121,6 +121,8 @@ class _Active:
     after: threading.Event | None = None
 
     def progress(self, done: int, total: int) -> None:
+        if done > self.bytes_done:  # bytes/s on a dashboard: counted as they are sent
+            metrics.BYTES_SENT.inc(done - self.bytes_done)
         self.bytes_done, self.bytes_total = done, total
 
 
@@ -195,6 +197,8 @@ class Worker:
         self._slots = threading.Semaphore(self.concurrency)
         self._callback_slots = threading.Semaphore(CALLBACK_THREADS)
         self._active: dict[int, _Active] = {}
+        metrics.UPLOADS_IN_FLIGHT.set_function(lambda: len(self._active))
+        metrics.configure(per_account=self.settings.metrics_per_account)
         self._delivering: dict[int, _Delivering] = {}
         # Due callbacks are looked for when one may just have become due (an upload with a
         # callback ended, a delivery slot freed) and otherwise once a poll interval, not
@@ -523,7 +527,7 @@ class Worker:
                     ),
                     extra,
                 )
-                metrics.UPLOADS.labels("error").inc()
+                metrics.upload_finished("error", request.account_id)
         except LeaseLost:
             if not active.released:  # else: the refused write of an abandoned upload
                 log.warning(
@@ -569,7 +573,7 @@ class Worker:
             ),
             extra,
         )
-        metrics.UPLOADS.labels("retry").inc()
+        metrics.upload_finished("retry", request.account_id)
         log.warning(
             "upload will be retried: database unavailable",
             extra={
@@ -686,8 +690,7 @@ class Worker:
             extra,
         )
         elapsed = time.monotonic() - active.started
-        metrics.UPLOADS.labels("success").inc()
-        metrics.UPLOADED_BYTES.inc(result.size)
+        metrics.upload_finished("success", request.account_id, size=result.size)
         metrics.UPLOAD_SECONDS.observe(elapsed)
         log.info(
             "upload succeeded",
@@ -759,7 +762,7 @@ class Worker:
                 ),
                 extra,
             )
-            metrics.UPLOADS.labels("retry").inc()
+            metrics.upload_finished("retry", request.account_id)
             log.warning(
                 "upload will be retried",
                 extra={
@@ -814,7 +817,7 @@ class Worker:
             ),
             extra,
         )
-        metrics.UPLOADS.labels("failure").inc()
+        metrics.upload_finished("failure", request.account_id)
         log.warning(
             "upload failed",
             extra={
