@@ -7,25 +7,44 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What serving needs (the package alone), and what the demo adds (moto, a local S3 server):
+# `make run` does not wait for the test and benchmark tools.
+SERVE_STAMP := $(VENV)/.installed-serve
+DEMO_STAMP := $(VENV)/.installed-demo
 
 FUZZ_SECONDS ?= 120
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
 
-.PHONY: run test test-fast lint format bench bench-status bench-upload bench-accounts bench-slowloris fuzz soak clean
+.PHONY: run demo test test-fast lint format bench bench-status bench-upload bench-accounts bench-slowloris fuzz soak clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	touch $(STAMP)
 
-run: $(STAMP)
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $@ $(SERVE_STAMP)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@ $(SERVE_STAMP) $(DEMO_STAMP)
+
+run: $(SERVE_STAMP)
 	$(BIN)/vodpush serve
 
+# A local S3 server (moto), a demo account pointed at it, `vodpush serve`, one upload
+# queued and read back from S3; then both keep running until Ctrl-C.
+demo: $(DEMO_STAMP)
+	$(BIN)/python demo/run.py
+
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench demo
+	$(BIN)/ruff format --check src tests bench demo
 	$(BIN)/lint-imports
 	$(BIN)/pytest
 
@@ -36,12 +55,12 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench demo
 	$(BIN)/lint-imports
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench demo
+	$(BIN)/ruff format src tests bench demo
 
 bench: bench-status bench-upload bench-accounts
 
@@ -72,4 +91,4 @@ bench-slowloris: $(STAMP)
 	$(BIN)/python bench/slowloris.py --mode headers,body --connections 300 --duration 40
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) .demo build dist src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache
