@@ -307,6 +307,7 @@ _INTEGRATION_FIXTURES = frozenset(
 # Modules whose tests start servers or subprocesses themselves, not through a fixture.
 _INTEGRATION_MODULES = frozenset(
     {
+        "test_demo",
         "test_dos",
         "test_faults",
         "test_interop_clients",
