@@ -253,3 +253,18 @@ def test_may_use_bucket_matches_whole_names(cli_env, capsys, service):
     assert account.may_use_bucket("Media") is None
     for bucket in ("cust-a\n", "media", "xcust-a", "cust-a/../b", "Media2", "cust-a b"):
         assert account.may_use_bucket(bucket) is not None, bucket
+
+
+def test_create_prints_one_line_of_json_or_shell_exports(cli_env, capsys, service):
+    code, out, err = run(capsys, "account", "create", "--cdn", "158", "--username", "jb")
+    assert code == 0, err
+    assert len(out.splitlines()) == 1 and json.loads(out)["username"] == "jb"
+    code, out, err = run(capsys, "account", "create", "--cdn", "7", "--username", "kim", "--export")
+    assert code == 0, err
+    words = out.split()
+    assert words[0] == "export" and len(out.splitlines()) == 1
+    exported = dict(word.split("=", 1) for word in words[1:])
+    assert exported["VODPUSH_CDN"] == "7"
+    created = service.accounts.find(exported["VODPUSH_API_KEY"])
+    assert created.username == "kim"
+    assert service.accounts.api_secret(created) == exported["VODPUSH_API_SECRET"]

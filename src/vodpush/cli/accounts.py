@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -55,12 +56,29 @@ def _s3_from(kwargs: dict[str, Any]) -> S3Settings:
 @account.command("create")
 @click.option("--cdn", type=click.IntRange(min=1), required=True, help="ScaleEngine CDN id.")
 @click.option("--username", required=True, help="User whose sestore directories it reads.")
+@click.option(
+    "--export",
+    "as_exports",
+    is_flag=True,
+    help="Print shell exports of VODPUSH_CDN, VODPUSH_API_KEY and VODPUSH_API_SECRET "
+    "(for `eval`) instead of JSON.",
+)
 @_s3_options
 @user_errors
-def account_create(cdn: int, username: str, **kwargs: Any) -> None:
+def account_create(cdn: int, username: str, as_exports: bool, **kwargs: Any) -> None:
     """Create an account; prints its api_key and api_secret (shown only now)."""
     service = open_service()
-    print_json(service.accounts.create(cdn=cdn, username=username, s3=_s3_from(kwargs)))
+    created = service.accounts.create(cdn=cdn, username=username, s3=_s3_from(kwargs))
+    if not as_exports:
+        print_json(created)
+        return
+    # What `vodpush client` and the client library read (with VODPUSH_URL).
+    exports = {
+        "VODPUSH_CDN": created["cdn"],
+        "VODPUSH_API_KEY": created["api_key"],
+        "VODPUSH_API_SECRET": created["api_secret"],
+    }
+    click.echo(" ".join(["export", *(f"{k}={shlex.quote(str(v))}" for k, v in exports.items())]))
 
 
 @account.command("list")

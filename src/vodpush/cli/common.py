@@ -96,4 +96,5 @@ def stop_on_signals(stop: Callable[[], None]) -> None:
 
 
 def print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+    """One line of JSON (for jq and scripts; the table views are the human ones)."""
+    click.echo(json.dumps(obj, ensure_ascii=False))
