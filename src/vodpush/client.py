@@ -23,6 +23,7 @@ re-signed, since a fresh signature would be a new request.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -275,6 +276,28 @@ class Client:
             headers={"User-Agent": _user_agent()},
             follow_redirects=False,
         )
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> Client:
+        """A client configured like boto3, from the environment: ``VODPUSH_URL``,
+        ``VODPUSH_CDN``, ``VODPUSH_API_KEY``, ``VODPUSH_API_SECRET`` (keyword arguments
+        win: ``url``, ``cdn``, ``api_key``, ``api_secret``, and the options of ``Client``).
+        ValueError names what is missing."""
+        values: dict[str, Any] = {}
+        missing = []
+        for name in ("url", "cdn", "api_key", "api_secret"):
+            variable = f"VODPUSH_{name.upper()}"
+            value = kwargs.pop(name, None) or os.environ.get(variable)
+            if not value:
+                missing.append(variable)
+            values[name] = value
+        if missing:
+            raise ValueError(f"set {', '.join(missing)} (or pass them to Client.from_env)")
+        try:
+            values["cdn"] = int(values["cdn"])
+        except ValueError:
+            raise ValueError(f"VODPUSH_CDN must be a number, not {values['cdn']!r}") from None
+        return cls(**values, **kwargs)
 
     def __repr__(self) -> str:
         # Never show the secret.
