@@ -5,7 +5,8 @@ drift from what vodpush does.
 A block is a fenced ``sh``, ``python`` or ``php`` block. ``sh`` blocks run in bash, one after
 the other, with what earlier blocks exported (as in one terminal); ``python`` blocks run in
 the project's virtualenv (as a module named ``doc_example``, so that an example's server
-loop under ``if __name__ == "__main__":`` is left out), ``php`` blocks with php-cli, with the same environment. A block
+loop under ``if __name__ == "__main__":`` is left out), ``php`` blocks with php-cli, with
+the same environment. A block
 may be preceded by ``<!-- doc-test: skip: <why> -->`` (it starts this very server, or is the
 suite itself); every skip names its reason. An answer of the API printed by a block must
 not be a failure unless the block is preceded by ``<!-- doc-test: fails -->``.
