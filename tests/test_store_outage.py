@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -25,8 +26,10 @@ from psycopg import errors as pg_errors
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 
-from tests.conftest import MiB, s3_client
+from tests.conftest import LiveServer, MiB, s3_client
+from tests.wire import envelope, php_style, post
 from vodpush import metrics
+from vodpush.api.app import create_app
 from vodpush.config import Settings
 from vodpush.core.checkpoint import MemoryLedger, MultipartCheckpoint, PartRecord
 from vodpush.core.requests import LeaseLost, NewRequest, StoreUnavailable
@@ -148,6 +151,38 @@ def test_sqlite_busy_is_store_unavailable_and_passes(
     assert claimed is not None and claimed.id == rid
     with lock(), pytest.raises(StoreUnavailable):
         service.ledger(rid, "w").part_done(1, PartRecord(etag='"e"', checksum_sha256=None, size=5))
+
+
+@pytest.mark.integration
+def test_the_api_answers_busy_while_the_database_is_away_and_a_resend_queues_once(
+    locked_sqlite: tuple[Service, Callable[[], Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """aws.upload over HTTP while SQLite is locked past its busy timeout: code 1000 with a
+    retry_after, no traceback logged; the same signed body sent again afterwards queues the
+    file once."""
+    service, lock = locked_sqlite
+    created = service.accounts.create(cdn=1, username="jb")
+    service.accounts.allow_buckets(created["api_key"], ["vod-bucket"])
+    (service.settings.sestore_root / "sestore1" / "jb").mkdir(parents=True)
+    (service.settings.sestore_root / "sestore1" / "jb" / "a.mp4").write_bytes(b"v")
+    creds = SimpleNamespace(cdn=1, **{k: created[k] for k in ("api_key", "api_secret")})
+    payload = envelope(creds, "aws.upload", path="sestore1/jb/a.mp4", destination_path="a.mp4",
+                       bucket="vod-bucket", acl="private")  # fmt: skip
+    body = php_style(payload, created["api_secret"])
+    server = LiveServer(create_app(service), service.settings)
+    server.start()
+    try:
+        with lock():
+            answer = post(server.url, body).json()
+        assert (answer["status"], answer["code"]) == ("failure", "1000"), answer
+        assert answer["retry_after"] == 2.0 and "send the same request again" in answer["message"]
+        first = post(server.url, body).json()
+        again = post(server.url, body).json()
+    finally:
+        server.stop()
+    assert first["status"] == "success" and again["data"] == first["data"]
+    assert len(service.requests.list_for_account(created["id"], limit=10, offset=0)) == 1
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for an outage"
 
 
 def test_stores_are_built_on_the_translating_helpers() -> None:

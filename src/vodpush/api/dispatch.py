@@ -10,8 +10,9 @@ from typing import Any
 
 import orjson
 
-from vodpush.api.limits import Busy, RequestGuard, busy_envelope
+from vodpush.api.limits import TALLY, Busy, RequestGuard, busy_envelope
 from vodpush.commands import COMMANDS, READ_ONLY_COMMANDS, CommandContext
+from vodpush.core.requests import StoreUnavailable
 from vodpush.logs import echo
 from vodpush.protocol.auth import authenticate
 from vodpush.protocol.envelope import ApiError, Code, failure, success
@@ -26,6 +27,10 @@ from vodpush.protocol.signing import (
 from vodpush.service import Service
 
 log = logging.getLogger(__name__)
+
+# What a client is told to wait when the database is away for a moment (a restart, a
+# failover): sending the same signed request again is safe, a replay returns the first id.
+STORE_RETRY_AFTER = 2.0
 
 # Only requests this small run inline on the event loop: an aws.status is a few hundred
 # characters, and parsing (twice) more than this would hold up every other connection.
@@ -123,6 +128,15 @@ def handle(
         return failure(exc.code, exc.message, time.perf_counter() - started)
     except Unreadable:
         raise
+    except StoreUnavailable:
+        # A database restart must not turn every call into a logged traceback and an
+        # "internal error": it passes, and the client may send the same request again.
+        TALLY.note("database_unavailable", command=echo(command))
+        busy = Busy(
+            "the service's database is unavailable for a moment; send the same request again",
+            STORE_RETRY_AFTER,
+        )
+        return busy_envelope(busy, time.perf_counter() - started)
     except Exception:
         log.exception(
             "command failed",
