@@ -13,11 +13,12 @@ Requests are signed exactly as the PHP reference client signs them (see
 reports come back as :class:`ApiError` (with the API's ``code``); everything that keeps an
 answer from arriving is a :class:`TransportError`.
 
-Retries are limited to what cannot do harm: ``aws.status`` only reads, so it is retried on
-connection trouble, timeouts and HTTP 5xx. ``aws.upload`` is retried only by resending the
-*same signed body*: the server recognises a signature it has already accepted and answers the
-first request's id again, so a lost answer never queues a second upload. The body is never
-re-signed, since a fresh signature would be a new request.
+Retries are limited to what cannot do harm: ``aws.status`` and ``aws.callbacks`` only read,
+so they are retried on connection trouble, timeouts and HTTP 5xx. ``aws.upload`` and
+``aws.redeliver`` are retried only by resending the *same signed body*: the server recognises
+a signature it has already accepted and answers as it did the first time, so a lost answer
+never queues a second upload or a second redelivery. The body is never re-signed, since a
+fresh signature would be a new request.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ from vodpush.webhooks import verify as verify_callback
 __all__ = [
     "DEFAULT_TIMEOUT",
     "ApiError",
+    "CallbackAttempt",
+    "CallbackHistory",
     "Client",
     "ClientError",
+    "Redelivery",
     "RequestNotFound",
     "StatusRecord",
     "TransportError",
@@ -214,6 +218,95 @@ class StatusRecord:
         return self.succeeded or self.failed
 
 
+@dataclass(frozen=True)
+class CallbackAttempt:
+    """One POST of a callback, as ``aws.callbacks`` lists it."""
+
+    at: str  # "YYYY-MM-DD HH:MM:SS", UTC
+    ok: bool
+    http_status: int | None  # the receiver's answer; None when none came
+    error: str | None
+    duration: float | None  # seconds
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> CallbackAttempt:
+        duration = data.get("duration")
+        return cls(
+            at=_as_str(data.get("at")),
+            ok=data.get("ok") is True,
+            http_status=_as_int(data.get("http_status")),
+            error=_opt_str(data.get("error")),
+            duration=float(duration)
+            if isinstance(duration, int | float) and not isinstance(duration, bool)
+            else None,
+        )
+
+
+@dataclass(frozen=True)
+class CallbackHistory:
+    """A request's callback as ``aws.callbacks`` reports it: where it stands and its
+    newest attempts (newest first; ``total`` counts them all)."""
+
+    id: int
+    state: str  # the request's
+    callback: str
+    callback_state: str  # none, pending, delivered, failed
+    callback_attempts: int  # of the current delivery (a redelivery starts again at 0)
+    next_attempt_at: str  # while pending, else ""
+    webhook_id: str | None  # of the current delivery
+    callback_error: str | None
+    redeliveries: int
+    last_redelivered: str  # "" if never
+    total: int
+    attempts: tuple[CallbackAttempt, ...] = field(default=(), hash=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> CallbackHistory:
+        attempts = data.get("attempts")
+        return cls(
+            id=_as_int(data.get("id"), 0) or 0,
+            state=_as_str(data.get("state")),
+            callback=_as_str(data.get("callback")),
+            callback_state=_as_str(data.get("callback_state")),
+            callback_attempts=_as_int(data.get("callback_attempts"), 0) or 0,
+            next_attempt_at=_as_str(data.get("next_attempt_at")),
+            webhook_id=_opt_str(data.get("webhook_id")),
+            callback_error=_opt_str(data.get("callback_error")),
+            redeliveries=_as_int(data.get("redeliveries"), 0) or 0,
+            last_redelivered=_as_str(data.get("last_redelivered")),
+            total=_as_int(data.get("total"), 0) or 0,
+            attempts=tuple(
+                CallbackAttempt.from_api(a)
+                for a in (attempts if isinstance(attempts, list) else [])
+                if isinstance(a, Mapping)
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["attempts"] = [dict(vars(a)) for a in self.attempts]
+        return out
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    """What ``aws.redeliver`` answered: the delivery now under way."""
+
+    id: int
+    callback_state: str  # "pending" (or, for a repeat of the same request, where it is now)
+    webhook_id: str | None  # a new one: receivers see a new message
+    next_attempt_at: str
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> Redelivery:
+        return cls(
+            id=_as_int(data.get("id"), 0) or 0,
+            callback_state=_as_str(data.get("callback_state")),
+            webhook_id=_opt_str(data.get("webhook_id")),
+            next_attempt_at=_as_str(data.get("next_attempt_at")),
+        )
+
+
 # -- the client ---------------------------------------------------------------------------
 
 
@@ -333,6 +426,25 @@ class Client:
             if record.id == id:
                 return record
         raise RequestNotFound(id)
+
+    def callbacks(self, id: int) -> CallbackHistory:
+        """The callback of request ``id``: its state and its newest delivery attempts
+        (``aws.callbacks``). An id the account does not have is an :class:`ApiError`
+        (code 0007, "no such request")."""
+        data = self._call("aws.callbacks", {"id": id}, resend_same_body=False)
+        if not isinstance(data, Mapping):
+            raise TransportError(f"aws.callbacks answered {type(data).__name__}, not an object")
+        return CallbackHistory.from_api(data)
+
+    def redeliver(self, id: int) -> Redelivery:
+        """Send the callback of finished request ``id`` again, as a new message (a new
+        webhook-id) due now (``aws.redeliver``). Refused with an :class:`ApiError`: 0007 for
+        a request that is not finished, has no callback or a delivery pending; 1000 past
+        the server's redeliveries per hour."""
+        data = self._call("aws.redeliver", {"id": id}, resend_same_body=True)
+        if not isinstance(data, Mapping):
+            raise TransportError(f"aws.redeliver answered {type(data).__name__}, not an object")
+        return Redelivery.from_api(data)
 
     def iter_status(self, page_size: int = 100) -> Iterator[StatusRecord]:
         """Every request of the account, newest first, fetched ``page_size`` at a time.
