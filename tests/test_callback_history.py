@@ -172,6 +172,7 @@ def test_history_shows_failed_posts_then_a_redelivery_reaches_the_receiver_again
     wait_for(lambda: callback_state(service, rid)[0] == "delivered", 30, "its record")
     refused = call(live_server.url, s3_account, "aws.redeliver", id=rid, timestamp=now - 2)
     assert (refused["status"], refused["code"]) == ("failure", "1000")
+    assert 3500 < refused["retry_after"] <= 3600  # seconds, as the API's rate limits say
     assert refused["message"].startswith(
         f"the callback of request {rid} was redelivered 2 times in the past hour, "
         "the most allowed (2); try again after "

@@ -293,6 +293,22 @@ def test_busy_code_1000_is_retried() -> None:
     assert mock_client(lambda r: answers.pop(0)).upload("p", "d", "b", "private") == 3
 
 
+def test_busy_code_1000_with_a_long_retry_after_is_not_retried() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        answer = fail("1000", "redelivered 5 times in the past hour")
+        return httpx.Response(200, json={**json.loads(answer.content), "retry_after": 1800})
+
+    with pytest.raises(ApiError) as refused:
+        mock_client(handler).redeliver(7)
+    assert refused.value.code == "1000" and len(calls) == 1
+    short = [httpx.Response(200, json={**json.loads(fail("1000", "busy").content),
+                                       "retry_after": 0.1}), ok({"id": 3})]  # fmt: skip
+    assert mock_client(lambda r: short.pop(0)).upload("p", "d", "b", "private") == 3
+
+
 def test_http_4xx_is_a_transport_error_and_not_retried() -> None:
     calls = []
 

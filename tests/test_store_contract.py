@@ -595,6 +595,7 @@ def test_redeliveries_are_limited_within_the_window(stores: Service) -> None:
     assert refused.at is not None
     later = _as_datetime(refused.at) - _as_datetime(first)
     assert timedelta(minutes=59) < later <= timedelta(hours=1)
+    assert 3500 < refused.retry_after <= HOUR
     # With a window that the earlier ones have left, the next is allowed.
     assert _redeliver(stores, account, rid, "msg_2", limit=2, window=0.0).outcome == "queued"
     assert _redeliver(stores, account, rid, "msg_3", limit=2).outcome == "pending"

@@ -61,6 +61,7 @@ _UPLOAD_RESEND_HORIZON = 60.0
 # HTTP statuses a proxy or an overloaded server answers before any command ran.
 _RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
 _BUSY_CODE = "1000"
+_MAX_BACKOFF = 5.0  # seconds
 
 
 class ClientError(Exception):
@@ -496,7 +497,7 @@ class Client:
                 too_old = resend_same_body and (self._clock() - signed_at > _UPLOAD_RESEND_HORIZON)
                 if attempt > self._retries or too_old:
                     raise exc.error from exc.__cause__
-                self._sleep(min(self._backoff * 2 ** (attempt - 1), 5.0))
+                self._sleep(min(self._backoff * 2 ** (attempt - 1), _MAX_BACKOFF))
                 if not resend_same_body:
                     body, signed_at = self._sign(command, fields_)
 
@@ -532,10 +533,19 @@ class Client:
             error = ApiError(
                 _as_str(envelope.get("code")) or "????", _as_str(envelope.get("message"))
             )
-            if error.code == _BUSY_CODE:  # refused before doing anything: safe to repeat
-                raise _Retryable(error)
+            if error.code == _BUSY_CODE and _soon(envelope.get("retry_after")):
+                raise _Retryable(error)  # refused before doing anything: safe to repeat
             raise error
         return envelope.get("data")
+
+
+def _soon(retry_after: Any) -> bool:
+    """Whether a busy answer is worth the quick retries here: no ``retry_after`` given,
+    or one within the longest backoff (a limit of an hour, such as aws.redeliver's, is not
+    waited out in a call)."""
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
+        return True
+    return retry_after <= _MAX_BACKOFF
 
 
 class _Retryable(Exception):

@@ -7,17 +7,18 @@ from functools import wraps
 from typing import Any
 
 from vodpush.operations import InvalidField, MissingFields, RateLimited, Refused, Unauthorized
-from vodpush.protocol.envelope import ApiError, Code
+from vodpush.protocol.envelope import ApiError, Code, RetryLater
 
 _CODES: dict[type[Refused], Code] = {
     MissingFields: Code.MISSING_FIELDS,
     InvalidField: Code.INVALID_FIELD,
     Unauthorized: Code.UNAUTHORIZED,
-    RateLimited: Code.BUSY,
 }
 
 
 def api_error(refused: Refused) -> ApiError:
+    if isinstance(refused, RateLimited):
+        return RetryLater(refused.message, refused.retry_after)
     for kind, code in _CODES.items():
         if isinstance(refused, kind):
             return ApiError(code, refused.message)

@@ -73,6 +73,7 @@ class RedeliveryResult:
     # allowed again. Store times (naive UTC, or SQLite's text).
     at: datetime | str | None = None
     redeliveries: int = 0  # TOO_MANY: how many there were in the window
+    retry_after: float = 0.0  # TOO_MANY: seconds from now (store clock) until ``at``
 
 
 def judge_redelivery(

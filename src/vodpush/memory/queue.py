@@ -150,13 +150,15 @@ class MemoryRequestStore:
                 e["at"] for e in row.events if e["event"] == REDELIVERED_EVENT and e["at"] > since
             ]
             if len(recent) >= limit:
+                allowed = min(recent) + timedelta(seconds=window)
                 return RedeliveryResult(
                     Redelivery.TOO_MANY,
                     state=row.state,
                     callback_state=row.callback_state,
                     msg_id=row.callback_msg_id,
-                    at=min(recent) + timedelta(seconds=window),
+                    at=allowed,
                     redeliveries=len(recent),
+                    retry_after=max((allowed - now).total_seconds(), 0.0),
                 )
             row.callback_state = PENDING
             row.callback_next_at = now

@@ -24,6 +24,7 @@ from vodpush.core.callbacks import (
 )
 from vodpush.core.fields import InvalidField, read_int, require
 from vodpush.core.records import format_time
+from vodpush.core.requests import CallbackState
 from vodpush.operations.context import OperationContext
 from vodpush.operations.errors import RateLimited
 from vodpush.webhooks import new_message_id
@@ -71,7 +72,9 @@ class Redelivered:
             "id": self.id,
             "callback_state": self.callback_state,
             "webhook_id": self.msg_id,
-            "next_attempt_at": format_time(self.due) if self.callback_state == "pending" else "",
+            "next_attempt_at": format_time(self.due)
+            if self.callback_state == CallbackState.PENDING.value
+            else "",
         }
 
 
@@ -143,7 +146,8 @@ def _refuse(request_id: int, result: RedeliveryResult, limit: int) -> None:
         raise RateLimited(
             f"the callback of request {request_id} was redelivered {result.redeliveries} "
             f"times in the past hour, the most allowed ({limit}); "
-            f"try again after {format_time(result.at)} UTC"
+            f"try again after {format_time(result.at)} UTC",
+            retry_after=result.retry_after,
         )
 
 

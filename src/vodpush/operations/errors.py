@@ -16,7 +16,11 @@ class Unauthorized(Refused):
 
 
 class RateLimited(Refused):
-    """The caller asked for this too often; the message says when it is possible again."""
+    """The caller asked for this too often: possible again in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 __all__ = ["InvalidField", "MissingFields", "RateLimited", "Refused", "Unauthorized"]

@@ -210,13 +210,15 @@ class RequestStore:
                 )
             ).one()
             if count >= limit:
+                allowed = oldest + timedelta(seconds=window)
                 return RedeliveryResult(
                     Redelivery.TOO_MANY,
                     state=row.state,
                     callback_state=row.callback_state,
                     msg_id=row.callback_msg_id,
-                    at=None if oldest is None else oldest + timedelta(seconds=window),
+                    at=allowed,
                     redeliveries=count,
+                    retry_after=max((allowed - now).total_seconds(), 0.0),
                 )
             # Guarded by what was judged: finished, and no delivery pending.
             moved = conn.execute(
