@@ -575,6 +575,27 @@ def test_a_redelivery_is_refused_unless_finished_with_a_callback_and_none_pendin
     assert stores.requests.get(waiting).callback_state == "none"  # type: ignore[union-attr]
 
 
+def _cancel(s: Service, rid: int) -> None:
+    """A request stopped before it ran, as aws.cancel leaves it (no callback made due)."""
+    if s.engine is None:
+        s.queue._t.requests[rid].state = "canceled"  # type: ignore[attr-defined]
+        return
+    with s.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE upload_requests SET state = 'canceled' WHERE id = :rid"), {"rid": rid}
+        )
+
+
+def test_the_callback_of_a_canceled_request_may_be_sent(stores: Service) -> None:
+    account = _account(stores)
+    (rid,) = _enqueue(stores, account, callback="http://127.0.0.1:9/cb")
+    _cancel(stores, rid)
+    done = _redeliver(stores, account, rid, "msg_canceled")
+    assert (done.outcome, done.state, done.callback_state) == ("queued", "canceled", "pending")
+    due = stores.queue.claim_callback(30)
+    assert due is not None and (due.id, due.msg_id) == (rid, "msg_canceled")
+
+
 def test_redeliveries_are_limited_within_the_window(stores: Service) -> None:
     account = _account(stores)
     rid, _ = _delivered(stores, account)
