@@ -293,6 +293,22 @@ def test_busy_code_1000_is_retried() -> None:
     assert mock_client(lambda r: answers.pop(0)).upload("p", "d", "b", "private") == 3
 
 
+def test_busy_code_1000_with_a_long_retry_after_is_not_retried() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        answer = fail("1000", "redelivered 5 times in the past hour")
+        return httpx.Response(200, json={**json.loads(answer.content), "retry_after": 1800})
+
+    with pytest.raises(ApiError) as refused:
+        mock_client(handler).redeliver(7)
+    assert refused.value.code == "1000" and len(calls) == 1
+    short = [httpx.Response(200, json={**json.loads(fail("1000", "busy").content),
+                                       "retry_after": 0.1}), ok({"id": 3})]  # fmt: skip
+    assert mock_client(lambda r: short.pop(0)).upload("p", "d", "b", "private") == 3
+
+
 def test_http_4xx_is_a_transport_error_and_not_retried() -> None:
     calls = []
 
@@ -337,6 +353,81 @@ def test_a_server_that_never_answers_times_out() -> None:
         assert time.monotonic() - started < 3
     finally:
         listener.close()
+
+
+def test_callbacks_reads_the_history_and_tolerates_odd_values() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(json_field(request)))
+        return ok(
+            {
+                "id": "7",
+                "state": "succeeded",
+                "callback": "https://hooks.example/x",
+                "callback_state": "delivered",
+                "callback_attempts": 1,
+                "next_attempt_at": "",
+                "webhook_id": "msg_2",
+                "callback_error": None,
+                "redeliveries": 1,
+                "last_redelivered": "2026-01-01 00:10:00",
+                "total": 3,
+                "attempts": [
+                    {"at": "2026-01-01 00:10:01", "ok": True, "http_status": 204,
+                     "error": None, "duration": 0.012},
+                    {"at": "2026-01-01 00:00:02", "ok": False, "http_status": None,
+                     "error": "timed out after 10 s", "duration": True},
+                    "not an attempt",
+                ],
+                "future_field": 1,
+            }
+        )  # fmt: skip
+
+    history = mock_client(handler).callbacks(7)
+    assert sent[0]["command"] == "aws.callbacks" and sent[0]["id"] == 7
+    assert (history.id, history.callback_state, history.webhook_id, history.total) == (
+        7,
+        "delivered",
+        "msg_2",
+        3,
+    )
+    assert [(a.ok, a.http_status, a.error, a.duration) for a in history.attempts] == [
+        (True, 204, None, 0.012),
+        (False, None, "timed out after 10 s", None),
+    ]
+    as_dict = history.to_dict()
+    assert as_dict["attempts"][0] == {
+        "at": "2026-01-01 00:10:01",
+        "ok": True,
+        "http_status": 204,
+        "error": None,
+        "duration": 0.012,
+    }
+    assert json.loads(json.dumps(as_dict))["redeliveries"] == 1
+    with pytest.raises(TransportError, match="not an object"):
+        mock_client(lambda r: ok([])).callbacks(7)
+
+
+def test_redeliver_is_retried_only_with_the_identical_signed_body() -> None:
+    bodies: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        if len(bodies) == 1:
+            raise httpx.ReadTimeout("no answer")  # the server may have made it
+        data = {"id": 7, "callback_state": "pending", "webhook_id": "msg_r"}
+        return ok({**data, "next_attempt_at": "2026-01-01 00:00:00"})
+
+    done = mock_client(handler).redeliver(7)
+    assert len(bodies) == 2 and bodies[0] == bodies[1]  # the server recognises the repeat
+    (text,) = parse_qs(bodies[0].decode())["json"]
+    assert json.loads(text)["command"] == "aws.redeliver"
+    assert (done.id, done.callback_state, done.webhook_id) == (7, "pending", "msg_r")
+    refused = mock_client(lambda r: fail("0007", "invalid id: no such request"))
+    with pytest.raises(ApiError) as error:
+        refused.redeliver(7)
+    assert (error.value.code, error.value.message) == ("0007", "invalid id: no such request")
 
 
 def test_get_of_an_unknown_id_raises_request_not_found() -> None:
@@ -479,8 +570,11 @@ def test_public_api_is_pinned() -> None:
         [
             "DEFAULT_TIMEOUT",
             "ApiError",
+            "CallbackAttempt",
+            "CallbackHistory",
             "Client",
             "ClientError",
+            "Redelivery",
             "RequestNotFound",
             "StatusRecord",
             "TransportError",

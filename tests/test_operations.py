@@ -15,18 +15,25 @@ import pytest
 from tests.conftest import run_cli as run
 from tests.wire import call
 from vodpush.commands import COMMANDS, CommandContext
+from vodpush.core.clock import utcnow
 from vodpush.operations import (
     InvalidField,
     MissingFields,
     OperationContext,
     Queued,
+    RateLimited,
+    RequestRef,
     StatusQuery,
     Unauthorized,
     UploadArgs,
+    callback_history,
+    redeliver,
     status,
     upload,
 )
+from vodpush.operations.callbacks import redelivery_message_id
 from vodpush.protocol.envelope import ApiError, Code
+from vodpush.webhooks import sign
 
 FILE = "sestore1/jb/videos/clip.mp4"
 KEY_A = "A" * 43 + "="  # replay keys: the canonical base64 of a digest, as the API passes
@@ -281,3 +288,76 @@ def test_cli_request_list_refusals(account, cli_env, capsys):
     # An account with no request: an empty list, not an error.
     code, out, _ = run(capsys, "request", "list", account.api_key, "--json")
     assert code == 0 and json.loads(out) == []
+
+
+# -- the callback's history and redelivery -------------------------------------------------
+
+
+def _delivered(service: Any, ctx: OperationContext, clip: str) -> int:
+    """A request whose upload succeeded and whose callback was delivered, as a worker
+    records them."""
+    args = UploadArgs.from_values(values(callback="http://127.0.0.1:9/hook"), ctx)
+    request_id = upload(ctx, args, replay_key=KEY_A).id
+    assert service.queue.claim("w", 30).id == request_id
+    service.queue.succeed(
+        request_id, "w", results={}, http_status=200, sha256="0" * 64, size=1, has_callback=True
+    )
+    due = service.queue.claim_callback(30)
+    service.queue.record_callback(
+        request_id, msg_id=due.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
+        duration=0.1, next_delay=None,
+    )  # fmt: skip
+    return request_id
+
+
+def test_a_redelivery_id_is_derived_from_the_replay_key_else_fresh():
+    first = redelivery_message_id(7, KEY_A)
+    assert first == redelivery_message_id(7, KEY_A)  # the same signed request: the same
+    assert first != redelivery_message_id(8, KEY_A) and first != redelivery_message_id(7, KEY_B)
+    assert first.startswith("msg_") and len(first) == 36
+    sign("secret", first, 1_700_000_000, b"{}")  # a valid webhook-id
+    assert redelivery_message_id(7, None) != redelivery_message_id(7, None)
+
+
+def test_the_operator_redelivers_without_a_replay_key(service, ctx, clip):
+    request_id = _delivered(service, ctx, clip)
+    done = redeliver(ctx, RequestRef(request_id))
+    assert (done.callback_state, done.replayed) == ("pending", False)
+    assert done.msg_id != redelivery_message_id(request_id, KEY_A)
+    record = done.record()
+    assert record["webhook_id"] == done.msg_id and len(record["next_attempt_at"]) == 19
+    history = callback_history(ctx, RequestRef(request_id))
+    assert (history.msg_id, history.redeliveries, history.total) == (done.msg_id, 1, 1)
+
+
+def test_the_adapter_answers_too_many_redeliveries_with_code_1000(service, account, ctx, clip):
+    request_id = _delivered(service, ctx, clip)
+    limited = service.settings.model_copy(update={"callback_redeliveries_per_hour": 1})
+    command = CommandContext(
+        account=ctx.account, signature=KEY_B, settings=limited, requests=service.requests
+    )
+    message, data = COMMANDS["aws.redeliver"](command, {"id": str(request_id)})
+    assert message == "Callback redelivery queued" and data["callback_state"] == "pending"
+    # Delivered again (as a worker records it), then asked once more.
+    due = service.queue.claim_callback(30)
+    service.queue.record_callback(
+        request_id, msg_id=due.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
+        duration=0.1, next_delay=None,
+    )  # fmt: skip
+    again = dataclasses.replace(command, signature=KEY_A)
+    with pytest.raises(ApiError) as answered:
+        COMMANDS["aws.redeliver"](again, {"id": request_id})
+    assert answered.value.code == Code.BUSY and 3500 < answered.value.retry_after <= 3600
+    assert "redelivered 1 times in the past hour, the most allowed (1)" in answered.value.message
+    with pytest.raises(RateLimited):
+        redeliver(dataclasses.replace(ctx, settings=limited), RequestRef(request_id))
+    for payload, message in (
+        ({}, "missing required field(s): id"),
+        ({"id": 0}, "invalid id: must be at least 1"),
+        ({"id": True}, "invalid id: must be an integer, not a boolean"),
+        ({"id": 10**9}, "invalid id: no such request"),
+    ):
+        for name in ("aws.callbacks", "aws.redeliver"):
+            with pytest.raises(ApiError) as answered:
+                COMMANDS[name](command, payload)
+            assert answered.value.message == message, (name, payload)

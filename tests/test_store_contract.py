@@ -442,6 +442,255 @@ def test_a_permanent_callback_failure_ends_the_schedule(stores: Service) -> None
     assert records.render(stores.requests.get(rid))["callback_error"] == "refused address"
 
 
+# -- the callback's history and redelivery (aws.callbacks, aws.redeliver) --------------------
+
+HOUR = 3600.0
+
+
+def _delivered(s: Service, account_id: int, *, codes: tuple[int, ...] = (204,)) -> tuple[int, str]:
+    """A request that succeeded and whose callback was POSTed once per code (the last one
+    2xx: delivered); its id and webhook-id."""
+    (rid,) = _enqueue(s, account_id, callback="http://127.0.0.1:9/cb")
+    assert s.queue.claim("w", 30) is not None
+    _succeed(s, rid, "w", has_callback=True)
+    msg_id = ""
+    for code in codes:
+        due = s.queue.claim_callback(30)
+        assert due is not None and due.id == rid
+        msg_id = due.msg_id
+        s.queue.record_callback(
+            rid, msg_id=due.msg_id, at=utcnow(), ok=code < 300, http_status=code,
+            error=None if code < 300 else f"HTTP {code}", duration=0.25, next_delay=0,
+        )  # fmt: skip
+    return rid, msg_id
+
+
+def _redeliver(s: Service, account_id: int, rid: int, msg_id: str, **kwargs: Any) -> Any:
+    return s.requests.redeliver_callback(
+        account_id, rid, msg_id=msg_id, limit=kwargs.get("limit", 5),
+        window=kwargs.get("window", HOUR),
+    )  # fmt: skip
+
+
+def test_the_callback_history_is_newest_first_bounded_and_only_the_owners(
+    stores: Service,
+) -> None:
+    mine, theirs = _account(stores, "a"), _account(stores, "b")
+    rid, msg_id = _delivered(stores, mine, codes=(500, 502, 204))
+    history = stores.requests.callback_history(mine, rid, limit=100)
+    assert history is not None
+    assert (history.id, history.state, history.callback) == (
+        rid,
+        "succeeded",
+        "http://127.0.0.1:9/cb",
+    )
+    assert (history.callback_state, history.callback_attempts, history.total) == ("delivered", 3, 3)
+    assert (history.msg_id, history.last_error, history.next_at) == (msg_id, None, None)
+    assert (history.redeliveries, history.last_redelivered) == (0, None)
+    assert [(a.ok, a.http_status, a.error) for a in history.attempts] == [
+        (True, 204, None),
+        (False, 502, "HTTP 502"),
+        (False, 500, "HTTP 500"),
+    ]
+    assert history.attempts[0].duration == 0.25
+    entry = records.format_time(history.attempts[0].at)
+    assert len(entry) == 19 and entry.startswith(str(utcnow().year))
+    # Bounded: the newest, with the total of all.
+    newest = stores.requests.callback_history(mine, rid, limit=2)
+    assert newest is not None and newest.total == 3
+    assert [a.http_status for a in newest.attempts] == [204, 502]
+    # Another account's request is not there, exactly like one that does not exist.
+    assert stores.requests.callback_history(theirs, rid, limit=100) is None
+    assert stores.requests.callback_history(mine, 10**9, limit=100) is None
+    # A request without a callback has an empty history.
+    (plain,) = _enqueue(stores, mine)
+    empty = stores.requests.callback_history(mine, plain, limit=100)
+    assert empty is not None and (empty.callback_state, empty.total, empty.attempts) == (
+        "none",
+        0,
+        (),
+    )
+
+
+def test_a_redelivery_is_a_new_delivery_due_now_with_the_history_kept(stores: Service) -> None:
+    account = _account(stores)
+    rid, first_id = _delivered(stores, account, codes=(500, 204))
+    done = _redeliver(stores, account, rid, "msg_again")
+    assert (done.outcome, done.callback_state, done.msg_id) == ("queued", "pending", "msg_again")
+    assert done.at is not None
+    history = stores.requests.callback_history(account, rid, limit=100)
+    assert history is not None
+    assert (history.callback_state, history.callback_attempts, history.msg_id) == (
+        "pending",
+        0,
+        "msg_again",
+    )
+    assert history.next_at is not None and history.total == 2
+    assert history.redeliveries == 1 and history.last_redelivered is not None
+    # Due at once, for any deliverer, under its new id and a fresh schedule.
+    due = stores.queue.claim_callback(30)
+    assert due is not None and (due.id, due.attempts, due.msg_id) == (rid, 0, "msg_again")
+    state = stores.queue.record_callback(
+        rid, msg_id="msg_again", at=utcnow(), ok=True, http_status=200, error=None,
+        duration=0.1, next_delay=None,
+    )  # fmt: skip
+    assert state == "delivered"
+    after = stores.requests.callback_history(account, rid, limit=100)
+    assert after is not None and (after.callback_attempts, after.total) == (1, 3)
+    assert [a.http_status for a in after.attempts] == [200, 204, 500]
+    assert first_id != "msg_again"
+    # The same redelivery again (its webhook-id is the current one) changes nothing.
+    again = _redeliver(stores, account, rid, "msg_again")
+    assert (again.outcome, again.callback_state, again.msg_id) == (
+        "replayed",
+        "delivered",
+        "msg_again",
+    )
+    still = stores.requests.callback_history(account, rid, limit=100)
+    assert still is not None and (still.redeliveries, still.callback_state) == (1, "delivered")
+    assert stores.queue.claim_callback(30) is None
+
+
+def test_a_redelivery_is_refused_unless_finished_with_a_callback_and_none_pending(
+    stores: Service,
+) -> None:
+    mine, theirs = _account(stores, "a"), _account(stores, "b")
+    rid, _ = _delivered(stores, mine)
+    assert _redeliver(stores, theirs, rid, "msg_x").outcome == "not_found"
+    assert _redeliver(stores, mine, 10**9, "msg_x").outcome == "not_found"
+    running, waiting = _enqueue(stores, mine, 2, callback="http://127.0.0.1:9/cb")
+    assert stores.queue.claim("w", 30).id == running  # type: ignore[union-attr]
+    refused = _redeliver(stores, mine, running, "msg_x")
+    assert (refused.outcome, refused.state) == ("not_finished", "running")
+    refused = _redeliver(stores, mine, waiting, "msg_x")
+    assert (refused.outcome, refused.state) == ("not_finished", "queued")
+    (plain,) = _enqueue(stores, mine)
+    assert stores.queue.claim("w", 30).id == waiting  # type: ignore[union-attr]
+    assert stores.queue.claim("w", 30).id == plain  # type: ignore[union-attr]
+    _succeed(stores, plain, "w")
+    assert _redeliver(stores, mine, plain, "msg_x").outcome == "no_callback"
+    # Finished, its first delivery still pending: refused, with when it is next tried.
+    stores.queue.fail(running, "w", message="no", http_status=None, code="X", has_callback=True)
+    pending = _redeliver(stores, mine, running, "msg_x")
+    assert (pending.outcome, pending.callback_state) == ("pending", "pending")
+    assert pending.at is not None
+    # A callback whose schedule was used up (failed) may be sent again, here that of a
+    # failed request.
+    due = stores.queue.claim_callback(30)
+    assert due is not None and due.id == running
+    stores.queue.record_callback(
+        running, msg_id=due.msg_id, at=utcnow(), ok=False, http_status=None, error="refused",
+        duration=0.0, next_delay=None,
+    )  # fmt: skip
+    assert _redeliver(stores, mine, running, "msg_x").outcome == "queued"
+    # None of the refusals changed anything.
+    history = stores.requests.callback_history(mine, rid, limit=100)
+    assert history is not None and (history.callback_state, history.redeliveries) == (
+        "delivered",
+        0,
+    )
+    assert stores.requests.get(waiting).callback_state == "none"  # type: ignore[union-attr]
+
+
+def _cancel(s: Service, rid: int) -> None:
+    """A request stopped before it ran, as aws.cancel leaves it (no callback made due)."""
+    if s.engine is None:
+        s.queue._t.requests[rid].state = "canceled"  # type: ignore[attr-defined]
+        return
+    with s.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE upload_requests SET state = 'canceled' WHERE id = :rid"), {"rid": rid}
+        )
+
+
+def test_the_callback_of_a_canceled_request_may_be_sent(stores: Service) -> None:
+    account = _account(stores)
+    (rid,) = _enqueue(stores, account, callback="http://127.0.0.1:9/cb")
+    _cancel(stores, rid)
+    done = _redeliver(stores, account, rid, "msg_canceled")
+    assert (done.outcome, done.state, done.callback_state) == ("queued", "canceled", "pending")
+    due = stores.queue.claim_callback(30)
+    assert due is not None and (due.id, due.msg_id) == (rid, "msg_canceled")
+
+
+def test_redeliveries_are_limited_within_the_window(stores: Service) -> None:
+    account = _account(stores)
+    rid, _ = _delivered(stores, account)
+    for n in range(2):
+        assert _redeliver(stores, account, rid, f"msg_{n}", limit=2).outcome == "queued"
+        due = stores.queue.claim_callback(30)
+        assert due is not None
+        stores.queue.record_callback(
+            rid, msg_id=due.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
+            duration=0.1, next_delay=None,
+        )  # fmt: skip
+    refused = _redeliver(stores, account, rid, "msg_2", limit=2)
+    assert (refused.outcome, refused.redeliveries, refused.msg_id) == ("too_many", 2, "msg_1")
+    history = stores.requests.callback_history(account, rid, limit=100)
+    assert history is not None and history.last_redelivered is not None
+    # Allowed again when the first of them leaves the window: an hour after it.
+    first = history.last_redelivered  # the second; the first is a little earlier
+    assert refused.at is not None
+    later = _as_datetime(refused.at) - _as_datetime(first)
+    assert timedelta(minutes=59) < later <= timedelta(hours=1)
+    assert 3500 < refused.retry_after <= HOUR
+    # With a window that the earlier ones have left, the next is allowed.
+    assert _redeliver(stores, account, rid, "msg_2", limit=2, window=0.0).outcome == "queued"
+    assert _redeliver(stores, account, rid, "msg_3", limit=2).outcome == "pending"
+
+
+def _as_datetime(value: datetime | str) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def test_a_late_post_of_an_earlier_delivery_cannot_move_a_redelivery(stores: Service) -> None:
+    account = _account(stores)
+    (rid,) = _enqueue(stores, account, callback="http://127.0.0.1:9/cb")
+    assert stores.queue.claim("w", 30) is not None
+    _succeed(stores, rid, "w", has_callback=True)
+    slow = stores.queue.claim_callback(-1)  # worker A: its POST outlives the lease
+    fast = stores.queue.claim_callback(30)  # worker B delivers it
+    assert slow is not None and fast is not None
+    stores.queue.record_callback(
+        rid, msg_id=fast.msg_id, at=utcnow(), ok=True, http_status=204, error=None,
+        duration=0.1, next_delay=None,
+    )  # fmt: skip
+    assert _redeliver(stores, account, rid, "msg_redelivery").outcome == "queued"
+    # A's POST (of the first delivery) comes back failed, with a schedule used up: it is in
+    # the history, but neither ends the redelivery nor counts in its schedule.
+    with pytest.raises(LeaseLost):
+        stores.queue.record_callback(
+            rid, msg_id=slow.msg_id, at=utcnow(), ok=False, http_status=None,
+            error="timed out", duration=9.0, next_delay=None,
+        )  # fmt: skip
+    history = stores.requests.callback_history(account, rid, limit=100)
+    assert history is not None
+    assert (history.callback_state, history.callback_attempts, history.total) == ("pending", 0, 2)
+    assert history.last_error is None and history.msg_id == "msg_redelivery"
+    due = stores.queue.claim_callback(30)
+    assert due is not None and (due.msg_id, due.attempts) == ("msg_redelivery", 0)
+
+
+def test_of_redeliveries_at_the_same_moment_one_is_made(stores: Service) -> None:
+    account = _account(stores)
+    rid, _ = _delivered(stores, account)
+    start = threading.Barrier(6)
+    outcomes: list[str] = []
+
+    def ask(n: int) -> None:
+        start.wait(10)
+        outcomes.append(_redeliver(stores, account, rid, f"msg_{n}").outcome)
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["pending"] * 5 + ["queued"]
+    history = stores.requests.callback_history(account, rid, limit=100)
+    assert history is not None and history.redeliveries == 1
+
+
 # -- the part ledger -------------------------------------------------------------------------
 
 

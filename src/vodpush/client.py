@@ -13,11 +13,12 @@ Requests are signed exactly as the PHP reference client signs them (see
 reports come back as :class:`ApiError` (with the API's ``code``); everything that keeps an
 answer from arriving is a :class:`TransportError`.
 
-Retries are limited to what cannot do harm: ``aws.status`` only reads, so it is retried on
-connection trouble, timeouts and HTTP 5xx. ``aws.upload`` is retried only by resending the
-*same signed body*: the server recognises a signature it has already accepted and answers the
-first request's id again, so a lost answer never queues a second upload. The body is never
-re-signed, since a fresh signature would be a new request.
+Retries are limited to what cannot do harm: ``aws.status`` and ``aws.callbacks`` only read,
+so they are retried on connection trouble, timeouts and HTTP 5xx. ``aws.upload`` and
+``aws.redeliver`` are retried only by resending the *same signed body*: the server recognises
+a signature it has already accepted and answers as it did the first time, so a lost answer
+never queues a second upload or a second redelivery. The body is never re-signed, since a
+fresh signature would be a new request.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ from vodpush.webhooks import verify as verify_callback
 __all__ = [
     "DEFAULT_TIMEOUT",
     "ApiError",
+    "CallbackAttempt",
+    "CallbackHistory",
     "Client",
     "ClientError",
+    "Redelivery",
     "RequestNotFound",
     "StatusRecord",
     "TransportError",
@@ -58,6 +62,7 @@ _UPLOAD_RESEND_HORIZON = 60.0
 # HTTP statuses a proxy or an overloaded server answers before any command ran.
 _RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
 _BUSY_CODE = "1000"
+_MAX_BACKOFF = 5.0  # seconds
 
 
 class ClientError(Exception):
@@ -215,6 +220,95 @@ class StatusRecord:
         return self.succeeded or self.failed
 
 
+@dataclass(frozen=True)
+class CallbackAttempt:
+    """One POST of a callback, as ``aws.callbacks`` lists it."""
+
+    at: str  # "YYYY-MM-DD HH:MM:SS", UTC
+    ok: bool
+    http_status: int | None  # the receiver's answer; None when none came
+    error: str | None
+    duration: float | None  # seconds
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> CallbackAttempt:
+        duration = data.get("duration")
+        return cls(
+            at=_as_str(data.get("at")),
+            ok=data.get("ok") is True,
+            http_status=_as_int(data.get("http_status")),
+            error=_opt_str(data.get("error")),
+            duration=float(duration)
+            if isinstance(duration, int | float) and not isinstance(duration, bool)
+            else None,
+        )
+
+
+@dataclass(frozen=True)
+class CallbackHistory:
+    """A request's callback as ``aws.callbacks`` reports it: where it stands and its
+    newest attempts (newest first; ``total`` counts them all)."""
+
+    id: int
+    state: str  # the request's
+    callback: str
+    callback_state: str  # none, pending, delivered, failed
+    callback_attempts: int  # of the current delivery (a redelivery starts again at 0)
+    next_attempt_at: str  # while pending, else ""
+    webhook_id: str | None  # of the current delivery
+    callback_error: str | None
+    redeliveries: int
+    last_redelivered: str  # "" if never
+    total: int
+    attempts: tuple[CallbackAttempt, ...] = field(default=(), hash=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> CallbackHistory:
+        attempts = data.get("attempts")
+        return cls(
+            id=_as_int(data.get("id"), 0) or 0,
+            state=_as_str(data.get("state")),
+            callback=_as_str(data.get("callback")),
+            callback_state=_as_str(data.get("callback_state")),
+            callback_attempts=_as_int(data.get("callback_attempts"), 0) or 0,
+            next_attempt_at=_as_str(data.get("next_attempt_at")),
+            webhook_id=_opt_str(data.get("webhook_id")),
+            callback_error=_opt_str(data.get("callback_error")),
+            redeliveries=_as_int(data.get("redeliveries"), 0) or 0,
+            last_redelivered=_as_str(data.get("last_redelivered")),
+            total=_as_int(data.get("total"), 0) or 0,
+            attempts=tuple(
+                CallbackAttempt.from_api(a)
+                for a in (attempts if isinstance(attempts, list) else [])
+                if isinstance(a, Mapping)
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["attempts"] = [dict(vars(a)) for a in self.attempts]
+        return out
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    """What ``aws.redeliver`` answered: the delivery now under way."""
+
+    id: int
+    callback_state: str  # "pending" (or, for a repeat of the same request, where it is now)
+    webhook_id: str | None  # a new one: receivers see a new message
+    next_attempt_at: str
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> Redelivery:
+        return cls(
+            id=_as_int(data.get("id"), 0) or 0,
+            callback_state=_as_str(data.get("callback_state")),
+            webhook_id=_opt_str(data.get("webhook_id")),
+            next_attempt_at=_as_str(data.get("next_attempt_at")),
+        )
+
+
 # -- the client ---------------------------------------------------------------------------
 
 
@@ -357,6 +451,25 @@ class Client:
                 return record
         raise RequestNotFound(id)
 
+    def callbacks(self, id: int) -> CallbackHistory:
+        """The callback of request ``id``: its state and its newest delivery attempts
+        (``aws.callbacks``). An id the account does not have is an :class:`ApiError`
+        (code 0007, "no such request")."""
+        data = self._call("aws.callbacks", {"id": id}, resend_same_body=False)
+        if not isinstance(data, Mapping):
+            raise TransportError(f"aws.callbacks answered {type(data).__name__}, not an object")
+        return CallbackHistory.from_api(data)
+
+    def redeliver(self, id: int) -> Redelivery:
+        """Send the callback of finished request ``id`` again, as a new message (a new
+        webhook-id) due now (``aws.redeliver``). Refused with an :class:`ApiError`: 0007 for
+        a request that is not finished, has no callback or a delivery pending; 1000 past
+        the server's redeliveries per hour."""
+        data = self._call("aws.redeliver", {"id": id}, resend_same_body=True)
+        if not isinstance(data, Mapping):
+            raise TransportError(f"aws.redeliver answered {type(data).__name__}, not an object")
+        return Redelivery.from_api(data)
+
     def iter_status(self, page_size: int = 100) -> Iterator[StatusRecord]:
         """Every request of the account, newest first, fetched ``page_size`` at a time.
 
@@ -407,7 +520,7 @@ class Client:
                 too_old = resend_same_body and (self._clock() - signed_at > _UPLOAD_RESEND_HORIZON)
                 if attempt > self._retries or too_old:
                     raise exc.error from exc.__cause__
-                self._sleep(min(self._backoff * 2 ** (attempt - 1), 5.0))
+                self._sleep(min(self._backoff * 2 ** (attempt - 1), _MAX_BACKOFF))
                 if not resend_same_body:
                     body, signed_at = self._sign(command, fields_)
 
@@ -443,10 +556,19 @@ class Client:
             error = ApiError(
                 _as_str(envelope.get("code")) or "????", _as_str(envelope.get("message"))
             )
-            if error.code == _BUSY_CODE:  # refused before doing anything: safe to repeat
-                raise _Retryable(error)
+            if error.code == _BUSY_CODE and _soon(envelope.get("retry_after")):
+                raise _Retryable(error)  # refused before doing anything: safe to repeat
             raise error
         return envelope.get("data")
+
+
+def _soon(retry_after: Any) -> bool:
+    """Whether a busy answer is worth the quick retries here: no ``retry_after`` given,
+    or one within the longest backoff (a limit of an hour, such as aws.redeliver's, is not
+    waited out in a call)."""
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
+        return True
+    return retry_after <= _MAX_BACKOFF
 
 
 class _Retryable(Exception):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vodpush.client import ApiError, Client, ClientError, StatusRecord
+from vodpush.client import ApiError, CallbackHistory, Client, ClientError, StatusRecord
 from vodpush.core.options import API_ACLS
 
 if TYPE_CHECKING:
@@ -124,7 +124,8 @@ def _parse_metadata(items: tuple[str, ...]) -> dict[str, str] | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def client() -> None:
-    """Call a vodpush API (aws.upload, aws.status) as a client."""
+    """Call a vodpush API (aws.upload, aws.status, aws.callbacks, aws.redeliver) as a
+    client."""
 
 
 @client.command()
@@ -202,6 +203,75 @@ def status(request_id: int | None, limit: int, offset: int, as_json: bool, **kwa
     for column in table.columns:
         column.overflow = "fold"
     Console(markup=False).print(table)
+
+
+@client.command()
+@click.argument("request_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_credential_options
+def callbacks(request_id: int, as_json: bool, **kwargs: Any) -> None:
+    """Show the callback of request ID: its state and its delivery attempts, newest first."""
+    with _api(kwargs) as api:
+        history = api.callbacks(request_id)
+    if as_json:
+        click.echo(json.dumps(history.to_dict(), indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(markup=False, highlight=False)
+    console.print(_callback_summary(history), soft_wrap=True)
+    if not history.attempts:
+        return
+    table = Table("at (UTC)", "result", "HTTP", "error", "seconds")
+    for a in history.attempts:
+        # Errors may hold the receiver's text: never let rich read it as markup.
+        table.add_row(
+            a.at,
+            "ok" if a.ok else "failed",
+            "" if a.http_status is None else str(a.http_status),
+            a.error or "",
+            "" if a.duration is None else f"{a.duration:.3f}",
+        )
+    for column in table.columns:
+        column.overflow = "fold"
+    console.print(table)
+    if history.total > len(history.attempts):
+        console.print(f"the newest {len(history.attempts)} of {history.total} attempts")
+
+
+def _callback_summary(history: CallbackHistory) -> str:
+    if not history.callback:
+        return f"request {history.id} ({history.state}) has no callback URL"
+    lines = [f"request {history.id} ({history.state}): callback {history.callback_state}"]
+    lines.append(f"  url: {history.callback}")
+    if history.webhook_id:
+        lines.append(f"  webhook-id: {history.webhook_id}")
+    lines.append(
+        f"  attempts: {history.callback_attempts} of this delivery, {history.total} in all"
+    )
+    if history.next_attempt_at:
+        lines.append(f"  next attempt: {history.next_attempt_at} UTC")
+    if history.callback_error:
+        lines.append(f"  last error: {history.callback_error}")
+    if history.redeliveries:
+        lines.append(
+            f"  redeliveries: {history.redeliveries}, the last at {history.last_redelivered} UTC"
+        )
+    return "\n".join(lines)
+
+
+@client.command()
+@click.argument("request_id", metavar="ID", type=click.IntRange(min=1))
+@_credential_options
+def redeliver(request_id: int, **kwargs: Any) -> None:
+    """Send the callback of finished request ID again, as a new message (new webhook-id)."""
+    with _api(kwargs) as api:
+        done = api.redeliver(request_id)
+    when = f", due {done.next_attempt_at} UTC" if done.next_attempt_at else ""
+    click.echo(
+        f"request {done.id}: callback {done.callback_state} (webhook-id {done.webhook_id}{when})"
+    )
 
 
 @client.command()

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     callback_allow_private: bool = False
     # Delays (seconds) before each retry of a failed delivery: hours, not seconds.
     callback_schedule: list[float] = Field(default_factory=lambda: list(DEFAULT_CALLBACK_SCHEDULE))
+    # aws.redeliver: how often a customer may have one request's callback sent again in
+    # any hour (each redelivery is one more delivery, with its own retry schedule).
+    callback_redeliveries_per_hour: int = Field(default=5, ge=1, le=1000)
 
     # Bounds on what an unauthenticated client can make the API hold (docs/security-dos.md).
     # A request's headers must arrive within header_timeout of the connection (or of its

@@ -15,7 +15,7 @@ from vodpush.commands import COMMANDS, READ_ONLY_COMMANDS, CommandContext
 from vodpush.core.requests import StoreUnavailable
 from vodpush.logs import echo
 from vodpush.protocol.auth import authenticate
-from vodpush.protocol.envelope import ApiError, Code, failure, success
+from vodpush.protocol.envelope import ApiError, Code, RetryLater, failure, success
 from vodpush.protocol.fields import require
 from vodpush.protocol.payload import InvalidPayload
 from vodpush.protocol.signing import (
@@ -125,7 +125,10 @@ def handle(
                 "reason": echo(exc.message, 500),
             },
         )
-        return failure(exc.code, exc.message, time.perf_counter() - started)
+        answer = failure(exc.code, exc.message, time.perf_counter() - started)
+        if isinstance(exc, RetryLater):  # a command's own limit: say when, as Busy does
+            answer["retry_after"] = exc.retry_after
+        return answer
     except Unreadable:
         raise
     except StoreUnavailable:

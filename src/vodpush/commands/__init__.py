@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from vodpush.commands.callbacks import aws_callbacks, aws_redeliver
 from vodpush.commands.context import CommandContext
 from vodpush.commands.refusals import answering_refusals
 from vodpush.commands.status import aws_status
@@ -16,6 +17,8 @@ Handler = Callable[[CommandContext, dict[str, Any]], tuple[str, Any]]
 COMMANDS: dict[str, Handler] = {
     "aws.upload": answering_refusals(aws_upload),
     "aws.status": answering_refusals(aws_status),
+    "aws.callbacks": answering_refusals(aws_callbacks),
+    "aws.redeliver": answering_refusals(aws_redeliver),
 }
 # The fields each command reads beyond the envelope's (command, api_key, timestamp, cdn,
 # signature): one table, so that a field no command knows can be named back to the client
@@ -23,8 +26,12 @@ COMMANDS: dict[str, Handler] = {
 COMMAND_FIELDS: dict[str, frozenset[str]] = {
     "aws.upload": frozenset({"path", "destination_path", "bucket", "acl", "metadata", "callback"}),
     "aws.status": frozenset({"id", "limit", "offset"}),
+    "aws.callbacks": frozenset({"id"}),
+    "aws.redeliver": frozenset({"id"}),
 }
-# Commands that only read: they never wait for a write lock.
-READ_ONLY_COMMANDS = frozenset({"aws.status"})
+# Commands that only read: they never wait for a write lock. Where reads never wait (SQLite,
+# memory), the small ones run on the event loop: each must cost about what an aws.status
+# page does (aws.callbacks: one row, at most HISTORY_LIMIT attempts, by index).
+READ_ONLY_COMMANDS = frozenset({"aws.status", "aws.callbacks"})
 
 __all__ = ["COMMANDS", "COMMAND_FIELDS", "READ_ONLY_COMMANDS", "CommandContext", "Handler"]

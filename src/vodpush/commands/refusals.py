@@ -6,8 +6,8 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from vodpush.operations import InvalidField, MissingFields, Refused, Unauthorized
-from vodpush.protocol.envelope import ApiError, Code
+from vodpush.operations import InvalidField, MissingFields, RateLimited, Refused, Unauthorized
+from vodpush.protocol.envelope import ApiError, Code, RetryLater
 
 _CODES: dict[type[Refused], Code] = {
     MissingFields: Code.MISSING_FIELDS,
@@ -17,6 +17,8 @@ _CODES: dict[type[Refused], Code] = {
 
 
 def api_error(refused: Refused) -> ApiError:
+    if isinstance(refused, RateLimited):
+        return RetryLater(refused.message, refused.retry_after)
     for kind, code in _CODES.items():
         if isinstance(refused, kind):
             return ApiError(code, refused.message)

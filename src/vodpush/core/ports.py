@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from vodpush.core.accounts import AccountRecord, S3Settings
+from vodpush.core.callbacks import CallbackHistory, RedeliveryResult
 from vodpush.core.checkpoint import PartLedger
 from vodpush.core.orphans import Orphan
 from vodpush.core.requests import Claimed, DueCallback, Enqueued, NewRequest
@@ -114,6 +115,27 @@ class RequestStorePort(Protocol):
 
     def get(self, request_id: int) -> StatusRow | None: ...
 
+    def callback_history(
+        self, account_id: int, request_id: int, *, limit: int
+    ) -> CallbackHistory | None:
+        """The callback of an account's request and its ``limit`` newest attempts (newest
+        first) with the total; None when the account has no such request (another
+        account's is not told apart from one that does not exist)."""
+        ...
+
+    def redeliver_callback(
+        self, account_id: int, request_id: int, *, msg_id: str, limit: int, window: float
+    ) -> RedeliveryResult:
+        """Make the callback of a finished request due again, now by the store's clock,
+        as a new delivery: webhook-id ``msg_id``, its retry schedule from the start (the
+        attempts made before stay in the history), recorded as a request event. Refused
+        (core.callbacks.judge_redelivery) unless the request is the account's, finished,
+        has a callback URL and no delivery pending; and when ``limit`` redeliveries were
+        made in the last ``window`` seconds. A ``msg_id`` already current is a replay:
+        nothing changes. A deliverer still sending an earlier delivery cannot move this
+        one (its record names the earlier webhook-id)."""
+        ...
+
 
 class QueueStorePort(Protocol):
     """The queue as workers see it. Every write a worker makes names the lease it holds
@@ -205,7 +227,9 @@ class QueueStorePort(Protocol):
         """Record one attempt (made at ``at``), always (even a late one); returns the
         callback's new state. A failure with a ``next_delay`` stays pending, due that many
         seconds from now by the store's clock. LeaseLost, with the attempt kept, if it is no
-        longer pending under ``msg_id``."""
+        longer pending under ``msg_id``. The attempt counts towards the callback's attempts
+        (its retry schedule) only while ``msg_id`` is the current delivery's: a late POST of
+        a delivery since redelivered is in the history, not in the new schedule."""
         ...
 
     def callback_attempts(self, request_id: int) -> list[dict[str, Any]]: ...

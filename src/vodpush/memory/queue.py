@@ -9,6 +9,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vodpush.core import outcomes
+from vodpush.core.callbacks import (
+    REDELIVERED_EVENT,
+    AttemptRecord,
+    CallbackHistory,
+    Redelivery,
+    RedeliveryResult,
+    judge_redelivery,
+)
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.ports import StatusRow
 from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE, retrying_message
@@ -82,6 +90,94 @@ class MemoryRequestStore:
         with self._t.lock:
             row = self._t.requests.get(request_id)
             return None if row is None else self._status(row)
+
+    def _mine(self, account_id: int, request_id: int) -> RequestRow | None:
+        row = self._t.requests.get(request_id)
+        return row if row is not None and row.account_id == account_id else None
+
+    def callback_history(
+        self, account_id: int, request_id: int, *, limit: int
+    ) -> CallbackHistory | None:
+        with self._t.lock:
+            row = self._mine(account_id, request_id)
+            if row is None:
+                return None
+            redelivered = [e["at"] for e in row.events if e["event"] == REDELIVERED_EVENT]
+            return CallbackHistory(
+                id=row.id,
+                state=row.state,
+                callback=row.callback,
+                callback_state=row.callback_state,
+                callback_attempts=row.callback_attempts,
+                next_at=row.callback_next_at,
+                msg_id=row.callback_msg_id,
+                last_error=row.callback_last_error,
+                total=len(row.callback_log),
+                redeliveries=len(redelivered),
+                last_redelivered=max(redelivered, default=None),
+                attempts=tuple(
+                    AttemptRecord(
+                        at=a["at"],
+                        ok=a["ok"],
+                        http_status=a["http_status"],
+                        error=a["error"],
+                        duration=a["duration"],
+                    )
+                    for a in reversed(row.callback_log[-limit:])
+                ),
+            )
+
+    def redeliver_callback(
+        self, account_id: int, request_id: int, *, msg_id: str, limit: int, window: float
+    ) -> RedeliveryResult:
+        now = self._t.now()
+        with self._t.lock:
+            row = self._mine(account_id, request_id)
+            if row is None:
+                return RedeliveryResult(Redelivery.NOT_FOUND)
+            refused = judge_redelivery(
+                state=row.state,
+                callback=row.callback,
+                callback_state=row.callback_state,
+                msg_id=row.callback_msg_id,
+                next_at=row.callback_next_at,
+                new_msg_id=msg_id,
+            )
+            if refused is not None:
+                return refused
+            since = now - timedelta(seconds=window)
+            recent = [
+                e["at"] for e in row.events if e["event"] == REDELIVERED_EVENT and e["at"] > since
+            ]
+            if len(recent) >= limit:
+                allowed = min(recent) + timedelta(seconds=window)
+                return RedeliveryResult(
+                    Redelivery.TOO_MANY,
+                    state=row.state,
+                    callback_state=row.callback_state,
+                    msg_id=row.callback_msg_id,
+                    at=allowed,
+                    redeliveries=len(recent),
+                    retry_after=max((allowed - now).total_seconds(), 0.0),
+                )
+            row.callback_state = PENDING
+            row.callback_next_at = now
+            row.callback_attempts = 0
+            row.callback_msg_id = msg_id
+            row.callback_last_error = None
+            row.events.append(
+                {
+                    "at": now,
+                    "event": REDELIVERED_EVENT,
+                    "state": row.state,
+                    "attempts": row.attempts,
+                    "message": f"callback redelivered as {msg_id}",
+                    "error_code": None,
+                }
+            )
+            return RedeliveryResult(
+                Redelivery.QUEUED, state=row.state, callback_state=PENDING, msg_id=msg_id, at=now
+            )
 
 
 class MemoryQueueStore:
@@ -328,7 +424,8 @@ class MemoryQueueStore:
                 }
             )
             self._t.next_attempt += 1
-            row.callback_attempts += 1
+            if row.callback_msg_id == msg_id:  # a delivery since redelivered: history only
+                row.callback_attempts += 1
             if row.callback_state != PENDING or row.callback_msg_id != msg_id:
                 raise LeaseLost(f"callback of request {request_id} is no longer pending")
             row.callback_state = state

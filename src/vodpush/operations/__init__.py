@@ -4,8 +4,15 @@ envelopes, HTTP or click."""
 
 from __future__ import annotations
 
+from vodpush.operations.callbacks import Redelivered, RequestRef, callback_history, redeliver
 from vodpush.operations.context import OperationContext
-from vodpush.operations.errors import InvalidField, MissingFields, Refused, Unauthorized
+from vodpush.operations.errors import (
+    InvalidField,
+    MissingFields,
+    RateLimited,
+    Refused,
+    Unauthorized,
+)
 from vodpush.operations.status import StatusPage, StatusQuery, status
 from vodpush.operations.upload import Queued, UploadArgs, upload
 
@@ -14,11 +21,16 @@ __all__ = [
     "MissingFields",
     "OperationContext",
     "Queued",
+    "RateLimited",
+    "Redelivered",
     "Refused",
+    "RequestRef",
     "StatusPage",
     "StatusQuery",
     "Unauthorized",
     "UploadArgs",
+    "callback_history",
+    "redeliver",
     "status",
     "upload",
 ]

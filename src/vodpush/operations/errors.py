@@ -1,5 +1,6 @@
 """What an operation refuses, as typed errors an adapter maps to its own answer (the API:
-MissingFields 0006, InvalidField 0007, Unauthorized 0005; the CLI: an error line)."""
+MissingFields 0006, InvalidField 0007, Unauthorized 0005, RateLimited 1000; the CLI: an
+error line)."""
 
 from __future__ import annotations
 
@@ -14,4 +15,12 @@ class Unauthorized(Refused):
         super().__init__(f"unauthorized access: {why}")
 
 
-__all__ = ["InvalidField", "MissingFields", "Refused", "Unauthorized"]
+class RateLimited(Refused):
+    """The caller asked for this too often: possible again in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+__all__ = ["InvalidField", "MissingFields", "RateLimited", "Refused", "Unauthorized"]

@@ -432,7 +432,9 @@ class QueueStore:
         The attempt (its row and the count) is recorded whatever happens: the POST was made,
         and aws.status must say so even when this worker lost the callback lease and another
         one re-sent it. Only the state transition is guarded: it needs the callback still
-        pending under this delivery id, else LeaseLost (after the attempt is committed)."""
+        pending under this delivery id, else LeaseLost (after the attempt is committed). The
+        count is that of the current delivery's schedule: the late POST of a delivery since
+        redelivered under another id (aws.redeliver) is kept in the history only."""
         state = (
             CallbackState.DELIVERED
             if ok
@@ -447,7 +449,10 @@ class QueueStore:
             counted = conn.execute(
                 update(_T)
                 .where(_T.c.id == request_id)
-                .values(callback_attempts=_T.c.callback_attempts + 1)
+                .values(
+                    callback_attempts=_T.c.callback_attempts
+                    + case((_T.c.callback_msg_id == msg_id, 1), else_=0)
+                )
             )
             if counted.rowcount != 1:
                 raise LeaseLost(f"request {request_id} is gone")

@@ -1,21 +1,34 @@
-"""Upload requests as the API sees them: queue one, read an account's requests back."""
+"""Upload requests as the API sees them: queue one, read an account's requests back, read
+the history of a request's callback and make it due again (aws.callbacks, aws.redeliver)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, select
+from sqlalchemy import Engine, Row, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from vodpush.core.callbacks import (
+    REDELIVERED_EVENT,
+    AttemptRecord,
+    CallbackHistory,
+    Redelivery,
+    RedeliveryResult,
+    judge_redelivery,
+)
 from vodpush.core.records import QUEUED_MESSAGE
-from vodpush.core.requests import Enqueued, NewRequest, State
+from vodpush.core.requests import FINAL_STATES, CallbackState, Enqueued, NewRequest, State
 from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, read, write_transaction
-from vodpush.persistence.models import UploadRequest
+from vodpush.persistence.models import CallbackAttempt, RequestEvent, UploadRequest
 
 _T = UploadRequest.__table__
+_A = CallbackAttempt.__table__
+_E = RequestEvent.__table__
+_PENDING = CallbackState.PENDING.value
 
 # The columns aws.status shows; selected explicitly so listing stays a narrow index scan.
 STATUS_COLUMNS = (
@@ -116,3 +129,154 @@ class RequestStore:
     def get(self, request_id: int) -> Row[Any] | None:
         with read(self._engine) as conn:
             return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()
+
+    # -- the callback's history and redelivery ---------------------------------------------
+
+    def callback_history(
+        self, account_id: int, request_id: int, *, limit: int
+    ) -> CallbackHistory | None:
+        """The callback of an account's request: its state with the counts (one indexed
+        read of the row), then its ``limit`` newest attempts (ix_callback_attempts_request_id)."""
+        # Correlated with the request row: its redelivery events.
+        redelivered = (_E.c.request_id == _T.c.id) & (_E.c.event == REDELIVERED_EVENT)
+        found = select(
+            _T.c.id,
+            _T.c.state,
+            _T.c.callback,
+            _T.c.callback_state,
+            _T.c.callback_attempts,
+            _T.c.callback_next_at,
+            _T.c.callback_msg_id,
+            _T.c.callback_last_error,
+            select(func.count()).where(_A.c.request_id == _T.c.id).scalar_subquery().label("total"),
+            select(func.count()).where(redelivered).scalar_subquery().label("redeliveries"),
+            select(func.max(_E.c.at)).where(redelivered).scalar_subquery().label("last"),
+        ).where(_T.c.id == request_id, _T.c.account_id == account_id)
+        with read(self._engine) as conn:
+            row = conn.execute(found).first()
+            if row is None:
+                return None
+            attempts = (
+                conn.execute(
+                    select(_A.c.at, _A.c.ok, _A.c.http_status, _A.c.error, _A.c.duration)
+                    .where(_A.c.request_id == request_id)
+                    .order_by(_A.c.id.desc())
+                    .limit(limit)
+                ).all()
+                if row.total
+                else []
+            )
+        return CallbackHistory(
+            id=row.id,
+            state=row.state,
+            callback=row.callback,
+            callback_state=row.callback_state,
+            callback_attempts=row.callback_attempts,
+            next_at=row.callback_next_at,
+            msg_id=row.callback_msg_id,
+            last_error=row.callback_last_error,
+            total=row.total,
+            redeliveries=row.redeliveries,
+            last_redelivered=row.last,
+            attempts=tuple(
+                AttemptRecord(
+                    at=a.at, ok=a.ok, http_status=a.http_status, error=a.error, duration=a.duration
+                )
+                for a in attempts
+            ),
+        )
+
+    def redeliver_callback(
+        self, account_id: int, request_id: int, *, msg_id: str, limit: int, window: float
+    ) -> RedeliveryResult:
+        """See core.ports.RequestStorePort.redeliver_callback. A refusal is answered from a
+        plain read (no write lock for it); the rule is then applied again on the row locked
+        for the change, so that of two redeliveries at once one is made."""
+        with read(self._engine) as conn:
+            row = self._redelivery_row(conn, account_id, request_id, lock=False)
+        if (refused := _judge(row, msg_id)) is not None:
+            return refused
+        with write_transaction(self._engine) as conn:
+            row = self._redelivery_row(conn, account_id, request_id, lock=True)
+            if (refused := _judge(row, msg_id)) is not None:
+                return refused
+            assert row is not None  # judged
+            now = conn.execute(select(self._dialect.now())).scalar_one()
+            count, oldest = conn.execute(
+                select(func.count(), func.min(_E.c.at)).where(
+                    _E.c.request_id == request_id,
+                    _E.c.event == REDELIVERED_EVENT,
+                    _E.c.at > self._dialect.now(-window),
+                )
+            ).one()
+            if count >= limit:
+                allowed = oldest + timedelta(seconds=window)
+                return RedeliveryResult(
+                    Redelivery.TOO_MANY,
+                    state=row.state,
+                    callback_state=row.callback_state,
+                    msg_id=row.callback_msg_id,
+                    at=allowed,
+                    redeliveries=count,
+                    retry_after=max((allowed - now).total_seconds(), 0.0),
+                )
+            # Guarded by what was judged: finished, and no delivery pending.
+            moved = conn.execute(
+                update(_T)
+                .where(
+                    _T.c.id == request_id,
+                    _T.c.state.in_(FINAL_STATES),
+                    _T.c.callback_state != _PENDING,
+                )
+                .values(
+                    callback_state=_PENDING,
+                    callback_next_at=now,
+                    callback_attempts=0,
+                    callback_msg_id=msg_id,
+                    callback_last_error=None,
+                )
+            ).rowcount
+            if moved != 1:  # cannot happen under the lock; never pass it silently
+                raise RuntimeError(f"request {request_id} changed under its lock")
+            conn.execute(
+                insert(_E).values(
+                    request_id=request_id,
+                    at=now,
+                    event=REDELIVERED_EVENT,
+                    state=row.state,
+                    attempts=row.attempts,
+                    message=f"callback redelivered as {msg_id}",
+                )
+            )
+        return RedeliveryResult(
+            Redelivery.QUEUED, state=row.state, callback_state=_PENDING, msg_id=msg_id, at=now
+        )
+
+    def _redelivery_row(
+        self, conn: Any, account_id: int, request_id: int, *, lock: bool
+    ) -> Row[Any] | None:
+        statement = select(
+            _T.c.state,
+            _T.c.attempts,
+            _T.c.callback,
+            _T.c.callback_state,
+            _T.c.callback_msg_id,
+            _T.c.callback_next_at,
+        ).where(_T.c.id == request_id, _T.c.account_id == account_id)
+        if lock:
+            statement = self._dialect.for_update(statement)
+        return conn.execute(statement).first()
+
+
+def _judge(row: Row[Any] | None, msg_id: str) -> RedeliveryResult | None:
+    """core.callbacks.judge_redelivery on a row of ``_redelivery_row`` (None: not found)."""
+    if row is None:
+        return RedeliveryResult(Redelivery.NOT_FOUND)
+    return judge_redelivery(
+        state=row.state,
+        callback=row.callback,
+        callback_state=row.callback_state,
+        msg_id=row.callback_msg_id,
+        next_at=row.callback_next_at,
+        new_msg_id=msg_id,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any
 
 
@@ -27,6 +28,15 @@ class ApiError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class RetryLater(ApiError):
+    """Code 1000 from a command (a limit of its own): the answer tells the client to try
+    again after ``retry_after`` seconds, as the API's rate limits do."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(Code.BUSY, message)
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 def success(message: str, data: Any, handle_time: float) -> dict[str, Any]:
