@@ -18,6 +18,7 @@ from vodpush.core.fields import InvalidField, check_text, read_str, require
 from vodpush.core.options import (
     API_ACLS,
     MAX_KEY_BYTES,
+    MAX_TAGS,
     REQUEST_OPTIONS,
     printable_ascii,
     refuse_content_disposition,
@@ -134,6 +135,8 @@ def validate_tags(value: Any) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise InvalidField("tags", "must be an object of key/value pairs")
+    if len(value) > MAX_TAGS:  # before any work on a huge object
+        raise InvalidField("tags", f"has {len(value)} tags; S3 allows at most {MAX_TAGS}")
     tags: dict[str, str] = {}
     for key, raw in value.items():
         if isinstance(raw, bool):
