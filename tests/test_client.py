@@ -32,6 +32,7 @@ from vodpush.client import (
     StatusRecord,
     TransportError,
     WebhookVerificationError,
+    disposition_header,
     verify_callback,
 )
 from vodpush.client_cli import follow
@@ -276,6 +277,75 @@ def test_upload_is_not_resent_once_its_timestamp_grows_old() -> None:
     assert len(calls) == 1
 
 
+def test_upload_sends_the_object_options_and_key_only_when_given() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(split_signed_request(json_field(request)).payload)
+        return ok({"id": 1})
+
+    api = mock_client(handler)
+    api.upload("p", "d", "b", "bucket-default")
+    api.upload(
+        "p",
+        "d",
+        "b",
+        "private",
+        idempotency_key="k-1",
+        content_type="video/mp4",
+        storage_class="GLACIER",
+        tags={"show": "x", "n": 2},
+        cache_control="max-age=60",
+        content_disposition="inline",
+    )
+    plain, full = seen
+    assert set(plain) == {"command", "api_key", "timestamp", "cdn", "path",
+                          "destination_path", "bucket", "acl", "callback"}  # fmt: skip
+    assert plain["acl"] == "bucket-default"
+    assert {k: full[k] for k in set(full) - set(plain)} == {
+        "idempotency_key": "k-1",
+        "content_type": "video/mp4",
+        "storage_class": "GLACIER",
+        "tags": {"show": "x", "n": 2},
+        "cache_control": "max-age=60",
+        "content_disposition": "inline",
+    }
+
+
+def test_an_upload_with_an_idempotency_key_is_signed_afresh_once_its_body_grows_old() -> None:
+    """Past the 60 s in which the same body is resent, the key keeps a retry safe: the next
+    attempt carries a new timestamp and signature, and the same key and fields."""
+    bodies: list[str] = []
+    clock = Clock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json_field(request))
+        if len(bodies) == 1:
+            clock.now += 61  # the first attempt hung until near the end of its time
+            raise httpx.ReadTimeout("no answer")
+        return ok({"id": 9})
+
+    api = mock_client(handler, clock=clock)
+    assert api.upload("p", "d", "b", "private", idempotency_key="k") == 9
+    first, second = (split_signed_request(body).payload for body in bodies)
+    assert second["timestamp"] > first["timestamp"] + 60
+    assert {**second, "timestamp": 0} == {**first, "timestamp": 0}
+
+
+def test_disposition_header_names_any_file_as_rfc_6266_says() -> None:
+    assert disposition_header("clip.mp4") == 'attachment; filename="clip.mp4"'
+    assert disposition_header("a b.mp4", inline=True) == 'inline; filename="a b.mp4"'
+    assert disposition_header("Café Crème.mp4") == (
+        "attachment; filename=\"Cafe Creme.mp4\"; filename*=UTF-8''Caf%C3%A9%20Cr%C3%A8me.mp4"
+    )
+    assert disposition_header('say "hi"\\.mp4') == (
+        "attachment; filename=\"say _hi__.mp4\"; filename*=UTF-8''say%20%22hi%22%5C.mp4"
+    )
+    assert disposition_header("東京.mp4") == (
+        "attachment; filename=\"__.mp4\"; filename*=UTF-8''%E6%9D%B1%E4%BA%AC.mp4"
+    )
+
+
 def test_errors_that_a_retry_cannot_fix_are_not_retried() -> None:
     calls = []
 
@@ -452,6 +522,15 @@ def test_status_record_reads_every_field_and_round_trips() -> None:
     assert hash(parsed) == hash(StatusRecord.from_api(data))
 
 
+def test_status_record_reads_the_options_only_when_sent() -> None:
+    options = {"storage_class": "GLACIER", "tags": {"a": "b"}}
+    parsed = StatusRecord.from_api(record(options=options))
+    assert parsed.options == options and parsed.extra == {}
+    assert parsed.to_dict() == record(options=options)
+    bare = StatusRecord.from_api(record())
+    assert bare.options is None and "options" not in bare.to_dict()
+
+
 def test_status_record_tolerates_a_reference_server_record() -> None:
     # The shape on the reference page: no extras, metadata as a string, status null.
     data = {
@@ -579,6 +658,7 @@ def test_public_api_is_pinned() -> None:
             "StatusRecord",
             "TransportError",
             "WebhookVerificationError",
+            "disposition_header",
             "verify_callback",
         ]
     )
@@ -652,6 +732,65 @@ def test_api_errors_over_http(live_server, account, sestore_root) -> None:
     with pytest.raises(ApiError) as caught:
         live_client(live_server, account).upload(path, "k.mp4", "my-bucket", "public")
     assert caught.value.code == "0007" and "acl" in caught.value.message
+
+
+def test_upload_options_and_idempotency_key_over_http(live_server, account, sestore_root) -> None:
+    path = put_file(sestore_root, "o.mp4", b"o")
+    options = {
+        "content_type": "video/mp4",
+        "storage_class": "GLACIER",
+        "tags": {"show": "Café", "season": "2"},
+        "cache_control": "max-age=60",
+        "content_disposition": disposition_header("café.mp4"),
+    }
+    args = (path, "o.mp4", "my-bucket", "bucket-default")
+    with live_client(live_server, account) as api:
+        request_id = api.upload(*args, idempotency_key="order-7", **options)
+        got = api.get(request_id)
+        with pytest.raises(ApiError) as caught:
+            api.upload(*args, idempotency_key="order-7", **{**options, "storage_class": "STANDARD"})
+    assert caught.value.code == "0007"
+    assert caught.value.message.startswith("invalid idempotency_key: ")
+    # Signed seconds earlier (another signature): the key gives the first id back.
+    with live_client(live_server, account, clock=lambda: time.time() - 5) as api:
+        assert api.upload(*args, idempotency_key="order-7", **options) == request_id
+        assert [r.id for r in api.status()] == [request_id]
+    assert got.acl == "bucket-default"
+    assert got.options == options
+    assert got.extra == {}
+
+
+def test_cli_upload_with_object_options(client_env, sestore_root, capsys) -> None:
+    path = put_file(sestore_root, "c/opt.mp4", b"c")
+    argv = ["client", "upload", path, "shows/opt.mp4", "--bucket", "my-bucket"]
+    argv += ["--acl", "bucket-default", "--storage-class", "STANDARD_IA"]
+    argv += ["--tag", "show=Café Crème", "--tag", "season=2", "--content-type", "video/mp4"]
+    argv += ["--cache-control", "max-age=60", "--download-name", "Café.mp4"]
+    argv += ["--idempotency-key", "cli-1"]
+    assert main(argv) == 0
+    request_id = int(capsys.readouterr().out.strip())
+    assert main(["client", "status", "--json", "--id", str(request_id)]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["acl"] == "bucket-default"
+    assert entry["options"] == {
+        "content_type": "video/mp4",
+        "storage_class": "STANDARD_IA",
+        "tags": {"show": "Café Crème", "season": "2"},
+        "cache_control": "max-age=60",
+        "content_disposition": disposition_header("Café.mp4"),
+    }
+    # The key with other fields: the API's refusal, as one error line.
+    assert main([*argv[:-2], "--idempotency-key", "cli-1", "--tag", "x=y"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid idempotency_key: ") and "(code 0007)" in err
+    # Choices and shapes the CLI checks itself.
+    base = ["client", "upload", "p", "d", "--bucket", "b", "--acl", "private"]
+    assert main([*base, "--storage-class", "glacier"]) == 2
+    assert "'glacier' is not one of" in capsys.readouterr().err
+    assert main([*base, "--tag", "novalue"]) == 2
+    assert "'--tag'" in capsys.readouterr().err
+    assert main([*base, "--download-name", "a", "--content-disposition", "inline"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 class LoseFirstAnswer(httpx.HTTPTransport):

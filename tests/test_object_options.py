@@ -12,7 +12,7 @@ import pytest
 
 from tests.s3server import MotoServer
 from vodpush.core.checkpoint import MemoryLedger
-from vodpush.core.options import CANNED_ACLS
+from vodpush.core.options import CANNED_ACLS, STORAGE_CLASSES, tagging_header
 from vodpush.transfer import ObjectOptions, UploadJob, upload
 from vodpush.transfer.options import OPTIONS
 from vodpush.transfer.s3client import make_s3_client
@@ -31,7 +31,18 @@ def s3_arguments(options: ObjectOptions, key: str = "v/clip.mp4") -> dict[str, A
 
 def test_table_names_every_field_and_real_s3_arguments(s3: MotoServer) -> None:
     assert set(OPTIONS) == {f.name for f in dataclasses.fields(ObjectOptions)}
-    assert set(OPTIONS) == {"acl", "content_type", "metadata", "sse", "sse_kms_key_id", "checksums"}
+    assert set(OPTIONS) == {
+        "acl",
+        "content_type",
+        "metadata",
+        "sse",
+        "sse_kms_key_id",
+        "checksums",
+        "storage_class",
+        "tags",
+        "cache_control",
+        "content_disposition",
+    }
     names = [option.s3_name for option in OPTIONS.values()]
     assert len(set(names)) == len(names)
     # Every entry is an argument that both operations take, by botocore's own S3 model.
@@ -39,6 +50,23 @@ def test_table_names_every_field_and_real_s3_arguments(s3: MotoServer) -> None:
     for operation in ("PutObject", "CreateMultipartUpload"):
         members = model.operation_model(operation).input_shape.members
         assert set(names) <= set(members), operation
+
+
+def test_every_storage_class_is_one_s3_knows(s3: MotoServer) -> None:
+    model = make_s3_client(s3.settings()).meta.service_model
+    known = model.shape_for("StorageClass").enum
+    assert set(STORAGE_CLASSES) <= set(known)
+    assert {"STANDARD", "STANDARD_IA", "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR"} <= set(
+        STORAGE_CLASSES
+    )
+
+
+def test_tags_travel_as_an_unambiguous_query_string() -> None:
+    # Space as %20 and '+' as %2B: a reader that takes '+' for a space still reads it right.
+    assert tagging_header({"a b": "c+d", "k": "", "é": "/=&"}) == (
+        "a%20b=c%2Bd&k=&%C3%A9=%2F%3D%26"
+    )
+    assert tagging_header({}) == ""
 
 
 def test_defaults() -> None:
@@ -98,6 +126,33 @@ def test_defaults() -> None:
             ObjectOptions(content_type="application/x-custom", checksums=False),
             {"ContentType": "application/x-custom", "Metadata": {}},
         ),
+        (
+            # The bucket decides: no ACL at all, as for private.
+            ObjectOptions(acl="bucket-default", checksums=False),
+            {"ContentType": "video/mp4", "Metadata": {}},
+        ),
+        (
+            ObjectOptions(
+                storage_class="GLACIER_IR",
+                tags={"show": "Café Crème", "n": "1"},
+                cache_control="max-age=60",
+                content_disposition='attachment; filename="a.mp4"',
+                checksums=False,
+            ),
+            {
+                "ContentType": "video/mp4",
+                "Metadata": {},
+                "StorageClass": "GLACIER_IR",
+                "Tagging": "show=Caf%C3%A9%20Cr%C3%A8me&n=1",
+                "CacheControl": "max-age=60",
+                "ContentDisposition": 'attachment; filename="a.mp4"',
+            },
+        ),
+        (
+            # Empty tags are none.
+            ObjectOptions(tags={}, checksums=False),
+            {"ContentType": "video/mp4", "Metadata": {}},
+        ),
     ],
 )
 def test_s3_arguments_of_each_combination(options: ObjectOptions, expected: dict[str, Any]) -> None:
@@ -141,9 +196,16 @@ def test_content_type_is_guessed_from_the_key_then_the_file_name() -> None:
         ({"checksums": "yes"}, "checksums must be True or False"),
         ({"checksums": 1}, "checksums must be True or False"),
         # A header value an attacker could split into a second header is refused.
-        ({"content_type": "text/html\r\nX-Evil: 1"}, "content_type must be None or printable"),
-        ({"content_type": "vidéo/mp4"}, "content_type must be None or printable ASCII"),
-        ({"content_type": ""}, "content_type must be None or printable ASCII"),
+        ({"content_type": "text/html\r\nX-Evil: 1"}, "content_type must be printable ASCII"),
+        ({"content_type": "vidéo/mp4"}, "content_type must be printable ASCII"),
+        ({"content_type": ""}, "content_type must not be empty"),
+        ({"content_type": "mp4"}, "content_type must be a media type"),
+        ({"storage_class": "glacier"}, "storage_class must be one of STANDARD, "),
+        ({"tags": {"aws:x": "1"}}, "tags key 'aws:x' starts with 'aws:'"),
+        ({"tags": {"k": 1}}, "tags keys and values must be strings"),
+        ({"tags": {str(i): "" for i in range(11)}}, "tags has 11 tags"),
+        ({"cache_control": "a\nb"}, "cache_control must be printable ASCII"),
+        ({"content_disposition": "=x"}, "content_disposition must start with a disposition"),
     ],
 )
 def test_refusals_name_the_option_and_what_is_allowed(values: dict[str, Any], message: str) -> None:
@@ -153,8 +215,8 @@ def test_refusals_name_the_option_and_what_is_allowed(values: dict[str, Any], me
 
 
 def test_an_unknown_option_is_refused() -> None:
-    with pytest.raises(TypeError, match="storage_class"):
-        ObjectOptions(storage_class="GLACIER")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="website_redirect"):
+        ObjectOptions(website_redirect="/x")  # type: ignore[call-arg]
 
 
 def test_options_are_frozen_and_keep_their_own_metadata() -> None:
@@ -163,6 +225,12 @@ def test_options_are_frozen_and_keep_their_own_metadata() -> None:
     metadata["title"] = "changed"
     metadata["extra"] = "added"
     assert dict(options.metadata) == {"title": "one"}
+    tags = {"a": "1"}
+    tagged = ObjectOptions(tags=tags)
+    tags["b"] = "2"
+    assert dict(tagged.tags) == {"a": "1"}
+    with pytest.raises(TypeError):
+        tagged.tags["c"] = "3"  # type: ignore[index]
     with pytest.raises(TypeError):
         options.metadata["title"] = "two"  # type: ignore[index]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -201,6 +269,14 @@ def capture_params(client: Any) -> dict[str, list[dict[str, Any]]]:
     [
         ObjectOptions(acl="public-read", metadata={"title": "Café ☕"}, sse="AES256"),
         ObjectOptions(sse="aws:kms", sse_kms_key_id=KMS_KEY, checksums=False),
+        ObjectOptions(
+            acl="bucket-default",
+            storage_class="STANDARD_IA",
+            tags={"a b": "c+d"},
+            cache_control="no-cache",
+            content_disposition="inline",
+            sse="AES256",
+        ),
     ],
 )
 def test_single_put_and_multipart_send_the_same_object_arguments(
@@ -222,6 +298,11 @@ def test_single_put_and_multipart_send_the_same_object_arguments(
         if options.acl == "public-read":
             grants = client.get_object_acl(Bucket=bucket, Key="clip.mp4")["Grants"]
             assert any(g["Grantee"].get("URI") == ALL_USERS for g in grants)
+        assert head.get("StorageClass") == options.storage_class
+        assert head.get("CacheControl") == options.cache_control
+        assert head.get("ContentDisposition") == options.content_disposition
+        tags = client.get_object_tagging(Bucket=bucket, Key="clip.mp4")["TagSet"]
+        assert {t["Key"]: t["Value"] for t in tags} == dict(options.tags)
 
     [put], [create] = seen["PutObject"], seen["CreateMultipartUpload"]
     per_body = {"Body", "ContentMD5", "ChecksumSHA256"}  # what only the single PUT carries

@@ -114,7 +114,11 @@ def values(**overrides: Any) -> dict[str, Any]:
             "'_' or '-', starting and ending with a letter or digit",
         ),
         ("bucket", ["my-bucket"], "invalid bucket: must be a string"),
-        ("acl", "public-read-write", "invalid acl: must be one of private, public-read"),
+        (
+            "acl",
+            "public-read-write",
+            "invalid acl: must be one of private, public-read, bucket-default",
+        ),
         ("metadata", "title=x", "invalid metadata: must be an object of key/value pairs"),
         ("callback", 5, "invalid callback: must be a string"),
         (
@@ -143,7 +147,11 @@ def test_the_adapter_answers_refusals_with_the_api_codes(service, account, ctx):
         account=ctx.account, signature=KEY_A, settings=service.settings, requests=service.requests
     )
     cases = [
-        ({"acl": "nope"}, Code.INVALID_FIELD, "invalid acl: must be one of private, public-read"),
+        (
+            {"acl": "nope"},
+            Code.INVALID_FIELD,
+            "invalid acl: must be one of private, public-read, bucket-default",
+        ),
         ({"acl": None}, Code.MISSING_FIELDS, "missing required field(s): acl"),
     ]
     for overrides, code, message in cases:
@@ -202,6 +210,36 @@ def test_upload_queues_once_per_replay_key_and_status_reads_back(ctx, clip):
     assert record["metadata"] == {"title": "Ünïcode / slashes"}
     assert record["state"] == "queued" and record["message"] == "Queued"
     assert [r["id"] for r in status(ctx, StatusQuery(limit=1, offset=1)).records()] == [first.id]
+
+
+def test_the_fields_hash_covers_every_field_that_defines_the_upload(ctx):
+    """The idempotency hash: canonical (key order and spelling of one value do not matter),
+    changed by every field and object option, blind to the key and the envelope."""
+    base = values(tags={"a": "1", "b": "2"}, storage_class="GLACIER", idempotency_key="k")
+    digest = UploadArgs.from_values(base, ctx).fields_hash()
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    same = {
+        **dict(reversed(list(base.items()))),
+        "tags": {"b": 2, "a": "1"},  # a number is its text, as in metadata
+        "idempotency_key": "another key",
+        "timestamp": 1,
+        "content_type": None,  # null: not set
+    }
+    assert UploadArgs.from_values(same, ctx).fields_hash() == digest
+    for change in (
+        {"path": "sestore1/jb/videos/other.mp4"},
+        {"destination_path": "other.mp4"},
+        {"bucket": "other-bucket"},
+        {"acl": "bucket-default"},
+        {"metadata": {"title": "other"}},
+        {"callback": "http://127.0.0.1:9/hook"},
+        {"tags": {"a": "1"}},
+        {"storage_class": "STANDARD"},
+        {"content_type": "video/mp4"},
+        {"cache_control": "no-cache"},
+        {"content_disposition": "inline"},
+    ):
+        assert UploadArgs.from_values({**base, **change}, ctx).fields_hash() != digest, change
 
 
 def test_upload_refuses_a_missing_file_naming_path(ctx):

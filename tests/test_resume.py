@@ -359,24 +359,40 @@ def test_a_single_put_retried_overwrites_other_bytes(
 def test_the_same_bytes_stored_otherwise_are_written_again(
     s3: MotoServer, vbucket: str, tmp_path: Path
 ) -> None:
-    """Another request's object with these very bytes but other metadata or Content-Type
-    is not this request's upload."""
+    """Another request's object with these very bytes but other metadata, Content-Type,
+    Cache-Control, Content-Disposition or storage class is not this request's upload."""
     client = make_s3_client(s3.settings())
     data = os.urandom(1000)
     (tmp_path / "t.mp4").write_bytes(data)
-    options = ObjectOptions(metadata={"title": "new"})
+    options = ObjectOptions(
+        metadata={"title": "new"},
+        cache_control="max-age=60",
+        content_disposition="inline",
+        storage_class="STANDARD_IA",
+    )
     job = UploadJob(
         source=tmp_path / "t.mp4", bucket=vbucket, key="t.mp4", options=options, may_exist=True
     )
-    for other in ({"Metadata": {"title": "old"}}, {"ContentType": "text/plain"}):
-        client.put_object(
-            Bucket=vbucket, Key="t.mp4", Body=data, **({"Metadata": {"title": "new"}} | other)
-        )
+    asked = {
+        "ContentType": "video/mp4",  # as guessed from the key: else moto's default differs
+        "Metadata": {"title": "new"},
+        "CacheControl": "max-age=60",
+        "ContentDisposition": "inline",
+        "StorageClass": "STANDARD_IA",
+    }
+    for other in (
+        {"Metadata": {"title": "old"}},
+        {"ContentType": "text/plain"},
+        {"CacheControl": "no-cache"},
+        {"ContentDisposition": "attachment"},
+        {"StorageClass": "STANDARD"},
+    ):
+        client.put_object(Bucket=vbucket, Key="t.mp4", Body=data, **(asked | other))
         sent = operations(client)
         run(client, job, MemoryLedger())
         assert "PutObject" in sent, other
         head = client.head_object(Bucket=vbucket, Key="t.mp4")
-        assert (head["Metadata"], head["ContentType"]) == ({"title": "new"}, "video/mp4")
+        assert {k: head.get(k) for k in asked} == asked
     sent.clear()
     run(client, job, MemoryLedger())  # now it is stored as asked: claimed
     assert sent == ["HeadObject"]

@@ -13,15 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from vodpush.config import Settings
 from vodpush.core import clock, records
 from vodpush.core.accounts import AccountError, S3Settings
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.clock import utcnow
-from vodpush.core.requests import LeaseLost, NewRequest
+from vodpush.core.requests import (
+    IDEMPOTENCY_WINDOW_SECONDS,
+    IdempotencyConflict,
+    LeaseLost,
+    NewRequest,
+)
 from vodpush.crypto import generate_key
+from vodpush.persistence.models import UploadRequest
 from vodpush.service import Service
 
 # "!" is in no key, token or hex alphabet: the secret cannot appear in repr by chance.
@@ -108,6 +114,142 @@ def test_list_pages_newest_first_and_never_shows_another_account(stores: Service
     assert entry["message"] == records.QUEUED_MESSAGE and entry["metadata"] == {"title": "café"}
     assert records.render(stores.requests.get(mine[0]))["destination_path"] == "out/0.mp4"
     assert stores.requests.get(10**9) is None
+
+
+# -- idempotency keys ------------------------------------------------------------------------
+
+DAY = IDEMPOTENCY_WINDOW_SECONDS
+
+
+def _keyed(account_id: int, key: str | None, digest: str, n: int, **changes: Any) -> NewRequest:
+    """The n-th submit (its own signature) of one upload, with idempotency ``key`` and
+    fields hash ``digest``."""
+    return NewRequest(
+        account_id=account_id,
+        cdn_id=158,
+        path="sestore1/jb/clip.mp4",
+        destination_path="out/clip.mp4",
+        bucket="b",
+        acl="private",
+        metadata={},
+        callback="",
+        signature=f"sig-{account_id}-{key}-{digest}-{n}",
+        options={"storage_class": "STANDARD_IA"},
+        idempotency_key=key,
+        idempotency_hash=digest,
+        **changes,
+    )
+
+
+def _age(s: Service, rid: int, seconds: float) -> None:
+    """Move request ``rid``'s creation ``seconds`` back, as the store keeps it."""
+    if s.engine is None:
+        s.queue._t.requests[rid].created_at -= timedelta(seconds=seconds)  # type: ignore[attr-defined]
+        return
+    table = UploadRequest.__table__
+    with s.engine.begin() as conn:
+        created = conn.execute(select(table.c.created_at).where(table.c.id == rid)).scalar_one()
+        conn.execute(
+            table.update()
+            .where(table.c.id == rid)
+            .values(created_at=created - timedelta(seconds=seconds))
+        )
+
+
+def _count(s: Service, account_id: int) -> int:
+    return len(s.requests.list_for_account(account_id, limit=1000, offset=0))
+
+
+def test_an_idempotency_key_names_one_request_for_its_fields(stores: Service) -> None:
+    a, b = _account(stores, "a"), _account(stores, "b")
+    first = stores.requests.enqueue(_keyed(a, "order-1", "h1", 1))
+    assert not first.replayed
+    # Another submit (another signature) with the key and the same fields: the first id.
+    again = stores.requests.enqueue(_keyed(a, "order-1", "h1", 2))
+    assert (again.id, again.replayed) == (first.id, True)
+    # Other fields under the key: refused, nothing queued.
+    with pytest.raises(IdempotencyConflict):
+        stores.requests.enqueue(_keyed(a, "order-1", "h2", 3))
+    assert _count(stores, a) == 1
+    # Keys are the account's own; no key is no rule; another key is another request.
+    theirs = stores.requests.enqueue(_keyed(b, "order-1", "h2", 1))
+    plain = [stores.requests.enqueue(_keyed(a, None, "", n)) for n in (4, 5)]
+    other = stores.requests.enqueue(_keyed(a, "order-2", "h1", 6))
+    ids = {first.id, theirs.id, other.id, *(p.id for p in plain)}
+    assert len(ids) == 5 and not any(p.replayed for p in (theirs, other, *plain))
+    # The signature replay rule stands beside it.
+    replay = stores.requests.enqueue(_keyed(a, "order-1", "h1", 2))
+    assert (replay.id, replay.replayed) == (first.id, True)
+    # The options travel to the claim.
+    claimed = stores.queue.claim("w", 30)
+    assert claimed is not None and claimed.id == first.id
+    assert claimed.options == {"storage_class": "STANDARD_IA"}
+
+
+def test_an_idempotency_key_older_than_the_window_names_a_new_request(stores: Service) -> None:
+    a = _account(stores)
+    first = stores.requests.enqueue(_keyed(a, "k", "h1", 1)).id
+    _age(stores, first, DAY - 60)
+    assert stores.requests.enqueue(_keyed(a, "k", "h1", 2)).id == first  # still inside
+    with pytest.raises(IdempotencyConflict):
+        stores.requests.enqueue(_keyed(a, "k", "h2", 3))
+    _age(stores, first, 120)  # now a day and a minute old
+    second = stores.requests.enqueue(_keyed(a, "k", "h2", 4))  # even with other fields
+    assert not second.replayed and second.id != first
+    # The key is the new request's now; the old one keeps no claim to it.
+    assert stores.requests.enqueue(_keyed(a, "k", "h2", 5)).id == second.id
+    with pytest.raises(IdempotencyConflict):
+        stores.requests.enqueue(_keyed(a, "k", "h1", 6))
+    assert _count(stores, a) == 2
+
+
+@pytest.mark.parametrize("expired", [False, True], ids=["fresh", "after-the-window"])
+def test_concurrent_submits_with_one_key_queue_one_request(stores: Service, expired: bool) -> None:
+    """Eight submits at once (each its own signature), with one key and the same fields:
+    one request, whose id all eight get; also when an old request held the key."""
+    a = _account(stores)
+    old = None
+    if expired:
+        old = stores.requests.enqueue(_keyed(a, "k", "h0", 0)).id
+        _age(stores, old, DAY + 60)
+    start = threading.Barrier(8)
+    answers: list[Any] = []
+    errors: list[BaseException] = []
+
+    def submit(n: int) -> None:
+        start.wait()
+        try:
+            answers.append(stores.requests.enqueue(_keyed(a, "k", "h1", n + 1)))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len({answer.id for answer in answers}) == 1 and len(answers) == 8
+    assert sum(not answer.replayed for answer in answers) == 1
+    assert answers[0].id != old
+    assert _count(stores, a) == (2 if expired else 1)
+
+
+def test_the_memory_store_measures_the_key_window_on_its_own_clock(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+        sestore_root=tmp_path,
+        secret_key=generate_key(),
+        secret_key_file=tmp_path / "unused.key",
+    )
+    now = [datetime(2031, 6, 1, 12, 0, 0)]
+    s = Service.in_memory(settings, clock=lambda: now[0])
+    a = _account(s)
+    first = s.requests.enqueue(_keyed(a, "k", "h1", 1)).id
+    now[0] += timedelta(seconds=DAY - 1)
+    assert s.requests.enqueue(_keyed(a, "k", "h1", 2)).id == first
+    now[0] += timedelta(seconds=1)  # exactly a day: the key is free
+    assert s.requests.enqueue(_keyed(a, "k", "h1", 3)).id != first
 
 
 # -- claims and leases -----------------------------------------------------------------------

@@ -26,10 +26,12 @@ from __future__ import annotations
 import json
 import os
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from importlib import metadata as _dist
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -50,6 +52,7 @@ __all__ = [
     "StatusRecord",
     "TransportError",
     "WebhookVerificationError",
+    "disposition_header",
     "verify_callback",
 ]
 
@@ -162,6 +165,9 @@ class StatusRecord:
     callback_state: str | None = None
     callback_attempts: int | None = None
     callback_error: str | None = None
+    # The object options the request set (content_type, storage_class, tags, ...); None
+    # when it set none (the server then sends no "options").
+    options: dict[str, Any] | None = field(default=None, hash=False)
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
@@ -192,13 +198,17 @@ class StatusRecord:
             callback_state=_opt_str(data.get("callback_state")),
             callback_attempts=_as_int(data.get("callback_attempts")),
             callback_error=_opt_str(data.get("callback_error")),
+            options=dict(options) if isinstance(options := data.get("options"), Mapping) else None,
             extra={k: v for k, v in data.items() if k not in known},
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-ready dict: every field (extras the server did not send are
-        ``None``), then the fields this client does not know."""
+        ``None``; ``options`` only when set, as the server sends it), then the fields this
+        client does not know."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        if out["options"] is None:
+            del out["options"]
         out.update(self.extra)
         return out
 
@@ -309,6 +319,31 @@ class Redelivery:
         )
 
 
+# -- object options -----------------------------------------------------------------------
+
+
+def disposition_header(filename: str, *, inline: bool = False) -> str:
+    """A Content-Disposition value (for ``upload(content_disposition=...)``) naming
+    ``filename``, which may hold any Unicode text: as RFC 6266 says, an ASCII
+    ``filename="..."`` for old browsers and, when the name is not plain ASCII, the exact name
+    as ``filename*=UTF-8''<percent-encoded>``, which browsers prefer."""
+    kind = "inline" if inline else "attachment"
+
+    def plain(char: str) -> bool:
+        return " " <= char <= "~" and char not in '"\\'
+
+    if all(plain(char) for char in filename):
+        return f'{kind}; filename="{filename}"'
+
+    def folded(char: str) -> str:
+        # Accents dropped (é -> e); anything else that cannot be sent becomes "_".
+        ascii_ = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode("ascii")
+        return ascii_ if ascii_ and all(plain(c) for c in ascii_) else "_"
+
+    fallback = "".join(char if plain(char) else folded(char) for char in filename)
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 # -- the client ---------------------------------------------------------------------------
 
 
@@ -416,9 +451,23 @@ class Client:
         acl: str,
         metadata: Mapping[str, Any] | None = None,
         callback: str = "",
+        *,
+        idempotency_key: str | None = None,
+        content_type: str | None = None,
+        storage_class: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        cache_control: str | None = None,
+        content_disposition: str | None = None,
     ) -> int:
         """Queue ``path`` (``sestore<N>/<user>/...``) for upload to ``bucket`` as
-        ``destination_path``; returns the request id."""
+        ``destination_path``; returns the request id. ``acl`` is ``private``,
+        ``public-read`` or ``bucket-default``; the keyword options are sent only when given
+        (see the API documentation of aws.upload).
+
+        With an ``idempotency_key`` the same upload submitted again within 24 h answers the
+        first request's id, so a retry may be signed afresh: this client then keeps
+        retrying a lost answer past the 60 s in which it otherwise only resends the same
+        signed body."""
         fields_: dict[str, Any] = {
             "path": path,
             "destination_path": destination_path,
@@ -428,7 +477,21 @@ class Client:
         }
         if metadata is not None:
             fields_["metadata"] = dict(metadata)
-        data = self._call("aws.upload", fields_, resend_same_body=True)
+        optional = {
+            "content_type": content_type,
+            "storage_class": storage_class,
+            "tags": dict(tags) if tags is not None else None,
+            "cache_control": cache_control,
+            "content_disposition": content_disposition,
+            "idempotency_key": idempotency_key,
+        }
+        fields_.update({name: value for name, value in optional.items() if value is not None})
+        data = self._call(
+            "aws.upload",
+            fields_,
+            resend_same_body=True,
+            resign_when_old=idempotency_key is not None,
+        )
         request_id = _as_int(data.get("id")) if isinstance(data, Mapping) else None
         if request_id is None:
             raise TransportError(f"aws.upload answered without an id: {data!r}")
@@ -503,12 +566,22 @@ class Client:
         }
         return sign_request(payload, self._secret), signed_at
 
-    def _call(self, command: str, fields_: Mapping[str, Any], *, resend_same_body: bool) -> Any:
+    def _call(
+        self,
+        command: str,
+        fields_: Mapping[str, Any],
+        *,
+        resend_same_body: bool,
+        resign_when_old: bool = False,
+    ) -> Any:
         """Send one command, retrying where safe; the ``data`` of a success.
 
         With ``resend_same_body`` the body is signed once and every retry sends those exact
-        bytes (the server deduplicates by signature). Otherwise (read-only commands) each
-        attempt is signed afresh, so a slow retry never carries a stale timestamp.
+        bytes (the server deduplicates by signature) while it is young enough; past that,
+        ``resign_when_old`` (an upload with an idempotency key, which the server
+        deduplicates by key) signs it afresh, else the retries end. Otherwise (read-only
+        commands) each attempt is signed afresh, so a slow retry never carries a stale
+        timestamp.
         """
         body, signed_at = self._sign(command, fields_)
         attempt = 0
@@ -518,10 +591,10 @@ class Client:
             except _Retryable as exc:
                 attempt += 1
                 too_old = resend_same_body and (self._clock() - signed_at > _UPLOAD_RESEND_HORIZON)
-                if attempt > self._retries or too_old:
+                if attempt > self._retries or (too_old and not resign_when_old):
                     raise exc.error from exc.__cause__
                 self._sleep(min(self._backoff * 2 ** (attempt - 1), _MAX_BACKOFF))
-                if not resend_same_body:
+                if not resend_same_body or too_old:
                     body, signed_at = self._sign(command, fields_)
 
     def _send(self, body: str) -> Any:

@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vodpush.client import ApiError, CallbackHistory, Client, ClientError, StatusRecord
-from vodpush.core.options import API_ACLS
+from vodpush.client import (
+    ApiError,
+    CallbackHistory,
+    Client,
+    ClientError,
+    StatusRecord,
+    disposition_header,
+)
+from vodpush.core.options import API_ACLS, STORAGE_CLASSES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -110,16 +117,17 @@ def _api(kwargs: dict[str, Any]) -> Iterator[Client]:
         api.close()
 
 
-def _parse_metadata(items: tuple[str, ...]) -> dict[str, str] | None:
+def _parse_pairs(items: tuple[str, ...], option: str) -> dict[str, str] | None:
+    """KEY=VALUE items of a repeated option as a dict (None when there are none)."""
     if not items:
         return None
-    metadata: dict[str, str] = {}
+    pairs: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="'--metadata'")
-        metadata[key] = value
-    return metadata
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=f"'{option}'")
+        pairs[key] = value
+    return pairs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,6 +149,31 @@ def client() -> None:
     help="User metadata for the object; repeat for several.",
 )
 @click.option("--callback", default="", help="URL to POST the result to when done.")
+@click.option(
+    "--idempotency-key",
+    help="Submitting the same upload with this key again within 24 h gives the first id.",
+)
+@click.option("--content-type", help="Content-Type of the object (default: from the name).")
+@click.option(
+    "--storage-class", type=click.Choice(STORAGE_CLASSES), help="S3 storage class of the object."
+)
+@click.option(
+    "--tag",
+    "tag_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An object tag; repeat for several (at most 10).",
+)
+@click.option("--cache-control", help="Cache-Control of the object.")
+@click.option(
+    "--content-disposition",
+    help="Content-Disposition of the object, e.g. 'attachment; filename=\"a.mp4\"'.",
+)
+@click.option(
+    "--download-name",
+    metavar="FILENAME",
+    help="Shorthand for an attachment Content-Disposition with this file name (any Unicode).",
+)
 @_credential_options
 def upload(
     path: str,
@@ -149,14 +182,37 @@ def upload(
     acl: str,
     metadata_items: tuple[str, ...],
     callback: str,
+    idempotency_key: str | None,
+    content_type: str | None,
+    storage_class: str | None,
+    tag_items: tuple[str, ...],
+    cache_control: str | None,
+    content_disposition: str | None,
+    download_name: str | None,
     **kwargs: Any,
 ) -> None:
     """Queue PATH (sestore<N>/<user>/...) for upload to DESTINATION (the S3 key); prints
     the request id."""
-    metadata = _parse_metadata(metadata_items)
+    metadata = _parse_pairs(metadata_items, "--metadata")
+    tags = _parse_pairs(tag_items, "--tag")
+    if download_name is not None:
+        if content_disposition is not None:
+            raise click.UsageError("give --content-disposition or --download-name, not both")
+        content_disposition = disposition_header(download_name)
     with _api(kwargs) as api:
         request_id = api.upload(
-            path, destination, bucket, acl, metadata=metadata, callback=callback
+            path,
+            destination,
+            bucket,
+            acl,
+            metadata=metadata,
+            callback=callback,
+            idempotency_key=idempotency_key,
+            content_type=content_type,
+            storage_class=storage_class,
+            tags=tags,
+            cache_control=cache_control,
+            content_disposition=content_disposition,
         )
     click.echo(request_id)
 

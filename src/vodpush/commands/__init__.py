@@ -11,6 +11,7 @@ from vodpush.commands.context import CommandContext
 from vodpush.commands.refusals import answering_refusals
 from vodpush.commands.status import aws_status
 from vodpush.commands.upload import aws_upload
+from vodpush.core.options import REQUEST_OPTIONS
 
 Handler = Callable[[CommandContext, dict[str, Any]], tuple[str, Any]]
 
@@ -24,7 +25,18 @@ COMMANDS: dict[str, Handler] = {
 # signature): one table, so that a field no command knows can be named back to the client
 # instead of being dropped in silence. A new command or field adds its entry here.
 COMMAND_FIELDS: dict[str, frozenset[str]] = {
-    "aws.upload": frozenset({"path", "destination_path", "bucket", "acl", "metadata", "callback"}),
+    "aws.upload": frozenset(
+        {
+            "path",
+            "destination_path",
+            "bucket",
+            "acl",
+            "metadata",
+            "callback",
+            "idempotency_key",
+            *REQUEST_OPTIONS,
+        }
+    ),
     "aws.status": frozenset({"id", "limit", "offset"}),
     "aws.callbacks": frozenset({"id"}),
     "aws.redeliver": frozenset({"id"}),

@@ -55,6 +55,7 @@ class StatusRow(Protocol):
     callback_attempts: int
     callback_last_error: str | None
     not_before: datetime | str  # when a retrying request is next tried
+    options_json: str | None  # the object options (NewRequest.options), JSON; None: none
 
 
 class AccountStorePort(Protocol):
@@ -104,7 +105,11 @@ class RequestStorePort(Protocol):
 
     def enqueue(self, new: NewRequest) -> Enqueued:
         """Queue once per (account, signature): a replay returns the first id. Created and
-        due now by the store's clock."""
+        due now by the store's clock. With an idempotency key, also once per (account,
+        key) within IDEMPOTENCY_WINDOW_SECONDS of the store's clock: the same hash returns
+        the first id, another raises IdempotencyConflict; an older holder of the key gives
+        it up in the same transaction. Race-free: concurrent submits with one key queue one
+        request."""
         ...
 
     def list_for_account(

@@ -52,7 +52,7 @@ def render(row: Any) -> dict[str, Any]:
     if row.results_json:
         results.update(orjson.loads(row.results_json))
     metadata = row.metadata_json
-    return {
+    entry: dict[str, Any] = {
         "id": row.id,
         "cdn_id": row.cdn_id,
         "path": row.path,
@@ -79,3 +79,8 @@ def render(row: Any) -> dict[str, Any]:
         "callback_attempts": row.callback_attempts,
         "callback_error": row.callback_last_error,
     }
+    # The object options beyond the reference API's (content_type, storage_class, tags,
+    # ...), only when the request set some: a reference-API request's record is unchanged.
+    if row.options_json:
+        entry["options"] = orjson.loads(row.options_json)
+    return entry

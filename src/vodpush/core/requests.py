@@ -40,6 +40,16 @@ FINAL_STATES = (State.SUCCEEDED.value, State.FAILED.value, State.CANCELED.value)
 RETRYABLE_STATES = (State.FAILED.value, State.CANCELED.value)
 
 
+# How long an idempotency key holds (aws.upload idempotency_key): within it the same key
+# answers with the request it first queued; after it, the key may name a new request.
+IDEMPOTENCY_WINDOW_SECONDS = 24 * 3600
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key names a request of the last IDEMPOTENCY_WINDOW_SECONDS whose
+    fields (its idempotency hash) differ from the new one's: nothing was queued."""
+
+
 class LeaseLost(RuntimeError):
     """The request is no longer ours (lease expired and another worker took it)."""
 
@@ -68,7 +78,9 @@ class NewRequest:
     # request.
     options: dict[str, Any] = field(default_factory=dict)
     # The customer's idempotency key and the SHA-256 (hex) of the fields it covers; None
-    # when none was sent.
+    # when none was sent. With a key, enqueue returns the request the key named within
+    # IDEMPOTENCY_WINDOW_SECONDS when its hash is the same, and raises IdempotencyConflict
+    # when it is not; an older request gives the key up to the new one.
     idempotency_key: str | None = None
     idempotency_hash: str | None = None
 
@@ -76,7 +88,9 @@ class NewRequest:
 @dataclass(frozen=True)
 class Enqueued:
     id: int
-    replayed: bool  # True when this exact signed request had been queued before
+    # True when nothing new was queued: this exact signed request, or one with the same
+    # idempotency key and fields, had been queued before (``id`` is that request's).
+    replayed: bool
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.ports import StatusRow
 from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE, retrying_message
 from vodpush.core.requests import (
+    IDEMPOTENCY_WINDOW_SECONDS,
     WAITING_STATES,
     CallbackState,
     Claimed,
     DueCallback,
     Enqueued,
+    IdempotencyConflict,
     LeaseLost,
     NewRequest,
     State,
@@ -49,6 +51,10 @@ class MemoryRequestStore:
                     return Enqueued(id=row.id, replayed=True)
             if new.account_id not in self._t.accounts:
                 raise LookupError(f"no account {new.account_id}")  # the database's foreign key
+            if new.idempotency_key is not None:
+                earlier = self._take_key(new, now)
+                if earlier is not None:
+                    return Enqueued(id=earlier, replayed=True)
             request_id = self._t.next_request
             self._t.next_request += 1
             self._t.requests[request_id] = RequestRow(
@@ -63,6 +69,8 @@ class MemoryRequestStore:
                 callback=new.callback,
                 signature=new.signature,
                 options_json=json.dumps(new.options, ensure_ascii=False) if new.options else None,
+                idempotency_key=new.idempotency_key,
+                idempotency_hash=new.idempotency_hash if new.idempotency_key else None,
                 created_at=now,
                 updated_at=now,
                 not_before=now,
@@ -70,6 +78,22 @@ class MemoryRequestStore:
         if self.on_enqueue is not None:
             self.on_enqueue()
         return Enqueued(id=request_id, replayed=False)
+
+    def _take_key(self, new: NewRequest, now: datetime) -> int | None:
+        """Under the lock: the request holding ``new``'s key within the window with the same
+        fields (IdempotencyConflict with others), or None when the key is free; an older
+        holder gives it up (persistence.requests.RequestStore._take_key)."""
+        window = timedelta(seconds=IDEMPOTENCY_WINDOW_SECONDS)
+        for row in self._t.requests.values():
+            if row.account_id != new.account_id or row.idempotency_key != new.idempotency_key:
+                continue
+            if row.created_at > now - window:
+                if row.idempotency_hash != new.idempotency_hash:
+                    raise IdempotencyConflict(new.idempotency_key)
+                return row.id
+            row.idempotency_key = row.idempotency_hash = None
+            return None
+        return None
 
     @staticmethod
     def _status(row: RequestRow) -> StatusRow:

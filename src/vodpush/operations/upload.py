@@ -3,8 +3,10 @@ the order of the checks is the order the API has always answered in."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,9 +14,20 @@ from vodpush import metadata as s3_metadata
 from vodpush import sestore
 from vodpush.callbacks.policy import CallbackURLError, check_destination
 from vodpush.config import Settings
-from vodpush.core.fields import InvalidField, read_str, require
-from vodpush.core.options import API_ACLS, MAX_KEY_BYTES
-from vodpush.core.requests import NewRequest
+from vodpush.core.fields import InvalidField, check_text, read_str, require
+from vodpush.core.options import (
+    API_ACLS,
+    MAX_KEY_BYTES,
+    MAX_TAGS,
+    REQUEST_OPTIONS,
+    printable_ascii,
+    refuse_content_disposition,
+    refuse_content_type,
+    refuse_header_value,
+    refuse_storage_class,
+    refuse_tags,
+)
+from vodpush.core.requests import IDEMPOTENCY_WINDOW_SECONDS, IdempotencyConflict, NewRequest
 from vodpush.operations.context import OperationContext
 from vodpush.operations.errors import Unauthorized
 
@@ -26,6 +39,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A lookup at submit waits this long at most (an aws.upload answers in time; the delivery
 # checks the address again anyway).
 SUBMIT_DNS_TIMEOUT = 2.0
+MAX_IDEMPOTENCY_KEY_CHARS = 255  # the column's size
 
 
 def validate_path(value: Any) -> str:
@@ -90,6 +104,92 @@ def validate_callback(value: Any, settings: Settings) -> str:
     return url
 
 
+def _header_option(name: str, refuse: Callable[[Any], str | None]) -> Callable[[Any], str]:
+    def validate(value: Any) -> str:
+        if isinstance(value, str):
+            check_text(value, name)  # NUL and lone surrogates, named as everywhere
+        why = refuse(value)
+        if why is not None:
+            raise InvalidField(name, why)
+        return str(value)
+
+    return validate
+
+
+validate_content_type = _header_option("content_type", refuse_content_type)
+validate_cache_control = _header_option("cache_control", refuse_header_value)
+validate_content_disposition = _header_option("content_disposition", refuse_content_disposition)
+
+
+def validate_storage_class(value: Any) -> str:
+    why = refuse_storage_class(value)
+    if why is not None:
+        raise InvalidField("storage_class", why)
+    return str(value)
+
+
+def validate_tags(value: Any) -> dict[str, str]:
+    """The object's tags as a dict of strings ({} for none). None, {} and [] (PHP's empty
+    array) mean none; numbers and booleans become text, as in metadata."""
+    if value is None or value == []:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidField("tags", "must be an object of key/value pairs")
+    if len(value) > MAX_TAGS:  # before any work on a huge object
+        raise InvalidField("tags", f"has {len(value)} tags; S3 allows at most {MAX_TAGS}")
+    tags: dict[str, str] = {}
+    for key, raw in value.items():
+        if isinstance(raw, bool):
+            tags[key] = "true" if raw else "false"
+        elif isinstance(raw, str | int | float):
+            tags[key] = str(raw)
+        else:
+            raise InvalidField("tags", f"value of {key[:40]!r} must be a string or a number")
+    why = refuse_tags(tags)
+    if why is not None:
+        raise InvalidField("tags", why)
+    return tags
+
+
+# Each object option's check, in the order they are checked (core.options.REQUEST_OPTIONS).
+OPTION_VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "content_type": validate_content_type,
+    "storage_class": validate_storage_class,
+    "tags": validate_tags,
+    "cache_control": validate_cache_control,
+    "content_disposition": validate_content_disposition,
+}
+if tuple(OPTION_VALIDATORS) != REQUEST_OPTIONS:  # pragma: no cover - one list of options
+    raise RuntimeError("OPTION_VALIDATORS and REQUEST_OPTIONS must name the same options")
+
+
+def validate_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The object options that ``values`` set, checked; an option that is absent or null is
+    not set (and empty tags are none)."""
+    options: dict[str, Any] = {}
+    for name, validate in OPTION_VALIDATORS.items():
+        if values.get(name) is not None:
+            checked = validate(values[name])
+            if checked:  # strings are never empty here; empty tags are none
+                options[name] = checked
+    return options
+
+
+def validate_idempotency_key(value: Any) -> str | None:
+    """The key as sent (None for none): 1-255 printable ASCII characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidField("idempotency_key", "must be a string")
+    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY_CHARS or not printable_ascii(value):
+        raise InvalidField(
+            "idempotency_key",
+            f"must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
+            "(letters, digits, punctuation, spaces)",
+        )
+    return value
+
+
 def authorize_bucket(ctx: OperationContext, bucket: str) -> None:
     refused = ctx.account.may_use_bucket(bucket)
     if refused is not None:
@@ -99,8 +199,9 @@ def authorize_bucket(ctx: OperationContext, bucket: str) -> None:
 @dataclass(frozen=True)
 class UploadArgs:
     """A push request: the file ``path`` under the account's sestore directory, to the
-    object ``destination_path`` of ``bucket`` with ``acl``, ``metadata`` (normalized) and an
-    optional ``callback`` URL ("" for none)."""
+    object ``destination_path`` of ``bucket`` with ``acl``, ``metadata`` (normalized), an
+    optional ``callback`` URL ("" for none), the object ``options`` it sets (of
+    core.options.REQUEST_OPTIONS) and an optional ``idempotency_key``."""
 
     path: str
     destination_path: str
@@ -108,6 +209,25 @@ class UploadArgs:
     acl: str
     metadata: dict[str, str] = field(default_factory=dict)
     callback: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+
+    def fields_hash(self) -> str:
+        """SHA-256 (hex) of every field that defines the upload, canonical (JSON, sorted
+        keys, ASCII): two requests with the same hash push the same file to the same
+        object the same way. Not the idempotency key itself, nor the envelope (timestamp,
+        signature)."""
+        canonical = {
+            "path": self.path,
+            "destination_path": self.destination_path,
+            "bucket": self.bucket,
+            "acl": self.acl,
+            "metadata": self.metadata,
+            "callback": self.callback,
+            "options": self.options,
+        }
+        text = json.dumps(canonical, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("ascii")).hexdigest()
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], ctx: OperationContext) -> UploadArgs:
@@ -121,6 +241,9 @@ class UploadArgs:
         authorize_bucket(ctx, bucket)
         acl = validate_acl(values["acl"])
         metadata = validate_metadata(values.get("metadata"))
+        # Before the callback, whose check may wait for DNS.
+        options = validate_options(values)
+        idempotency_key = validate_idempotency_key(values.get("idempotency_key"))
         callback = validate_callback(values.get("callback"), ctx.settings)
         return cls(
             path=path,
@@ -129,18 +252,24 @@ class UploadArgs:
             acl=acl,
             metadata=metadata,
             callback=callback,
+            options=options,
+            idempotency_key=idempotency_key,
         )
 
 
 @dataclass(frozen=True)
 class Queued:
     id: int
-    replayed: bool  # the same request (same replay key) had been queued before; nothing new
+    # The same request (same replay key, or same idempotency key and fields) had been queued
+    # before; nothing new.
+    replayed: bool
 
 
 def upload(ctx: OperationContext, args: UploadArgs, *, replay_key: str) -> Queued:
-    """Queue ``args`` for the account, once per ``replay_key`` (the request's idempotency
-    token: a second call with it returns the first request and queues nothing). Checks that
+    """Queue ``args`` for the account, once per ``replay_key`` (the request's signature: a
+    second call with it returns the first request and queues nothing), and once per
+    ``args.idempotency_key`` within the window (the same fields return the first request;
+    other fields are refused, InvalidField naming idempotency_key). Checks that
     the account may read its files and that the file is there, readable, as the worker will
     open it."""
     authorize_bucket(ctx, args.bucket)  # again, for arguments not built by from_values
@@ -157,17 +286,29 @@ def upload(ctx: OperationContext, args: UploadArgs, *, replay_key: str) -> Queue
         )
     except sestore.PathRefused as exc:
         raise InvalidField("path", str(exc)) from exc
-    queued = ctx.requests.enqueue(
-        NewRequest(
-            account_id=ctx.account.id,
-            cdn_id=ctx.account.cdn,
-            path=args.path,
-            destination_path=args.destination_path,
-            bucket=args.bucket,
-            acl=args.acl,
-            metadata=dict(args.metadata),
-            callback=args.callback,
-            signature=replay_key,
-        )
+    new = NewRequest(
+        account_id=ctx.account.id,
+        cdn_id=ctx.account.cdn,
+        path=args.path,
+        destination_path=args.destination_path,
+        bucket=args.bucket,
+        acl=args.acl,
+        metadata=dict(args.metadata),
+        callback=args.callback,
+        signature=replay_key,
+        options=dict(args.options),
+        idempotency_key=args.idempotency_key,
+        idempotency_hash=args.fields_hash() if args.idempotency_key is not None else None,
     )
+    try:
+        queued = ctx.requests.enqueue(new)
+    except IdempotencyConflict as exc:
+        # Nothing about the other request (its id, its fields) is told: only that the key
+        # is taken.
+        hours = IDEMPOTENCY_WINDOW_SECONDS // 3600
+        raise InvalidField(
+            "idempotency_key",
+            f"was used in the last {hours} hours for an upload with other fields; send "
+            "exactly the same fields to get that upload's id, or use a new key",
+        ) from exc
     return Queued(id=queued.id, replayed=queued.replayed)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from vodpush.core.callbacks import (
@@ -20,7 +20,16 @@ from vodpush.core.callbacks import (
     judge_redelivery,
 )
 from vodpush.core.records import QUEUED_MESSAGE
-from vodpush.core.requests import FINAL_STATES, CallbackState, Enqueued, NewRequest, State
+from vodpush.core.requests import (
+    FINAL_STATES,
+    IDEMPOTENCY_WINDOW_SECONDS,
+    CallbackState,
+    Enqueued,
+    IdempotencyConflict,
+    NewRequest,
+    State,
+    StoreUnavailable,
+)
 from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, read, write_transaction
 from vodpush.persistence.models import CallbackAttempt, RequestEvent, UploadRequest
@@ -55,7 +64,11 @@ STATUS_COLUMNS = (
     _T.c.callback_attempts,
     _T.c.callback_last_error,
     _T.c.not_before,
+    _T.c.options_json,
 )
+# An insert that lost a race for an idempotency key (a concurrent submit with the key, or
+# with its old holder's) is tried again this often: the next try sees the winner's row.
+_KEY_RACE_TRIES = 3
 
 
 class RequestStore:
@@ -74,8 +87,15 @@ class RequestStore:
 
     def enqueue(self, new: NewRequest) -> Enqueued:
         """Queue a request once per signature digest: a replay returns the first request's id.
-        Its times are the database's (a fast or slow API host cannot hold it back or push it
-        ahead of others)."""
+        With an idempotency key, once per key within the window (core.ports.RequestStorePort:
+        the same fields return the first id, others raise IdempotencyConflict). Its times
+        are the database's (a fast or slow API host cannot hold it back or push it ahead of
+        others).
+
+        Race-free on both databases: the key's unique constraint (account_id,
+        idempotency_key) lets one insert win; the loser's transaction is rolled back whole
+        (with any key it cleared) and tried again, and then finds the winner's request. On
+        SQLite writers take turns anyway (BEGIN IMMEDIATE)."""
         now = self._dialect.now()
         values = {
             "account_id": new.account_id,
@@ -88,6 +108,8 @@ class RequestStore:
             "callback": new.callback,
             "signature": new.signature,
             "options_json": json.dumps(new.options, ensure_ascii=False) if new.options else None,
+            "idempotency_key": new.idempotency_key,
+            "idempotency_hash": new.idempotency_hash if new.idempotency_key else None,
             "state": State.QUEUED.value,
             "message": QUEUED_MESSAGE,
             "http_status": 0,
@@ -97,20 +119,54 @@ class RequestStore:
             "updated_at": now,
             "not_before": now,
         }
-        try:
-            with write_transaction(self._engine) as conn:
-                request_id = conn.execute(
-                    _T.insert().values(**values).returning(_T.c.id)
-                ).scalar_one()
-                self._dialect.notify_queued(conn)
-        except IntegrityError:
-            existing = self._by_signature(new.account_id, new.signature)
-            if existing is None:
-                raise
-            return Enqueued(id=existing, replayed=True)
-        if self.on_enqueue is not None:
-            self.on_enqueue()
-        return Enqueued(id=request_id, replayed=False)
+        for _ in range(_KEY_RACE_TRIES):
+            try:
+                with write_transaction(self._engine) as conn:
+                    if new.idempotency_key is not None:
+                        earlier = self._take_key(conn, new)
+                        if earlier is not None:
+                            return Enqueued(id=earlier, replayed=True)
+                    request_id = conn.execute(
+                        _T.insert().values(**values).returning(_T.c.id)
+                    ).scalar_one()
+                    self._dialect.notify_queued(conn)
+            except IntegrityError:
+                existing = self._by_signature(new.account_id, new.signature)
+                if existing is not None:
+                    return Enqueued(id=existing, replayed=True)
+                if new.idempotency_key is None:
+                    raise
+                continue  # another submit took the key first: look at its request
+            if self.on_enqueue is not None:
+                self.on_enqueue()
+            return Enqueued(id=request_id, replayed=False)
+        raise StoreUnavailable("idempotency key contended: try again")
+
+    def _take_key(self, conn: Connection, new: NewRequest) -> int | None:
+        """In the enqueue transaction: the id of the request that holds ``new``'s key within
+        the window with the same fields (IdempotencyConflict with others), or None when the
+        key is free for ``new``; an older holder gives it up here."""
+        fresh = _T.c.created_at > self._dialect.now(-IDEMPOTENCY_WINDOW_SECONDS)
+        holder = conn.execute(
+            self._dialect.for_update(
+                select(_T.c.id, _T.c.idempotency_hash, fresh.label("fresh")).where(
+                    _T.c.account_id == new.account_id,
+                    _T.c.idempotency_key == new.idempotency_key,
+                )
+            )
+        ).first()
+        if holder is None:
+            return None
+        if holder.fresh:
+            if holder.idempotency_hash != new.idempotency_hash:
+                raise IdempotencyConflict(new.idempotency_key)
+            return int(holder.id)
+        conn.execute(
+            _T.update()
+            .where(_T.c.id == holder.id, _T.c.idempotency_key == new.idempotency_key)
+            .values(idempotency_key=None, idempotency_hash=None)
+        )
+        return None
 
     def _by_signature(self, account_id: int, signature: str) -> int | None:
         with read(self._engine) as conn:

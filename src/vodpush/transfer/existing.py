@@ -4,10 +4,11 @@ A worker killed after S3 stored the object (PutObject or CompleteMultipartUpload
 but before the request's success was recorded leaves that object in place. The next attempt
 looks before writing it again: an object that provably holds the same bytes (``holds_same``:
 same size, and an equal SHA-256 or MD5 ETag) and is stored as this request asks (metadata,
-Content-Type, encryption: what HeadObject tells) is claimed as the upload's result; anything
-else (no object, another one under the key, one that cannot be compared) is written over.
-The ACL is not compared (HeadObject does not tell it): an object with the same bytes and
-options but another ACL would only come from another writer, between two attempts.
+Content-Type, Cache-Control, Content-Disposition, storage class, encryption: what
+HeadObject tells) is claimed as the upload's result; anything else (no object, another one
+under the key, one that cannot be compared) is written over. The ACL and the tags are not
+compared (HeadObject does not tell them): an object with the same bytes and options but
+another ACL or other tags would only come from another writer, between two attempts.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def _differs(stored: dict[str, Any], arguments: dict[str, Any]) -> str | None:
         return "Metadata"
     if stored.get("ContentType") != arguments.get("ContentType"):
         return "ContentType"
+    for header in ("CacheControl", "ContentDisposition"):
+        if stored.get(header) != arguments.get(header):
+            return header
+    # HeadObject names the class only when it is not STANDARD; none asked: the bucket's.
+    wanted_class = arguments.get("StorageClass")
+    if wanted_class and stored.get("StorageClass", "STANDARD") != wanted_class:
+        return "StorageClass"
     # Without an encryption asked for, the bucket's default applies: anything goes.
     wanted = arguments.get("ServerSideEncryption")
     if wanted and stored.get("ServerSideEncryption") != wanted:

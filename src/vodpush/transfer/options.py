@@ -14,7 +14,18 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from vodpush.core.options import CANNED_ACLS, SSE_CHOICES, SSE_KMS
+from vodpush.core.options import (
+    BUCKET_DEFAULT_ACL,
+    CANNED_ACLS,
+    SSE_CHOICES,
+    SSE_KMS,
+    refuse_content_disposition,
+    refuse_content_type,
+    refuse_header_value,
+    refuse_storage_class,
+    refuse_tags,
+    tagging_header,
+)
 from vodpush.metadata import for_s3
 from vodpush.transfer.content_types import guess_content_type
 
@@ -45,11 +56,25 @@ def _one_of(choices: tuple[str, ...], *, optional: bool = False) -> Callable[[An
     return refuse
 
 
-def _header_text(value: Any) -> str | None:
-    # Sent as an HTTP header: printable ASCII only, so no header can be smuggled in.
-    if value is None or (isinstance(value, str) and value and all(" " <= c <= "~" for c in value)):
-        return None
-    return "must be None or printable ASCII text"
+def _optional(refuse: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """``refuse`` (a rule of core.options), with None allowed: the option is not set."""
+
+    def refuse_or_none(value: Any) -> str | None:
+        return None if value is None else refuse(value)
+
+    return refuse_or_none
+
+
+def _acl_header(acl: str) -> str | None:
+    # No ACL header for "private" nor for the bucket's default. "private" is what S3 gives
+    # an object written without one (owner-only; S3 has no per-bucket default object ACL),
+    # and an explicit "x-amz-acl: private" is refused (AccessControlListNotSupported) by
+    # buckets with ACLs disabled: Object Ownership "bucket owner enforced", the AWS default
+    # since April 2023, accepts only no ACL or bucket-owner-full-control. Sending it would
+    # break every reference-API upload to such a bucket. So the two send the same request;
+    # "bucket-default" says that the bucket's own rules decide, "private" that the object is
+    # to be owner-only, which it is wherever ACLs apply.
+    return None if acl in ("private", BUCKET_DEFAULT_ACL) else acl
 
 
 def _optional_text(value: Any) -> str | None:
@@ -71,16 +96,20 @@ def _boolean(value: Any) -> str | None:
 # The one table of allowed options (field of ObjectOptions -> how it reaches S3).
 OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
-        # "private" is what S3 does without an ACL; not sending it keeps buckets with ACLs
-        # disabled (Object Ownership "bucket owner enforced", the AWS default) working.
-        "acl": Option("ACL", _one_of(CANNED_ACLS), lambda acl: None if acl == "private" else acl),
+        "acl": Option("ACL", _one_of((*CANNED_ACLS, BUCKET_DEFAULT_ACL)), _acl_header),
         # None is replaced by the type guessed from the key or file name (s3_arguments).
-        "content_type": Option("ContentType", _header_text),
+        "content_type": Option("ContentType", _optional(refuse_content_type)),
         "metadata": Option("Metadata", _string_pairs, lambda pairs: for_s3(dict(pairs))),
         "sse": Option("ServerSideEncryption", _one_of(SSE_CHOICES, optional=True)),
         "sse_kms_key_id": Option("SSEKMSKeyId", _optional_text, lambda key_id: key_id or None),
         # Ask S3 to check (and store) a SHA-256 of every part and of the whole object.
         "checksums": Option("ChecksumAlgorithm", _boolean, lambda on: "SHA256" if on else None),
+        # None: the bucket's default class (STANDARD on AWS).
+        "storage_class": Option("StorageClass", _optional(refuse_storage_class)),
+        # Sent as x-amz-tagging, a URL query string; none when empty.
+        "tags": Option("Tagging", refuse_tags, lambda tags: tagging_header(tags) or None),
+        "cache_control": Option("CacheControl", _optional(refuse_header_value)),
+        "content_disposition": Option("ContentDisposition", _optional(refuse_content_disposition)),
     }
 )
 
@@ -88,15 +117,19 @@ OPTIONS: Mapping[str, Option] = MappingProxyType(
 @dataclass(frozen=True)
 class ObjectOptions:
     """The options of one object, checked when built (ValueError names the option and what
-    is allowed). The customer chooses the ACL and metadata; the account the encryption and
-    the checksum mode."""
+    is allowed). The customer chooses the ACL, metadata and the options of
+    core.options.REQUEST_OPTIONS; the account the encryption and the checksum mode."""
 
-    acl: str = "private"
+    acl: str = "private"  # a canned ACL, or "bucket-default" (no ACL sent)
     content_type: str | None = None  # None: guessed from the key, then the file name
     metadata: Mapping[str, str] = field(default_factory=dict)
     sse: str | None = None
     sse_kms_key_id: str | None = None
     checksums: bool = True
+    storage_class: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    cache_control: str | None = None
+    content_disposition: str | None = None
 
     def __post_init__(self) -> None:
         for name, option in OPTIONS.items():
@@ -105,8 +138,9 @@ class ObjectOptions:
                 raise ValueError(f"{name} {why}")
         if self.sse_kms_key_id and self.sse != SSE_KMS:
             raise ValueError("sse_kms_key_id needs sse='aws:kms'")
-        # A copy nobody can change: the options are fixed once checked.
+        # Copies nobody can change: the options are fixed once checked.
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        object.__setattr__(self, "tags", MappingProxyType(dict(self.tags)))
 
     def s3_arguments(self, *, key: str, file_name: str) -> dict[str, Any]:
         """The arguments of PutObject and CreateMultipartUpload for these options (without

@@ -44,6 +44,7 @@ from vodpush.core import records
 from vodpush.core.accounts import AccountRecord
 from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
 from vodpush.core.clock import utcnow
+from vodpush.core.options import REQUEST_OPTIONS
 from vodpush.core.requests import Claimed, DueCallback, LeaseLost, StoreUnavailable
 from vodpush.service import Service
 from vodpush.transfer import (
@@ -78,14 +79,18 @@ Uploader = Callable[..., Any]
 
 
 def object_options(request: Claimed, account: AccountRecord) -> ObjectOptions:
-    """How ``request``'s object is stored: the customer chose the ACL and the metadata (both
-    checked at submit), the account sets encryption and the checksum mode."""
+    """How ``request``'s object is stored: the customer chose the ACL, the metadata and the
+    object options (REQUEST_OPTIONS, all checked at submit), the account sets encryption
+    and the checksum mode. Only the options named there are read from the request's
+    stored options: nothing else in them reaches S3."""
+    chosen = {name: request.options[name] for name in REQUEST_OPTIONS if name in request.options}
     return ObjectOptions(
         acl=request.acl,
         metadata=request.metadata,
         sse=account.s3.sse,
         sse_kms_key_id=account.s3.sse_kms_key_id,
         checksums=account.s3.checksums,
+        **chosen,
     )
 
 
