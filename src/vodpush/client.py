@@ -299,9 +299,12 @@ class Client:
         acl: str,
         metadata: Mapping[str, Any] | None = None,
         callback: str = "",
+        preflight: bool = False,
     ) -> int:
         """Queue ``path`` (``sestore<N>/<user>/...``) for upload to ``bucket`` as
-        ``destination_path``; returns the request id."""
+        ``destination_path``; returns the request id. With ``preflight`` the server first
+        checks the bucket would take the upload (ApiError code 0008 naming the cause if
+        not; nothing is queued then)."""
         fields_: dict[str, Any] = {
             "path": path,
             "destination_path": destination_path,
@@ -311,6 +314,8 @@ class Client:
         }
         if metadata is not None:
             fields_["metadata"] = dict(metadata)
+        if preflight:  # only when asked: a server without it would warn of the field
+            fields_["preflight"] = True
         data = self._call("aws.upload", fields_, resend_same_body=True)
         request_id = _as_int(data.get("id")) if isinstance(data, Mapping) else None
         if request_id is None:

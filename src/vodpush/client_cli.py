@@ -140,6 +140,12 @@ def client() -> None:
     help="User metadata for the object; repeat for several.",
 )
 @click.option("--callback", default="", help="URL to POST the result to when done.")
+@click.option(
+    "--preflight",
+    is_flag=True,
+    help="Check the bucket first (credentials, bucket, ACL, a test write); queue nothing "
+    "if it would not take the upload.",
+)
 @_credential_options
 def upload(
     path: str,
@@ -148,6 +154,7 @@ def upload(
     acl: str,
     metadata_items: tuple[str, ...],
     callback: str,
+    preflight: bool,
     **kwargs: Any,
 ) -> None:
     """Queue PATH (sestore<N>/<user>/...) for upload to DESTINATION (the S3 key); prints
@@ -155,7 +162,13 @@ def upload(
     metadata = _parse_metadata(metadata_items)
     with _api(kwargs) as api:
         request_id = api.upload(
-            path, destination, bucket, acl, metadata=metadata, callback=callback
+            path,
+            destination,
+            bucket,
+            acl,
+            metadata=metadata,
+            callback=callback,
+            preflight=preflight,
         )
     click.echo(request_id)
 

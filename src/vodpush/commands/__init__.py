@@ -21,7 +21,9 @@ COMMANDS: dict[str, Handler] = {
 # signature): one table, so that a field no command knows can be named back to the client
 # instead of being dropped in silence. A new command or field adds its entry here.
 COMMAND_FIELDS: dict[str, frozenset[str]] = {
-    "aws.upload": frozenset({"path", "destination_path", "bucket", "acl", "metadata", "callback"}),
+    "aws.upload": frozenset(
+        {"path", "destination_path", "bucket", "acl", "metadata", "callback", "preflight"}
+    ),
     "aws.status": frozenset({"id", "limit", "offset"}),
 }
 # Commands that only read: they never wait for a write lock.

@@ -6,13 +6,14 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from vodpush.operations import InvalidField, MissingFields, Refused, Unauthorized
+from vodpush.operations import InvalidField, MissingFields, PreflightFailed, Refused, Unauthorized
 from vodpush.protocol.envelope import ApiError, Code
 
 _CODES: dict[type[Refused], Code] = {
     MissingFields: Code.MISSING_FIELDS,
     InvalidField: Code.INVALID_FIELD,
     Unauthorized: Code.UNAUTHORIZED,
+    PreflightFailed: Code.PREFLIGHT_FAILED,
 }
 
 

@@ -5,7 +5,13 @@ envelopes, HTTP or click."""
 from __future__ import annotations
 
 from vodpush.operations.context import OperationContext
-from vodpush.operations.errors import InvalidField, MissingFields, Refused, Unauthorized
+from vodpush.operations.errors import (
+    InvalidField,
+    MissingFields,
+    PreflightFailed,
+    Refused,
+    Unauthorized,
+)
 from vodpush.operations.status import StatusPage, StatusQuery, status
 from vodpush.operations.upload import Queued, UploadArgs, upload
 
@@ -13,6 +19,7 @@ __all__ = [
     "InvalidField",
     "MissingFields",
     "OperationContext",
+    "PreflightFailed",
     "Queued",
     "Refused",
     "StatusPage",

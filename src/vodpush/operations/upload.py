@@ -12,11 +12,13 @@ from vodpush import metadata as s3_metadata
 from vodpush import sestore
 from vodpush.callbacks.policy import CallbackURLError, check_destination
 from vodpush.config import Settings
+from vodpush.core.accounts import role_session_name
 from vodpush.core.fields import InvalidField, read_str, require
 from vodpush.core.options import API_ACLS, MAX_KEY_BYTES
+from vodpush.core.preflight import Check, PreflightReport, Verdict
 from vodpush.core.requests import NewRequest
 from vodpush.operations.context import OperationContext
-from vodpush.operations.errors import Unauthorized
+from vodpush.operations.errors import PreflightFailed, Unauthorized
 
 REQUIRED = ("path", "destination_path", "bucket", "acl")
 # Bucket names as S3 accepts them, including legacy us-east-1 names (capitals, underscores).
@@ -90,6 +92,23 @@ def validate_callback(value: Any, settings: Settings) -> str:
     return url
 
 
+# A flag as JSON booleans, and as Perl and form-minded clients send one.
+_FLAG_TEXTS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def validate_preflight(value: Any) -> bool:
+    """Whether to check the bucket against S3 before queueing (absent or null: no)."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _FLAG_TEXTS:
+        return _FLAG_TEXTS[value.lower()]
+    raise InvalidField("preflight", "must be true or false")
+
+
 def authorize_bucket(ctx: OperationContext, bucket: str) -> None:
     refused = ctx.account.may_use_bucket(bucket)
     if refused is not None:
@@ -108,6 +127,9 @@ class UploadArgs:
     acl: str
     metadata: dict[str, str] = field(default_factory=dict)
     callback: str = ""
+    # Check the bucket against S3 (credentials, existence, ACL, a test write) first, and
+    # queue nothing when it would not take the upload.
+    preflight: bool = False
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], ctx: OperationContext) -> UploadArgs:
@@ -122,6 +144,7 @@ class UploadArgs:
         acl = validate_acl(values["acl"])
         metadata = validate_metadata(values.get("metadata"))
         callback = validate_callback(values.get("callback"), ctx.settings)
+        preflight = validate_preflight(values.get("preflight"))
         return cls(
             path=path,
             destination_path=destination,
@@ -129,6 +152,7 @@ class UploadArgs:
             acl=acl,
             metadata=metadata,
             callback=callback,
+            preflight=preflight,
         )
 
 
@@ -157,6 +181,14 @@ def upload(ctx: OperationContext, args: UploadArgs, *, replay_key: str) -> Queue
         )
     except sestore.PathRefused as exc:
         raise InvalidField("path", str(exc)) from exc
+    if args.preflight:
+        # A replay answers as the first request did, whatever S3 says now: its upload is
+        # queued already (and a transient failure here would lead the client to send it
+        # again as a new request).
+        first = ctx.requests.replayed(ctx.account.id, replay_key)
+        if first is not None:
+            return Queued(id=first, replayed=True)
+        preflight(ctx, args)
     queued = ctx.requests.enqueue(
         NewRequest(
             account_id=ctx.account.id,
@@ -171,3 +203,26 @@ def upload(ctx: OperationContext, args: UploadArgs, *, replay_key: str) -> Queue
         )
     )
     return Queued(id=queued.id, replayed=queued.replayed)
+
+
+def preflight(ctx: OperationContext, args: UploadArgs) -> PreflightReport:
+    """The preflight of ``args`` with the account's S3 settings; PreflightFailed (nothing
+    queued) when the bucket would not take the upload, or it could not be checked."""
+    if ctx.preflight is None:
+        report = PreflightReport(
+            bucket=args.bucket,
+            key=args.destination_path,
+            acl=args.acl,
+            checks=(Check("preflight", Verdict.FAILED, "not available on this server"),),
+        )
+    else:
+        report = ctx.preflight(
+            ctx.account.s3,
+            bucket=args.bucket,
+            key=args.destination_path,
+            acl=args.acl,
+            session_name=role_session_name(ctx.account.id),
+        )
+    if not report.passed:
+        raise PreflightFailed(report)
+    return report
