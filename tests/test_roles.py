@@ -39,6 +39,13 @@ from vodpush.worker.clients import AccountClients
 ROLE = "arn:aws:iam::123456789012:role/vodpush-upload"
 
 
+@pytest.fixture
+def database_url(tmp_path) -> str:
+    """SQLite only: roles are the S3 side's business; the stores keep the settings on
+    both databases as the store contract shows."""
+    return f"sqlite:///{tmp_path / 'vodpush.db'}"
+
+
 # -- what an operator may set (unit) --------------------------------------------------------
 
 

@@ -192,7 +192,7 @@ def account_check(
             for check in (allowed, *report.checks):
                 click.echo(f"  {check.verdict.value:<8} {check.name:<12} {check.detail}")
     if not all(_passed(a, r) for a, r in reports):
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _literal_buckets(record: AccountRecord) -> list[str]:

@@ -21,9 +21,11 @@ credentials of ``transfer.roles``), with short timeouts and no retries, in this 
    (s3:PutObjectAcl for an ACL, kms:GenerateDataKey for SSE-KMS). An abort that fails
    leaves an empty multipart upload (no parts, no cost); the check still passes, and says so.
 
-``S3Preflight`` bounds the whole in time (a thread of its own, waited for at most
-``timeout`` seconds) and in number (``concurrency`` at once per process; more are told to
-try again), so that the API's threads are not held by a slow S3.
+Each call has its own timeouts (3 s to connect, 5 s to read) and no retry. ``S3Preflight``
+bounds the whole in time (a thread of its own, waited for at most ``timeout`` seconds; a
+late thread ends by its calls' timeouts) and in number (``concurrency`` at once per
+process, a slot held until its thread ends; more are told to try again), so that the API's
+threads are not held by a slow S3.
 """
 
 from __future__ import annotations
@@ -429,8 +431,6 @@ class S3Preflight:
 
         def run() -> None:
             try:
-                # Each call's own timeouts stay within the bound where they can.
-                per_call = max(1.0, min(READ_TIMEOUT, self.timeout / 2))
                 answer.append(
                     run_preflight(
                         s3,
@@ -439,8 +439,6 @@ class S3Preflight:
                         acl=acl,
                         session_name=session_name,
                         deadline=deadline,
-                        connect_timeout=min(CONNECT_TIMEOUT, per_call),
-                        read_timeout=per_call,
                     )
                 )
             except Exception:
@@ -450,17 +448,14 @@ class S3Preflight:
                 done.set()
 
         threading.Thread(target=run, name="preflight", daemon=True).start()
-        if not done.wait(self.timeout) or not answer:
-            late = not answer
-            return _report(
-                bucket,
-                key,
-                acl,
-                f"S3 did not answer within {self.timeout:g} s; try again"
-                if late and not done.is_set()
-                else "the checks failed unexpectedly; try again",
+        if not done.wait(self.timeout):
+            report = _report(
+                bucket, key, acl, f"S3 did not answer within {self.timeout:g} s; try again"
             )
-        report = answer[0]
+        elif not answer:  # a bug, logged above
+            report = _report(bucket, key, acl, "the checks failed unexpectedly; try again")
+        else:
+            report = answer[0]
         log.info(
             "preflight passed" if report.passed else "preflight failed",
             extra={
