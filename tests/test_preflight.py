@@ -21,6 +21,7 @@ from tests.iam import BUCKET, EXTERNAL_ID, LOCKED_ROLE, UPLOADER_ROLE, IamS3
 from tests.s3server import MotoServer
 from tests.test_worker import write_file
 from tests.wire import STYLES, call, envelope, post
+from vodpush.client import ApiError, Client
 from vodpush.core.accounts import MASKED, S3Settings
 from vodpush.server import attach_preflight
 from vodpush.transfer.preflight import S3Preflight
@@ -113,6 +114,18 @@ def test_a_passing_preflight_queues_as_usual_and_leaves_nothing_in_the_bucket(
     # Without the field the answer is exactly the reference one.
     answer = upload(api.url, s3_account, path, bucket, preflight=False)
     assert answer["data"] == {"id": answer["data"]["id"]}
+
+
+def test_the_python_client_asks_for_a_preflight(api, s3_account, bucket: str, path: str) -> None:
+    with Client(api.url + "/stable/", s3_account.cdn, s3_account.api_key,
+                s3_account.api_secret) as client:  # fmt: skip
+        request_id = client.upload(path, "v/ok.mp4", bucket=bucket, acl="private", preflight=True)
+        assert client.get(request_id).state == "queued"
+        with pytest.raises(ApiError) as caught:
+            client.upload(path, "v/no.mp4", bucket="no-such-bucket-pf", acl="private",
+                          preflight=True)  # fmt: skip
+    assert caught.value.code == "0008"
+    assert caught.value.message == "preflight: bucket 'no-such-bucket-pf' does not exist"
 
 
 def test_a_missing_bucket_fails_the_preflight_and_queues_nothing(
@@ -383,7 +396,7 @@ def test_account_check_reports_each_step(cli_env, service, account, s3, capsys) 
     assert lines[1:] == [
         f"bucket '{good}' (key '.vodpush-preflight/check', acl public-read): passed",
         "  ok       allowed      the account may write to this bucket",
-        "  ok       credentials  the account's keys (judged by S3's answers below)",
+        "  ok       credentials  S3 accepts the account's keys",
         f"  ok       bucket       bucket '{good}' exists",
         "  ok       acl          acl public-read is allowed by the bucket's settings",
         f"  ok       writable     bucket '{good}' takes '.vodpush-preflight/check' (a multipart "
@@ -438,6 +451,20 @@ def test_account_check_names_rejected_keys_and_a_refused_role(
     code, lines = check(capsys, account, "--bucket", BUCKET)
     assert code == 1
     assert "  failed   credentials  credentials rejected: InvalidAccessKeyId" in lines
+
+    # Keys S3 knows that may do nothing in S3: accepted, and the write check fails.
+    service.accounts.set_s3(account.api_key, iam_s3.settings(iam_s3.service))
+    code, lines = check(capsys, account, "--bucket", BUCKET, "--key", "v/k.mp4")
+    assert code == 1
+    assert lines[3:] == [
+        "  ok       credentials  S3 accepts the account's keys (ListBuckets: AccessDenied; "
+        "uploads do not need it)",
+        "  unknown  bucket       HeadBucket was refused (403): the credentials may lack "
+        "s3:ListBucket, which uploads do not need; the write check decides",
+        "  skipped  acl          acl private sends no ACL: nothing to check",
+        f"  failed   writable     cannot write 'v/k.mp4' to bucket '{BUCKET}': AccessDenied "
+        "(the credentials need s3:PutObject on it)",
+    ]
 
     service.accounts.set_s3(account.api_key, iam_s3.settings(iam_s3.service, role_arn=LOCKED_ROLE))
     code, lines = check(capsys, account, "--bucket", BUCKET)

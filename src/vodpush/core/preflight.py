@@ -3,8 +3,8 @@
 A preflight checks, in order, that the credentials work (the role can be assumed, S3
 accepts the keys), that the bucket exists, that the ACL asked for is not blocked by the
 bucket's settings, and that the account can write the key. Its answer is a report of plain
-values; ``PreflightPort`` is what runs one (transfer.preflight, against S3), passed to the
-API and the CLI by whoever wires them, so that neither loads the S3 library itself.
+values; ``PreflightPort`` is what runs one (transfer.preflight, against S3), handed to the
+API by whoever wires it (``vodpush serve``), so that the API loads no S3 library itself.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Verdict(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Check:
-    """One step: ``name`` is credentials, bucket, acl or writable; ``detail`` says what was
+    """One step: ``name`` is credentials, bucket, acl or writable (or preflight, for one that
+    could not run its checks: too slow, too many at once); ``detail`` says what was
     found, fit for the customer (it names no endpoint and no secret); ``transient``: a
     failure that may pass (S3 or STS not reached, throttled, too slow)."""
 

@@ -3,9 +3,10 @@
 The S3 calls go through the worker's own client construction (``make_s3_client``, the role's
 credentials of ``transfer.roles``), with short timeouts and no retries, in this order:
 
-1. credentials: with a role, AssumeRole (its refusal names the role). Keys are judged by
-   S3's answers below (InvalidAccessKeyId, SignatureDoesNotMatch, ...): STS may not exist
-   beside an S3-compatible store.
+1. credentials: with a role, AssumeRole (its refusal names the role); with keys (or the
+   service's credentials), ListBuckets: S3 authenticates before it authorizes, so
+   InvalidAccessKeyId or SignatureDoesNotMatch condemn the keys and AccessDenied does not
+   (STS's GetCallerIdentity may not exist beside an S3-compatible store).
 2. bucket: HeadBucket. 404: it does not exist; 403 tells nothing (the credentials may lack
    s3:ListBucket, which an upload does not need), so the write below decides.
 3. acl, only for an ACL sent as a header: GetBucketOwnershipControls (BucketOwnerEnforced:
@@ -108,6 +109,8 @@ def run_preflight(
             checks.append(steps.run(name))
         except _Stop as stop:
             checks.append(stop.check)
+            if stop.check.name != name:  # found out by a later step (S3's answer to it)
+                checks.append(Check(name, Verdict.SKIPPED, f"stopped: {stop.check.name} failed"))
             break
     done = {c.name for c in checks}
     checks += [Check(n, Verdict.SKIPPED, "not reached") for n in names if n not in done]
@@ -162,8 +165,7 @@ class _Steps:
 
     def _check_credentials(self) -> Check:
         if not self.s3.role_arn:
-            who = "the account's keys" if self.s3.access_key_id else "the service's credentials"
-            return Check("credentials", Verdict.OK, f"{who} (judged by S3's answers below)")
+            return self._check_keys()
         credentials = role_credentials(
             self.s3,
             session_name=self.session_name,
@@ -182,6 +184,25 @@ class _Steps:
             Verdict.OK,
             f"role {self.s3.role_arn} assumed (session {self.session_name})",
         )
+
+    def _check_keys(self) -> Check:
+        """Whether S3 knows the keys: ListBuckets (one) needs no right to tell, since S3
+        authenticates before it authorizes: AccessDenied means the keys are good."""
+        who = "the account's keys" if self.s3.access_key_id else "the service's credentials"
+        try:
+            self.client.list_buckets(MaxBuckets=1)
+        except ClientError as exc:
+            if _code(exc) in _CREDENTIAL_CODES or classify(exc).transient:
+                raise _Stop(self._s3_failure("credentials", exc)) from exc
+            return Check(
+                "credentials",
+                Verdict.OK,
+                f"S3 accepts {who} (ListBuckets: {_code(exc) or _status(exc)}; uploads do "
+                "not need it)",
+            )
+        except BotoCoreError as exc:
+            raise _Stop(self._s3_failure("credentials", exc)) from exc
+        return Check("credentials", Verdict.OK, f"S3 accepts {who}")
 
     def _check_bucket(self) -> Check:
         try:
