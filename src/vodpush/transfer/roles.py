@@ -17,7 +17,6 @@ external id or a secret.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -132,15 +131,11 @@ class _Refresher:
         if s3.external_id:
             self._params["ExternalId"] = s3.external_id
         self._now = now
-        self.calls = 0  # AssumeRole calls made (a refresh is one more)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the external id
         return f"_Refresher(role_arn={self._role_arn!r})"
 
     def __call__(self) -> dict[str, Any]:
-        with self._lock:
-            self.calls += 1
         try:
             answer = self._sts.assume_role(**self._params)
         except ClientError as exc:
@@ -199,9 +194,10 @@ class _Refresher:
                 code=type(exc).__name__,
             )
         err = classify(exc)
+        # botocore's own text may name the endpoint: kept for the operator's log.
+        what = "STS could not be reached" if err.transient else "the STS call failed"
         return RoleUnavailable(
-            message=f"could not assume role {self._role_arn}: STS could not be reached "
-            f"({type(exc).__name__})",
+            message=f"could not assume role {self._role_arn}: {what} ({type(exc).__name__})",
             transient=err.transient,
             code=type(exc).__name__,
             detail=str(exc),
