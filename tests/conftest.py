@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from sqlalchemy import create_engine, text
 
+from tests.iam import IamS3, start_iam_s3
 from tests.s3server import MotoServer
 from vodpush.api.app import create_app
 from vodpush.api.connections import server_config
@@ -217,6 +218,14 @@ def s3_client(server: Any) -> Any:
     )
 
 
+@pytest.fixture(scope="session")
+def iam_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IamS3]:
+    """A second moto process, enforcing IAM (tests/iam.py): keys, policies, role trust."""
+    server = start_iam_s3(tmp_path_factory.mktemp("moto-iam"))
+    yield server
+    server.server.stop()
+
+
 @pytest.fixture
 def bucket(s3: MotoServer) -> str:
     name = f"bucket-{uuid.uuid4().hex[:16]}"
@@ -291,6 +300,7 @@ _INTEGRATION_FIXTURES = frozenset(
         "pg_template",
         "empty_database_url",
         "s3",
+        "iam_s3",
         "moto",
         "live_server",
         "limited_server",

@@ -52,7 +52,9 @@ class Builder:
         self.fail = False
         self.lock = threading.Lock()
 
-    def __call__(self, s3: S3Settings) -> Built[tuple[str | None, int]]:
+    def __call__(
+        self, s3: S3Settings, session_name: str | None = None
+    ) -> Built[tuple[str | None, int]]:
         with self.lock:
             if self.fail:
                 raise RuntimeError("credential source unavailable")
@@ -105,7 +107,8 @@ def test_every_settings_field_is_in_the_key_or_known_not_to_shape_the_client() -
     # A new S3Settings field (an assumed role, a profile) must be decided on: in the key,
     # or listed as an object option. Else accounts would share a client they must not.
     settings = {f.name for f in dataclasses.fields(S3Settings)}
-    keyed = {f.name for f in dataclasses.fields(ClientKey)} - {"secret_digest"}
+    # (The session name of a role comes from the account, not from its settings.)
+    keyed = {f.name for f in dataclasses.fields(ClientKey)} - {"secret_digest", "session_name"}
     assert settings == keyed | {"secret_access_key"} | NON_CLIENT_FIELDS
 
 
@@ -207,7 +210,9 @@ class SlowBuilder(Builder):
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def __call__(self, s3: S3Settings) -> Built[tuple[str | None, int]]:
+    def __call__(
+        self, s3: S3Settings, session_name: str | None = None
+    ) -> Built[tuple[str | None, int]]:
         self.started.set()
         assert self.release.wait(20), "the test never released the build"
         return super().__call__(s3)

@@ -100,6 +100,18 @@ def test_enqueue_once_per_signature_and_account(stores: Service) -> None:
     assert not other.replayed and other.id != first.id
 
 
+def test_replayed_finds_the_request_of_a_signature_in_its_account_only(
+    stores: Service,
+) -> None:
+    a, b = _account(stores, "a"), _account(stores, "b")
+    new = NewRequest(a, 158, "sestore1/a/x", "x", "b", "private", {}, "", "R" * 44)
+    assert stores.requests.replayed(a, "R" * 44) is None
+    first = stores.requests.enqueue(new)
+    assert stores.requests.replayed(a, "R" * 44) == first.id
+    assert stores.requests.replayed(b, "R" * 44) is None
+    assert stores.requests.replayed(a, "R" * 43) is None
+
+
 def test_list_pages_newest_first_and_never_shows_another_account(stores: Service) -> None:
     a, b = _account(stores, "a"), _account(stores, "b")
     mine = _enqueue(stores, a, 5)

@@ -458,6 +458,7 @@ class Client:
         tags: Mapping[str, Any] | None = None,
         cache_control: str | None = None,
         content_disposition: str | None = None,
+        preflight: bool = False,
     ) -> int:
         """Queue ``path`` (``sestore<N>/<user>/...``) for upload to ``bucket`` as
         ``destination_path``; returns the request id. ``acl`` is ``private``,
@@ -467,7 +468,10 @@ class Client:
         With an ``idempotency_key`` the same upload submitted again within 24 h answers the
         first request's id, so a retry may be signed afresh: this client then keeps
         retrying a lost answer past the 60 s in which it otherwise only resends the same
-        signed body."""
+        signed body.
+
+        With ``preflight`` the server first checks the bucket would take the upload
+        (ApiError code 0008 naming the cause if not; nothing is queued then)."""
         fields_: dict[str, Any] = {
             "path": path,
             "destination_path": destination_path,
@@ -486,6 +490,8 @@ class Client:
             "idempotency_key": idempotency_key,
         }
         fields_.update({name: value for name, value in optional.items() if value is not None})
+        if preflight:  # only when asked: a server without it would warn of the field
+            fields_["preflight"] = True
         data = self._call(
             "aws.upload",
             fields_,

@@ -174,6 +174,12 @@ def client() -> None:
     metavar="FILENAME",
     help="Shorthand for an attachment Content-Disposition with this file name (any Unicode).",
 )
+@click.option(
+    "--preflight",
+    is_flag=True,
+    help="Check the bucket first (credentials, bucket, ACL, a test write); queue nothing "
+    "if it would not take the upload.",
+)
 @_credential_options
 def upload(
     path: str,
@@ -189,6 +195,7 @@ def upload(
     cache_control: str | None,
     content_disposition: str | None,
     download_name: str | None,
+    preflight: bool,
     **kwargs: Any,
 ) -> None:
     """Queue PATH (sestore<N>/<user>/...) for upload to DESTINATION (the S3 key); prints
@@ -213,6 +220,7 @@ def upload(
             tags=tags,
             cache_control=cache_control,
             content_disposition=content_disposition,
+            preflight=preflight,
         )
     click.echo(request_id)
 

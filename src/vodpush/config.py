@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     s3_client_cache_size: int = Field(default=128, ge=1)
     s3_client_ttl: float = Field(default=900.0, gt=0)
     s3_client_refresh_margin: float = Field(default=600.0, ge=0)
+    # An account with a role ARN uploads with the role's credentials, asked of STS for this
+    # many seconds (STS allows 900-43200; the role's MaxSessionDuration may allow less) and
+    # refreshed ahead of expiry.
+    s3_role_session_seconds: int = Field(default=3600, ge=900, le=43_200)
+    # aws.upload with preflight: true checks the bucket before queueing, within this many
+    # seconds, at most preflight_concurrency at once per API process (more are told to try
+    # again: a slow S3 holds no more than that many of the api_threads).
+    preflight_timeout: float = Field(default=10.0, gt=0, le=60)
+    preflight_concurrency: int = Field(default=1, ge=1, le=64)
 
     # Callbacks
     callback_timeout: float = Field(default=10.0, gt=0)

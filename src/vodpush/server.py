@@ -14,6 +14,7 @@ from vodpush.api.app import create_app
 from vodpush.api.connections import server_config
 from vodpush.metrics import start_metrics_server
 from vodpush.service import Service
+from vodpush.transfer.preflight import S3Preflight
 from vodpush.worker.runner import Worker
 from vodpush.worker.shutdown import SETTLE_SECONDS
 
@@ -41,6 +42,7 @@ class _Server(uvicorn.Server):
 
 def run_server(service: Service, *, host: str, port: int, embedded_worker: bool = True) -> None:
     """Serve until SIGTERM/SIGINT; the embedded worker stops with the same grace period."""
+    attach_preflight(service)
     app = create_app(service)
     metrics_server = _start_metrics(service, host)  # first: a busy port stops us here
     worker: Worker | None = None
@@ -83,6 +85,16 @@ def run_server(service: Service, *, host: str, port: int, embedded_worker: bool 
                     extra={"action": "worker.stop_timeout"},
                 )
         service.close()
+
+
+def attach_preflight(service: Service) -> None:
+    """Give the API its preflight against S3 (aws.upload with preflight: true), unless it
+    has one: the API does not load the S3 library itself."""
+    if service.preflight is None:
+        service.preflight = S3Preflight(
+            timeout=service.settings.preflight_timeout,
+            concurrency=service.settings.preflight_concurrency,
+        )
 
 
 def _start_metrics(service: Service, api_host: str) -> WSGIServer | None:

@@ -19,6 +19,7 @@ from vodpush.core.ports import (
     QueueStorePort,
     RequestStorePort,
 )
+from vodpush.core.preflight import PreflightPort
 from vodpush.crypto import SecretBox, load_secret_box
 from vodpush.memory import MemoryStores
 from vodpush.persistence import db, dialect
@@ -44,6 +45,9 @@ class Service:
     notifications: Notifications | None = None
     # Reads never wait (SQLite, memory): the API may serve them on its event loop.
     inline_reads: bool = True
+    # aws.upload's preflight against S3 (transfer.preflight.S3Preflight, set by `vodpush
+    # serve`: the API itself loads no S3 library); None refuses a preflight.
+    preflight: PreflightPort | None = None
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Service:

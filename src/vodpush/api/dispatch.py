@@ -105,6 +105,7 @@ def handle(
             signature=signed.canonical_signature or "",
             settings=service.settings,
             requests=service.requests,
+            preflight=service.preflight,
         )
         message, data = handler(ctx, signed.payload)
         return success(message, data, time.perf_counter() - started)

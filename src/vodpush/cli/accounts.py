@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from vodpush.cli.common import open_service, print_json, user_errors
-from vodpush.core.accounts import S3Settings
-from vodpush.core.options import SSE_CHOICES
+from vodpush.cli.common import UserError, open_service, print_json, user_errors
+from vodpush.core.accounts import AccountRecord, S3Settings, role_session_name
+from vodpush.core.options import API_ACLS, SSE_CHOICES
+from vodpush.core.preflight import Check, PreflightReport, Verdict
 
 
 @click.group()
@@ -35,6 +37,16 @@ def _s3_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default=True,
             help="Send S3 checksums (turn off for stores that reject the headers).",
         ),
+        click.option(
+            "--role-arn",
+            help="IAM role to assume through STS for uploads "
+            "(arn:aws:iam::<account>:role/<name>), with the keys above or the service's.",
+        ),
+        click.option(
+            "--external-id",
+            envvar="VODPUSH_S3_EXTERNAL_ID",
+            help="External id the role's trust policy asks for (or VODPUSH_S3_EXTERNAL_ID).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -50,6 +62,8 @@ def _s3_from(kwargs: dict[str, Any]) -> S3Settings:
         sse=kwargs["s3_sse"],
         sse_kms_key_id=kwargs["s3_sse_kms_key_id"],
         checksums=kwargs["s3_checksums"],
+        role_arn=kwargs["role_arn"],
+        external_id=kwargs["external_id"],
     )
 
 
@@ -116,7 +130,119 @@ def _buckets_cell(account: dict[str, Any]) -> str:
     if account["allowed_buckets"]:
         return " ".join(account["allowed_buckets"])
     # What an empty list means depends on whose credentials the account uses.
-    return "(any its credentials reach)" if account["s3_access_key_id"] else "(none)"
+    own = account["s3_access_key_id"] or account["s3_role_arn"]
+    return "(any its credentials reach)" if own else "(none)"
+
+
+@account.command("show")
+@click.argument("ref")
+@user_errors
+def account_show(ref: str) -> None:
+    """Show one account (REF: api_key, id or cdn/username), secrets masked."""
+    print_json(open_service().accounts.find(ref).public())
+
+
+@account.command("check")
+@click.argument("ref")
+@click.option(
+    "--bucket",
+    "buckets",
+    multiple=True,
+    help="Bucket to check (repeatable; default: the account's buckets named without wildcards).",
+)
+@click.option(
+    "--key",
+    default=None,
+    help="Object key to test writing (default: .vodpush-preflight/check). Nothing is left "
+    "behind: a multipart upload is started and aborted.",
+)
+@click.option(
+    "--acl",
+    type=click.Choice(sorted({*API_ACLS, "bucket-default"})),
+    default="private",
+    show_default=True,
+    help="ACL the uploads will ask for (public-read is checked against the bucket's "
+    "public access block and Object Ownership).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+@user_errors
+def account_check(
+    ref: str, buckets: tuple[str, ...], key: str | None, acl: str, as_json: bool
+) -> None:
+    """Check that the account's S3 settings work: the role can be assumed, the keys are
+    valid, each bucket exists and takes an upload with the ACL; exit 1 when one does not."""
+    from vodpush.transfer.preflight import CHECK_KEY, run_preflight
+
+    service = open_service()
+    record = service.accounts.find(ref)
+    names = list(dict.fromkeys(buckets)) or _literal_buckets(record)
+    if not names:
+        raise UserError(
+            "name the bucket(s) to check with --bucket (the account's list has no bucket "
+            "named without wildcards)"
+        )
+    reports = []
+    for bucket in names:
+        report = run_preflight(
+            record.s3,
+            bucket=bucket,
+            key=key or CHECK_KEY,
+            acl=acl,
+            session_name=role_session_name(record.id),
+            deadline=time.monotonic() + service.settings.preflight_timeout,
+        )
+        reports.append((_allowed(record, bucket), report))
+    if as_json:
+        print_json(
+            {
+                "account": _who(record),
+                "passed": all(_passed(a, r) for a, r in reports),
+                "buckets": [{**r.as_dict(), "allowed": a.as_dict()} for a, r in reports],
+            }
+        )
+    else:
+        click.echo(_who(record))
+        for allowed, report in reports:
+            verdict = "passed" if _passed(allowed, report) else "FAILED"
+            click.echo(
+                f"bucket {report.bucket!r} (key {report.key!r}, acl {report.acl}): {verdict}"
+            )
+            for check in (allowed, *report.checks):
+                click.echo(f"  {check.verdict.value:<8} {check.name:<12} {check.detail}")
+    if not all(_passed(a, r) for a, r in reports):
+        raise click.exceptions.Exit(1)
+
+
+def _literal_buckets(record: AccountRecord) -> list[str]:
+    return [b for b in record.allowed_buckets if not any(c in b for c in "*?[")]
+
+
+def _allowed(record: AccountRecord, bucket: str) -> Check:
+    refused = record.may_use_bucket(bucket)
+    if refused is None:
+        return Check("allowed", Verdict.OK, "the account may write to this bucket")
+    return Check("allowed", Verdict.FAILED, refused)
+
+
+def _passed(allowed: Check, report: PreflightReport) -> bool:
+    return allowed.verdict is not Verdict.FAILED and report.passed
+
+
+def _who(record: AccountRecord) -> str:
+    s3 = record.s3
+    if s3.role_arn:
+        identity = f"role {s3.role_arn}" + (" (with an external id)" if s3.external_id else "")
+        identity += ", assumed with " + (
+            f"key {s3.access_key_id}" if s3.access_key_id else "the service's credentials"
+        )
+    elif s3.access_key_id:
+        identity = f"key {s3.access_key_id}"
+    else:
+        identity = "the service's credentials"
+    return (
+        f"account {record.id} ({record.cdn}/{record.username}): {identity}; "
+        f"endpoint {s3.endpoint_url or '(default)'}, region {s3.region or '(default)'}"
+    )
 
 
 @account.command("disable")

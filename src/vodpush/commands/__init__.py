@@ -34,6 +34,7 @@ COMMAND_FIELDS: dict[str, frozenset[str]] = {
             "metadata",
             "callback",
             "idempotency_key",
+            "preflight",
             *REQUEST_OPTIONS,
         }
     ),

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from vodpush.config import Settings
 from vodpush.core.accounts import AccountRecord
 from vodpush.core.ports import RequestStorePort
+from vodpush.core.preflight import PreflightPort
 from vodpush.operations import OperationContext
 
 
@@ -16,9 +17,13 @@ class CommandContext:
     signature: str
     settings: Settings
     requests: RequestStorePort
+    preflight: PreflightPort | None = None
 
     def operation(self) -> OperationContext:
         """The context the operations run in (the signature is the adapter's business)."""
         return OperationContext(
-            account=self.account, settings=self.settings, requests=self.requests
+            account=self.account,
+            settings=self.settings,
+            requests=self.requests,
+            preflight=self.preflight,
         )

@@ -6,13 +6,21 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from vodpush.operations import InvalidField, MissingFields, RateLimited, Refused, Unauthorized
+from vodpush.operations import (
+    InvalidField,
+    MissingFields,
+    PreflightFailed,
+    RateLimited,
+    Refused,
+    Unauthorized,
+)
 from vodpush.protocol.envelope import ApiError, Code, RetryLater
 
 _CODES: dict[type[Refused], Code] = {
     MissingFields: Code.MISSING_FIELDS,
     InvalidField: Code.INVALID_FIELD,
     Unauthorized: Code.UNAUTHORIZED,
+    PreflightFailed: Code.PREFLIGHT_FAILED,
 }
 
 

@@ -14,4 +14,6 @@ def aws_upload(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
     # Replays are recognised by the signature's digest: a replayed request answers exactly
     # as the first one did, and queues nothing.
     queued = upload(op, args, replay_key=ctx.signature)
+    if args.preflight:  # said only to a client that asked for one
+        return "Upload queued", {"id": queued.id, "preflight": "passed"}
     return "Upload queued", {"id": queued.id}

@@ -21,6 +21,15 @@ _BUCKET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,255}")
 MAX_BUCKET_PATTERNS = 1000
 # What is shown in place of a secret (as pydantic shows a SecretStr).
 MASKED = "**********"
+# An IAM role's ARN: any AWS partition, a 12-digit account, an optional path, a name of
+# 1-64 characters. STS takes at most 2048 characters.
+ROLE_ARN_RE = re.compile(
+    r"arn:aws[a-z-]{0,20}:iam::[0-9]{12}:role/(?:[\w+=,.@-]+/){0,64}[\w+=,.@-]{1,64}",
+    re.ASCII,
+)
+MAX_ROLE_ARN = 2048
+# STS's ExternalId: 2-1224 characters of [\w+=,.@:/-].
+EXTERNAL_ID_RE = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
 
 
 class AccountError(ValueError):
@@ -72,7 +81,9 @@ class AccountRecord:
 
     @property
     def has_own_s3_credentials(self) -> bool:
-        return bool(self.s3.access_key_id)
+        """Keys of its own, or a role of its own to assume: an identity whose reach is not
+        the operator's default credentials'."""
+        return bool(self.s3.access_key_id or self.s3.role_arn)
 
     def may_use_bucket(self, bucket: str) -> str | None:
         """None when this account may write to ``bucket``, else why not (for the customer).
@@ -121,11 +132,28 @@ class AccountRecord:
             "s3_sse": self.s3.sse,
             "s3_sse_kms_key_id": self.s3.sse_kms_key_id,
             "s3_checksums": self.s3.checksums,
+            "s3_role_arn": self.s3.role_arn,
+            "s3_external_id": mask_tail(self.s3.external_id),
             "allowed_buckets": list(self.allowed_buckets),
             "own_webhook_secret": bool(self.webhook_secret_enc),
             "username_shared": self.username_shared,
             "created": format_time(self.created_at),
         }
+
+
+def role_session_name(account_id: int | None) -> str:
+    """The RoleSessionName of an account's sessions of its role (the customer's CloudTrail
+    shows it): 2-64 characters of [\\w+=,.@-]."""
+    return "vodpush" if account_id is None else f"vodpush-{int(account_id)}"
+
+
+def mask_tail(value: str | None) -> str | None:
+    """``value`` masked but for its last 4 characters when it is long enough to keep them
+    (enough for an operator to tell which it is): for identifiers that are not secrets but
+    not for everyone's eyes either, such as an external id."""
+    if not value:
+        return None
+    return MASKED + value[-4:] if len(value) >= 12 else MASKED
 
 
 def with_patterns_added(have: Iterable[str], patterns: Iterable[str]) -> list[str]:
@@ -199,3 +227,25 @@ def check_s3(s3: S3Settings) -> None:
         raise AccountError("give both the S3 access key id and its secret, or neither")
     if s3.endpoint_url and not s3.endpoint_url.startswith(("http://", "https://")):
         raise AccountError("s3 endpoint must be an http:// or https:// URL")
+    check_role(s3.role_arn, s3.external_id)
+
+
+def check_role(role_arn: str | None, external_id: str | None) -> None:
+    """Refuse a role ARN or an external id STS would not take."""
+    if role_arn is not None and (
+        not isinstance(role_arn, str)
+        or len(role_arn) > MAX_ROLE_ARN
+        or not ROLE_ARN_RE.fullmatch(role_arn)
+    ):
+        raise AccountError(
+            "role ARN must look like arn:aws:iam::<12-digit account>:role/<path/name> "
+            f"(at most {MAX_ROLE_ARN} characters), not {str(role_arn)[:100]!r}"
+        )
+    if external_id is not None:
+        if not role_arn:
+            raise AccountError("an external id goes with a role ARN")
+        if not isinstance(external_id, str) or not EXTERNAL_ID_RE.fullmatch(external_id):
+            # Not echoed: it is meant for the role's trust policy, not for logs.
+            raise AccountError(
+                "external id must be 2-1224 characters of letters, digits and + = , . @ : / - _"
+            )

@@ -118,6 +118,12 @@ class RequestStorePort(Protocol):
         """An account's requests, newest first; never another account's."""
         ...
 
+    def replayed(self, account_id: int, signature: str) -> int | None:
+        """The id of the account's request queued with ``signature`` (the replay key
+        ``enqueue`` goes by), or None: an aws.upload answers a replay before any costly
+        check."""
+        ...
+
     def get(self, request_id: int) -> StatusRow | None: ...
 
     def callback_history(

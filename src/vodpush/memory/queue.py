@@ -95,6 +95,13 @@ class MemoryRequestStore:
             return None
         return None
 
+    def replayed(self, account_id: int, signature: str) -> int | None:
+        with self._t.lock:
+            for row in self._t.requests.values():
+                if row.account_id == account_id and row.signature == signature:
+                    return row.id
+        return None
+
     @staticmethod
     def _status(row: RequestRow) -> StatusRow:
         return StatusTuple._make(getattr(row, name) for name in StatusTuple._fields)  # type: ignore[no-any-return]

@@ -9,6 +9,7 @@ from vodpush.operations.context import OperationContext
 from vodpush.operations.errors import (
     InvalidField,
     MissingFields,
+    PreflightFailed,
     RateLimited,
     Refused,
     Unauthorized,
@@ -20,6 +21,7 @@ __all__ = [
     "InvalidField",
     "MissingFields",
     "OperationContext",
+    "PreflightFailed",
     "Queued",
     "RateLimited",
     "Redelivered",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from vodpush.config import Settings
 from vodpush.core.accounts import AccountRecord
 from vodpush.core.ports import RequestStorePort
+from vodpush.core.preflight import PreflightPort
 
 
 @dataclass(frozen=True)
@@ -15,3 +16,6 @@ class OperationContext:
     account: AccountRecord
     settings: Settings
     requests: RequestStorePort
+    # Checks a bucket against S3 before an upload is queued (None: this process has none,
+    # and a preflight asked for is refused).
+    preflight: PreflightPort | None = None

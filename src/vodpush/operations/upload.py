@@ -14,6 +14,7 @@ from vodpush import metadata as s3_metadata
 from vodpush import sestore
 from vodpush.callbacks.policy import CallbackURLError, check_destination
 from vodpush.config import Settings
+from vodpush.core.accounts import role_session_name
 from vodpush.core.fields import InvalidField, check_text, read_str, require
 from vodpush.core.options import (
     API_ACLS,
@@ -27,9 +28,10 @@ from vodpush.core.options import (
     refuse_storage_class,
     refuse_tags,
 )
+from vodpush.core.preflight import Check, PreflightReport, Verdict
 from vodpush.core.requests import IDEMPOTENCY_WINDOW_SECONDS, IdempotencyConflict, NewRequest
 from vodpush.operations.context import OperationContext
-from vodpush.operations.errors import Unauthorized
+from vodpush.operations.errors import PreflightFailed, Unauthorized
 
 REQUIRED = ("path", "destination_path", "bucket", "acl")
 # Bucket names as S3 accepts them, including legacy us-east-1 names (capitals, underscores).
@@ -190,6 +192,23 @@ def validate_idempotency_key(value: Any) -> str | None:
     return value
 
 
+# A flag as JSON booleans, and as Perl and form-minded clients send one.
+_FLAG_TEXTS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def validate_preflight(value: Any) -> bool:
+    """Whether to check the bucket against S3 before queueing (absent or null: no)."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _FLAG_TEXTS:
+        return _FLAG_TEXTS[value.lower()]
+    raise InvalidField("preflight", "must be true or false")
+
+
 def authorize_bucket(ctx: OperationContext, bucket: str) -> None:
     refused = ctx.account.may_use_bucket(bucket)
     if refused is not None:
@@ -209,6 +228,9 @@ class UploadArgs:
     acl: str
     metadata: dict[str, str] = field(default_factory=dict)
     callback: str = ""
+    # Check the bucket against S3 (credentials, existence, ACL, a test write) first, and
+    # queue nothing when it would not take the upload.
+    preflight: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
 
@@ -245,6 +267,7 @@ class UploadArgs:
         options = validate_options(values)
         idempotency_key = validate_idempotency_key(values.get("idempotency_key"))
         callback = validate_callback(values.get("callback"), ctx.settings)
+        preflight = validate_preflight(values.get("preflight"))
         return cls(
             path=path,
             destination_path=destination,
@@ -254,6 +277,7 @@ class UploadArgs:
             callback=callback,
             options=options,
             idempotency_key=idempotency_key,
+            preflight=preflight,
         )
 
 
@@ -286,6 +310,14 @@ def upload(ctx: OperationContext, args: UploadArgs, *, replay_key: str) -> Queue
         )
     except sestore.PathRefused as exc:
         raise InvalidField("path", str(exc)) from exc
+    if args.preflight:
+        # A replay answers as the first request did, whatever S3 says now: its upload is
+        # queued already (and a transient failure here would lead the client to send it
+        # again as a new request).
+        first = ctx.requests.replayed(ctx.account.id, replay_key)
+        if first is not None:
+            return Queued(id=first, replayed=True)
+        preflight(ctx, args)
     new = NewRequest(
         account_id=ctx.account.id,
         cdn_id=ctx.account.cdn,
@@ -312,3 +344,26 @@ def upload(ctx: OperationContext, args: UploadArgs, *, replay_key: str) -> Queue
             "exactly the same fields to get that upload's id, or use a new key",
         ) from exc
     return Queued(id=queued.id, replayed=queued.replayed)
+
+
+def preflight(ctx: OperationContext, args: UploadArgs) -> PreflightReport:
+    """The preflight of ``args`` with the account's S3 settings; PreflightFailed (nothing
+    queued) when the bucket would not take the upload, or it could not be checked."""
+    if ctx.preflight is None:
+        report = PreflightReport(
+            bucket=args.bucket,
+            key=args.destination_path,
+            acl=args.acl,
+            checks=(Check("preflight", Verdict.FAILED, "not available on this server"),),
+        )
+    else:
+        report = ctx.preflight(
+            ctx.account.s3,
+            bucket=args.bucket,
+            key=args.destination_path,
+            acl=args.acl,
+            session_name=role_session_name(ctx.account.id),
+        )
+    if not report.passed:
+        raise PreflightFailed(report)
+    return report

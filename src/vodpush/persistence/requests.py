@@ -131,7 +131,7 @@ class RequestStore:
                     ).scalar_one()
                     self._dialect.notify_queued(conn)
             except IntegrityError:
-                existing = self._by_signature(new.account_id, new.signature)
+                existing = self.replayed(new.account_id, new.signature)
                 if existing is not None:
                     return Enqueued(id=existing, replayed=True)
                 if new.idempotency_key is None:
@@ -168,7 +168,7 @@ class RequestStore:
         )
         return None
 
-    def _by_signature(self, account_id: int, signature: str) -> int | None:
+    def replayed(self, account_id: int, signature: str) -> int | None:
         with read(self._engine) as conn:
             return conn.execute(
                 select(_T.c.id).where(_T.c.account_id == account_id, _T.c.signature == signature)

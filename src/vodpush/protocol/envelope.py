@@ -18,6 +18,9 @@ class Code(enum.StrEnum):
     UNAUTHORIZED = "0005"
     MISSING_FIELDS = "0006"
     INVALID_FIELD = "0007"
+    # vodpush's own: aws.upload's preflight found the bucket would not take the upload (or
+    # could not check it); nothing was queued.
+    PREFLIGHT_FAILED = "0008"
     BUSY = "1000"
 
 

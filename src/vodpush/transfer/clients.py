@@ -10,6 +10,11 @@ seconds before the credentials it was built with expire when the builder says th
 its credentials are still valid. Concurrent lookups of one missing key build it once; a
 build never holds the lock that other keys' lookups take.
 
+A client of an assumed role refreshes its credentials itself (transfer.roles): its entry
+lives for ``ttl`` like the others. Its key holds the role, the external id and the session
+name (one per account: the customer's CloudTrail tells the accounts apart), so accounts
+share a role's client only when they are the same identity.
+
 Secrets are never part of a key, a log line or a repr: a key holds a keyed digest of the
 secret (a per-cache random key), so a rotated secret still gets a new client.
 """
@@ -29,7 +34,7 @@ from typing import Generic, TypeVar
 
 from vodpush.core.accounts import S3Settings
 
-__all__ = ["NON_CLIENT_FIELDS", "Built", "ClientCache", "ClientKey", "client_key"]
+__all__ = ["NON_CLIENT_FIELDS", "Builder", "Built", "ClientCache", "ClientKey", "client_key"]
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +63,18 @@ class ClientKey:
     # A role to assume: another role (or external id) is another identity.
     role_arn: str | None = None
     external_id: str | None = None
+    session_name: str | None = None  # the role's RoleSessionName (None without a role)
 
     def __repr__(self) -> str:
         # The access key id is an identifier, not a secret (S3 puts it in every request).
         return (
             f"ClientKey(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
             f"access_key_id={self.access_key_id!r}, checksums={self.checksums!r}, "
-            f"role_arn={self.role_arn!r})"
+            f"role_arn={self.role_arn!r}, session_name={self.session_name!r})"
         )
 
 
-def client_key(s3: S3Settings, digest_key: bytes) -> ClientKey:
+def client_key(s3: S3Settings, digest_key: bytes, session_name: str | None = None) -> ClientKey:
     secret = s3.secret_access_key
     return ClientKey(
         endpoint_url=s3.endpoint_url,
@@ -82,6 +88,7 @@ def client_key(s3: S3Settings, digest_key: bytes) -> ClientKey:
         checksums=s3.checksums,
         role_arn=s3.role_arn,
         external_id=s3.external_id,
+        session_name=session_name if s3.role_arn else None,
     )
 
 
@@ -101,6 +108,11 @@ class _Entry(Generic[C]):
     expires_at: float  # after this it is never handed out (inf: credentials do not expire)
 
 
+# Builds the client of an account's S3 settings; the second argument is the session name
+# for an assumed role (None: no role, or the builder's default name).
+Builder = Callable[[S3Settings, str | None], Built[C]]
+
+
 class ClientCache(Generic[C]):
     """``client(s3)``: the cached client for ``s3``'s credentials, built by ``build`` when
     there is none, it is older than ``ttl``, or its credentials expire within
@@ -109,7 +121,7 @@ class ClientCache(Generic[C]):
 
     def __init__(
         self,
-        build: Callable[[S3Settings], Built[C]],
+        build: Builder[C],
         *,
         max_size: int,
         ttl: float,
@@ -142,11 +154,13 @@ class ClientCache(Generic[C]):
         with self._lock:
             return len(self._entries)
 
-    def key(self, s3: S3Settings) -> ClientKey:
-        return client_key(s3, self._digest_key)
+    def key(self, s3: S3Settings, session_name: str | None = None) -> ClientKey:
+        return client_key(s3, self._digest_key, session_name)
 
-    def client(self, s3: S3Settings) -> C:
-        key = self.key(s3)
+    def client(self, s3: S3Settings, *, session_name: str | None = None) -> C:
+        """``session_name``: what sessions of ``s3``'s role are called (ignored without
+        one)."""
+        key = self.key(s3, session_name)
         with self._lock:
             entry = self._usable(key, self._clock())
             if entry is not None:
@@ -184,7 +198,7 @@ class ClientCache(Generic[C]):
     def _rebuild(self, key: ClientKey, s3: S3Settings, old: _Entry[C] | None) -> C:
         started = self._clock()
         try:
-            built = self._build(s3)
+            built = self._build(s3, key.session_name)
         except Exception:
             with self._lock:
                 now = self._clock()

@@ -31,8 +31,10 @@ from botocore.exceptions import (
 __all__ = [
     "INTEGRITY_ERROR",
     "INTERRUPTED",
+    "ROLE_UNAVAILABLE",
     "SOURCE_CHANGED",
     "STALE_CHECKPOINT",
+    "RoleUnavailable",
     "UploadError",
     "UploadInterrupted",
     "classify",
@@ -43,6 +45,8 @@ __all__ = [
 SOURCE_CHANGED = "SourceChanged"
 INTEGRITY_ERROR = "IntegrityError"
 INTERRUPTED = "Interrupted"
+# The role of the account's settings could not be assumed (transfer.roles).
+ROLE_UNAVAILABLE = "AssumeRoleFailed"
 # S3 lost (or never had) what the checkpoint names: a fresh multipart upload will work.
 STALE_CHECKPOINT = ("NoSuchUpload", "InvalidPart")
 
@@ -80,6 +84,24 @@ class UploadInterrupted(UploadError):
 
     def __init__(self, message: str = "upload interrupted; it will resume") -> None:
         super().__init__(message, transient=True, code=INTERRUPTED)
+
+
+class RoleUnavailable(BotoCoreError):
+    """Credentials of an assumed role could not be had (AssumeRole failed, or STS was not
+    reached) when a request needed them. Raised from inside a botocore call, where botocore
+    asks the credentials for a refresh: a BotoCoreError, so that every place that handles
+    the client's errors handles it too; ``classify`` turns it into its UploadError."""
+
+    fmt = "{message}"
+
+    def __init__(
+        self, *, message: str, transient: bool, code: str, detail: str | None = None
+    ) -> None:
+        super().__init__(message=message)
+        self.message = message
+        self.transient = transient
+        self.code = code
+        self.detail = detail
 
 
 _TRANSIENT_CODES = frozenset(
@@ -138,6 +160,8 @@ def classify(exc: BaseException) -> UploadError:
         return exc
     if isinstance(exc, ClientError):
         return _classify_client_error(exc)
+    if isinstance(exc, RoleUnavailable):
+        return UploadError(exc.message, transient=exc.transient, code=exc.code, detail=exc.detail)
     if isinstance(exc, _TRANSIENT_BOTOCORE):
         return UploadError(
             f"S3 connection error: {_CONNECTION_PHRASES.get(type(exc), 'the connection failed')}",
