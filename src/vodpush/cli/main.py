@@ -35,7 +35,12 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--host", default=None, help="Address to listen on [VODPUSH_HOST, 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="Port to listen on [VODPUSH_PORT, 8080].")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port to listen on (0: any free port) [VODPUSH_PORT, 8080].",
+)
 @click.option(
     "--worker/--no-worker",
     "embedded_worker",
@@ -77,7 +82,7 @@ def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
 @click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit.")
 @click.option(
     "--metrics-port",
-    type=int,
+    type=click.IntRange(1, 65535),
     default=None,
     help="Serve /metrics on this port [on VODPUSH_METRICS_HOST, or VODPUSH_HOST].",
 )
