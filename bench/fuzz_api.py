@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from vodpush.api.app import create_app
 from vodpush.config import Settings
 from vodpush.crypto import generate_key
-from vodpush.logs import JsonFormatter
+from vodpush.logs import formatter as log_formatter
 from vodpush.service import Service
 
 CLIP = "sestore1/fz/videos/clip.mp4"
@@ -441,7 +441,7 @@ class LogWatch(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.setFormatter(JsonFormatter())
+        self.setFormatter(log_formatter("json"))
         self.records = 0
         self.tracebacks = 0
         self.errors = 0

@@ -117,7 +117,11 @@ def test_duplicate_account_is_refused(cli_env, capsys):
 def test_bad_configuration_is_reported(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("VODPUSH_DATABASE_URL", "mysql://nope")
     code, _, err = run(capsys, "account", "list")
-    assert code == 1 and "VODPUSH_DATABASE_URL" in err
+    assert code == 4 and "VODPUSH_DATABASE_URL" in err  # the database cannot be used
+    monkeypatch.setenv("VODPUSH_DATABASE_URL", f"sqlite:///{tmp_path / 'v.db'}")
+    monkeypatch.setenv("VODPUSH_TIMESTAMP_WINDOW", "soon")
+    code, _, err = run(capsys, "account", "list")
+    assert code == 2 and err.startswith("error: bad configuration: VODPUSH_TIMESTAMP_WINDOW")
 
 
 def test_secret_key_generated_on_first_run(monkeypatch, capsys, tmp_path):

@@ -24,7 +24,7 @@ from tests.conftest import LiveServer
 from tests.wire import envelope, php_style, post
 from vodpush.api.app import create_app
 from vodpush.api.dispatch import handle
-from vodpush.logs import JsonFormatter
+from vodpush.logs import formatter as log_formatter
 from vodpush.service import Service
 
 FILE = "sestore1/jb/videos/clip.mp4"
@@ -46,7 +46,7 @@ def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 def assert_clean_log(caplog: pytest.LogCaptureFixture, *, max_line: int = 2000) -> None:
     """No traceback, no ERROR, and every line formats to bounded, valid UTF-8 JSON."""
-    formatter = JsonFormatter()
+    formatter = log_formatter("json")
     for record in caplog.records:
         assert record.exc_info is None, record.getMessage()
         assert record.levelno < logging.ERROR, record.getMessage()

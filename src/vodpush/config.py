@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -27,10 +27,12 @@ from vodpush.core.retry import (
 )
 
 CONFIG_FILE_ENV = "VODPUSH_CONFIG"
+ENV_PREFIX = "VODPUSH_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VODPUSH_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     database_url: str = "sqlite:///./vodpush.db"
     sestore_root: Path = Path("./sestore")
@@ -52,7 +54,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     status_max_limit: int = Field(default=1000, ge=1)
     api_threads: int = Field(default=2, ge=1, le=256, description="threads running commands")
+    # Logs go to stderr, one line an event: "json" (one object a line) or "console" (plain
+    # text for people; never ANSI colours). access_log adds a line per HTTP request.
     log_level: str = "info"
+    log_format: Literal["json", "console"] = "json"
+    access_log: bool = False
     # /metrics is served on the API port unless metrics_port is set: then `vodpush serve`
     # serves it on metrics_host (default: host) and metrics_port only. With metrics_token,
     # a scrape must send "Authorization: Bearer <token>" (401 otherwise), on either port.
@@ -153,6 +159,14 @@ class Settings(BaseSettings):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
+
     @model_validator(mode="after")
     def _retries_outlast_the_window(self) -> Settings:
         span = shortest_retry_span(self.max_attempts, self.retry_base_delay, self.retry_max_delay)
@@ -197,3 +211,8 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     return Settings(**overrides)
+
+
+def setting_variables() -> set[str]:
+    """The environment variables the settings read (``VODPUSH_CONFIG`` included)."""
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CONFIG_FILE_ENV}

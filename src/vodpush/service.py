@@ -50,8 +50,13 @@ class Service:
     preflight: PreflightPort | None = None
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool = True) -> Service:
-        engine = db.make_engine(settings.database_url)
+    def open(
+        cls, settings: Settings, *, migrate: bool = True, engine: Engine | None = None
+    ) -> Service:
+        """The stores on ``engine`` (default: a new one for ``settings.database_url``),
+        migrated first unless ``migrate`` is false."""
+        if engine is None:
+            engine = db.make_engine(settings.database_url)
         if migrate:
             db.upgrade(engine)
         box = load_secret_box(settings)

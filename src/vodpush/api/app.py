@@ -14,6 +14,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,6 +22,8 @@ from starlette.routing import Route
 from vodpush import metrics as prometheus
 from vodpush.api.dispatch import Unreadable, handle, is_read_only
 from vodpush.api.limits import TALLY, Busy, Limits, RequestGuard, busy_envelope
+from vodpush.api.request_ids import RequestIds
+from vodpush.logs import echo
 from vodpush.protocol.envelope import Code, failure
 from vodpush.service import Service
 
@@ -143,9 +146,18 @@ def create_app(service: Service) -> Starlette:
                 headers={"retry-after": str(math.ceil(exc.retry_after)), "connection": "close"},
             )
         except (_Refusal, Unreadable, ValueError) as exc:
-            guard.failed()
             status = exc.http_status if isinstance(exc, _Refusal) else 400
             message = exc.message if isinstance(exc, _Refusal) else str(exc)
+            if guard.failed():  # past its budget of failures an address is not logged
+                log.info(
+                    "request refused",
+                    extra={
+                        "action": "api.refused",
+                        "http_status": status,
+                        "code": Code.MISSING_FIELDS.value,
+                        "reason": echo(message, 500),
+                    },
+                )
             return _Json(
                 failure(Code.MISSING_FIELDS, message, time.perf_counter() - started),
                 status_code=status,
@@ -175,7 +187,7 @@ def create_app(service: Service) -> Starlette:
     routes.append(Route("/healthz", healthz, methods=["GET"]))
     if service.settings.metrics_port is None:  # else served apart (server.run_server)
         routes.append(Route("/metrics", metrics, methods=["GET"]))
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(RequestIds)])
     app.state.service = service
     app.state.limits = limits
     return app

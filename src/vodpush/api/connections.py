@@ -259,8 +259,10 @@ def server_config(app: Any, settings: Settings, *, host: str, port: int) -> uvic
         app,
         host=host,
         port=port,
-        log_config=None,  # keep our JSON logging
-        access_log=False,
+        # No formatters or handlers of uvicorn's: its records reach the root logger, where
+        # vodpush.logs formats them as every other line (no ANSI colours).
+        log_config=None,
+        access_log=settings.access_log,  # a line per HTTP request: VODPUSH_ACCESS_LOG
         proxy_headers=True,
         ws="none",  # no WebSocket route; an upgrade would also leave the guard's count
         timeout_graceful_shutdown=int(settings.shutdown_grace),

@@ -79,6 +79,7 @@ def handle(
     fallback): the caller then runs it again in a thread."""
     command: Any = None
     account_id = None
+    username = None
     try:
         try:
             signed = parse(raw)
@@ -96,7 +97,7 @@ def handle(
             fallback_max_chars=service.settings.signature_fallback_max_chars,
             inline=inline,
         )
-        account_id = account.id
+        account_id, username = account.id, account.username
         if guard is not None:
             guard.check_account(account.id)  # raises Busy over the account's request rate
         ctx = CommandContext(
@@ -108,6 +109,18 @@ def handle(
             preflight=service.preflight,
         )
         message, data = handler(ctx, signed.payload)
+        if command not in READ_ONLY_COMMANDS:
+            log.info(
+                "command accepted",
+                extra={
+                    "action": "api.accepted",
+                    "command": command,
+                    "account_id": account_id,
+                    "username": username,
+                    # The request it queued or changed (aws.upload: the new request's id).
+                    "request_id": data.get("id") if isinstance(data, dict) else None,
+                },
+            )
         return success(message, data, time.perf_counter() - started)
     except FallbackDeferred:
         return None
@@ -122,6 +135,7 @@ def handle(
                 "action": "api.refused",
                 "command": echo(command),
                 "account_id": account_id,
+                "username": username,
                 "code": exc.code.value,
                 "reason": echo(exc.message, 500),
             },
@@ -144,7 +158,12 @@ def handle(
     except Exception:
         log.exception(
             "command failed",
-            extra={"action": "api.error", "command": echo(command), "account_id": account_id},
+            extra={
+                "action": "api.error",
+                "command": echo(command),
+                "account_id": account_id,
+                "username": username,
+            },
         )
         return failure(
             Code.SERVER_ERROR,

@@ -268,13 +268,17 @@ class RequestGuard:
                 return Busy("too many failed requests to this server", wait)
         return None
 
-    def failed(self) -> None:
-        """Count an answer that failed before an account was proven."""
+    def failed(self) -> bool:
+        """Count an answer that failed before an account was proven. False when this address
+        had no failure left in its budget (its next request is refused unread): a flood of
+        garbage is then not worth a log line per request."""
         limits = self.limits
+        within = True
         if limits.failures is not None:
-            limits.failures.take(self.client)
+            within = limits.failures.take(self.client) == 0.0
         if limits.all_failures is not None:
             limits.all_failures.take("*")
+        return within
 
     # -- a proven account ------------------------------------------------------------------
 

@@ -16,40 +16,71 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from vodpush.config import Settings, load_settings
+from vodpush import logs
+from vodpush.cli.startup import (
+    ConfigurationError,
+    DatabaseUnusable,
+    UserError,
+    check_directories,
+    open_database,
+    option_variables,
+    warn_unknown_variables,
+)
+from vodpush.config import Settings, load_settings, setting_variables
 from vodpush.core.accounts import AccountError
 from vodpush.operations import Refused
+from vodpush.persistence.db import Migration
 from vodpush.service import Service
 
 
-class UserError(click.ClickException):
-    """Shown as ``error: ...`` on stderr with exit code 1, no traceback."""
-
-    def format_message(self) -> str:
-        return self.message
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
 def settings_or_fail() -> Settings:
+    """The settings; ConfigurationError (exit 2) naming each bad value, or DatabaseUnusable
+    (exit 4) when the database URL is all that is wrong."""
     try:
         return load_settings()
     except ValidationError as exc:
+        errors = exc.errors()
         problems = "; ".join(
             f"VODPUSH_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
+            for err in errors
         )
-        raise UserError(f"bad configuration: {problems}") from exc
+        if all(tuple(err["loc"])[:1] == ("database_url",) for err in errors):
+            raise DatabaseUnusable(f"bad configuration: {problems}") from exc
+        raise ConfigurationError(f"bad configuration: {problems}") from exc
     except FileNotFoundError as exc:
-        raise UserError(str(exc)) from exc
+        raise ConfigurationError(str(exc)) from exc
 
 
-def open_service() -> Service:
+def open_service(settings: Settings | None = None) -> Service:
+    """The service on the configured database, after the checks every command makes: the
+    data directories (exit 5), the database and its migrations (exit 4)."""
+    service, _ = open_service_migrated(settings)
+    return service
+
+
+def open_service_migrated(settings: Settings | None = None) -> tuple[Service, list[Migration]]:
+    """open_service, and the migrations it applied."""
+    settings = settings or settings_or_fail()
+    check_directories(settings)
+    engine, applied = open_database(settings)
     try:
-        return Service.open(settings_or_fail())
+        return Service.open(settings, engine=engine, migrate=False), applied
     except ValueError as exc:
+        engine.dispose()
         raise UserError(str(exc)) from exc
+
+
+def start_logging(settings: Settings, commands: click.Command) -> None:
+    """Logs as configured, then warn_about_environment."""
+    logs.configure(settings.log_level, settings.log_format)
+    warn_about_environment(commands)
+
+
+def warn_about_environment(commands: click.Command) -> None:
+    """A warning line for each VODPUSH_* variable that neither the settings nor an option
+    of ``commands`` (the vodpush command) reads. Through the log: where the command did not
+    configure it, the standard library writes the bare message on stderr."""
+    warn_unknown_variables(os.environ, setting_variables() | option_variables(commands))
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,18 +7,21 @@ from collections.abc import Sequence
 
 import click
 
-from vodpush import logs
 from vodpush.cli.accounts import account
 from vodpush.cli.common import (
     exit_after_stop,
     open_service,
+    open_service_migrated,
     print_json,
     settings_or_fail,
+    start_logging,
     stop_on_signals,
+    warn_about_environment,
 )
 from vodpush.cli.orphans import reap
 from vodpush.cli.requests import request_group
 from vodpush.cli.secrets import secrets_group
+from vodpush.cli.startup import CannotListenError, ExitCode, warn_if_no_sestore
 from vodpush.client_cli import client as client_group
 
 
@@ -32,7 +35,12 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--host", default=None, help="Address to listen on [VODPUSH_HOST, 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="Port to listen on [VODPUSH_PORT, 8080].")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port to listen on (0: any free port) [VODPUSH_PORT, 8080].",
+)
 @click.option(
     "--worker/--no-worker",
     "embedded_worker",
@@ -40,18 +48,27 @@ def cli() -> None:
     help="Run an upload worker in this process (default) or only the API.",
 )
 def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
-    """Run the API (and, by default, an upload worker) until interrupted."""
-    from vodpush.server import run_server
+    """Run the API (and, by default, an upload worker) until interrupted.
+
+    Exits at once, with one line on stderr, when it cannot start: 2 bad configuration,
+    3 the port cannot be listened on, 4 the database cannot be used, 5 a data directory
+    cannot be written."""
+    from vodpush.server import CannotListen, run_server
 
     settings = settings_or_fail()
-    logs.configure(settings.log_level)
-    service = open_service()
-    run_server(
-        service,
-        host=host or settings.host,
-        port=port or settings.port,
-        embedded_worker=embedded_worker,
-    )
+    start_logging(settings, cli)
+    service = open_service(settings)
+    warn_if_no_sestore(settings)
+    try:
+        run_server(
+            service,
+            host=host or settings.host,
+            port=settings.port if port is None else port,
+            embedded_worker=embedded_worker,
+        )
+    except CannotListen as exc:
+        service.close()
+        raise CannotListenError(str(exc)) from exc
     exit_after_stop()  # run_server returns only once a signal stopped it
 
 
@@ -65,29 +82,32 @@ def serve(host: str | None, port: int | None, embedded_worker: bool) -> None:
 @click.option("--burst", is_flag=True, help="Work until the queue is empty, then exit.")
 @click.option(
     "--metrics-port",
-    type=int,
+    type=click.IntRange(1, 65535),
     default=None,
     help="Serve /metrics on this port [on VODPUSH_METRICS_HOST, or VODPUSH_HOST].",
 )
 def worker(concurrency: int | None, burst: bool, metrics_port: int | None) -> None:
     """Run an upload worker until SIGTERM/SIGINT (running uploads get a grace period)."""
 
+    from vodpush.server import CannotListen, start_metrics
     from vodpush.worker.runner import Worker
 
     settings = settings_or_fail()
-    logs.configure(settings.log_level)
-    service = open_service()
+    start_logging(settings, cli)
+    service = open_service(settings)
+    warn_if_no_sestore(settings)
     runner = Worker(service, concurrency=concurrency)
     if metrics_port:
-        from vodpush.metrics import start_metrics_server
-
-        token = settings.metrics_token
-        start_metrics_server(
-            settings.metrics_host or settings.host,
-            metrics_port,
-            queue=None,
-            token=token.get_secret_value() if token is not None else None,
-        )
+        try:
+            start_metrics(
+                settings.metrics_host or settings.host,
+                metrics_port,
+                queue=None,
+                token=settings.metrics_token,
+            )
+        except CannotListen as exc:
+            service.close()
+            raise CannotListenError(str(exc)) from exc
     stop_on_signals(runner.stop)  # runner.run() holds locks on this (the main) thread
     try:
         runner.run(burst=burst)
@@ -118,13 +138,21 @@ def queue_status(as_json: bool) -> None:
 
 @cli.command()
 def migrate() -> None:
-    """Apply database migrations (serve and worker do this on start too)."""
-    service = open_service()
+    """Apply database migrations (serve and worker do this on start too), and say which."""
+    from vodpush.persistence.db import current_revision
+
+    settings = settings_or_fail()
+    warn_about_environment(cli)
+    service, applied = open_service_migrated(settings)
     try:
         shared = service.accounts.ensure_unique_usernames()
+        at = current_revision(service.database())
     finally:
         service.close()
-    click.echo("database is up to date")
+    if applied:
+        click.echo(f"applied {', '.join(map(str, applied))}; database is at {at}")
+    else:
+        click.echo(f"database is up to date at {at}")
     if shared:
         click.echo(
             "warning: usernames shared by several accounts: "
@@ -145,7 +173,9 @@ def keygen() -> None:
 @cli.command("config")
 def show_config() -> None:
     """Print the effective settings (secrets masked)."""
-    print_json(settings_or_fail().public_dict())
+    settings = settings_or_fail()
+    warn_about_environment(cli)
+    print_json(settings.public_dict())
 
 
 # -- accounts ----------------------------------------------------------------------------
@@ -169,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        return 1
+        return ExitCode.ERROR
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

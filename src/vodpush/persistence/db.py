@@ -6,11 +6,13 @@ import logging
 from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext, MigrationInfo
 from sqlalchemy import Connection, Engine, Select
 
 from vodpush.core.requests import StoreUnavailable
@@ -134,10 +136,36 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; safe to call from many processes at once."""
+@dataclass(frozen=True)
+class Migration:
+    revision: str  # "0005"
+    title: str  # "control": the first words of the migration's docstring
+
+    def __str__(self) -> str:
+        return f"{self.revision} {self.title}".strip()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> list[Migration]:
+    """Bring the schema to ``revision``; safe to call from many processes at once. Returns
+    the migrations this call applied, in order (none: the schema was there already)."""
     cfg = alembic_config(engine)
+    applied: list[Migration] = []
+
+    def note(*, step: MigrationInfo, **_: Any) -> None:
+        if step.is_upgrade:
+            doc = (step.up_revision.doc or "").strip().splitlines()
+            title = doc[0].split(":")[0].strip() if doc else ""
+            applied.append(Migration(step.up_revision_id or "", title))
+
+    cfg.attributes["on_version_apply"] = (note,)
     with dialect.for_engine(engine).migration_lock(engine) as conn:
         if conn is not None:
             cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+    return applied
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None: no schema yet)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
