@@ -13,7 +13,14 @@ from typing import Any, Protocol
 from vodpush.core.accounts import AccountRecord, S3Settings
 from vodpush.core.checkpoint import PartLedger
 from vodpush.core.orphans import Orphan
-from vodpush.core.requests import Claimed, DueCallback, Enqueued, NewRequest
+from vodpush.core.requests import (
+    Claimed,
+    DueCallback,
+    Enqueued,
+    NewRequest,
+    RequestEvent,
+    StateChange,
+)
 
 __all__ = [
     "AccountStorePort",
@@ -113,6 +120,24 @@ class RequestStorePort(Protocol):
         ...
 
     def get(self, request_id: int) -> StatusRow | None: ...
+
+    def cancel(self, request_id: int, *, account_id: int | None, message: str) -> StateChange:
+        """Stop a queued, running or retrying request of ``account_id`` (None: any account,
+        the operator): canceled with ``message``, its lease and its checkpoint dropped in
+        the same write (a checkpoint still there becomes an orphan: the reaper, or the
+        worker that held the lease, aborts its upload), its callback due. A worker holding
+        it finds its lease gone at its next write. Refused (``finishing``) while a live
+        lease's final S3 call is under way: the object may be written at any moment."""
+        ...
+
+    def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
+        """Queue a failed or canceled request of ``account_id`` (None: any account) again,
+        due now (core.outcomes.requeued); its history stays."""
+        ...
+
+    def events(self, request_id: int) -> list[RequestEvent]:
+        """The request's history, oldest first (empty for an unknown id)."""
+        ...
 
 
 class QueueStorePort(Protocol):

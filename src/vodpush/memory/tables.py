@@ -75,7 +75,8 @@ class RequestRow:
     idempotency_hash: str | None = None
     parts: dict[int, PartRecord] = field(default_factory=dict)
     callback_log: list[dict[str, Any]] = field(default_factory=list)
-    # The request_events rows: {"at", "event", "state", "attempts", "message", "error_code"}.
+    # The request_events rows: {"id", "at", "event", "state", "attempts", "message",
+    # "error_code"} (Tables.add_event).
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -116,6 +117,7 @@ class Tables:
         self.next_orphan = 1
         self.next_request = 1
         self.next_attempt = 1
+        self.next_event = 1
 
     def account_enabled(self, account_id: int) -> bool:
         # As the database's "NOT IN (disabled accounts)": an unknown account holds nothing.
@@ -129,6 +131,22 @@ class Tables:
         if row is None or row.state != State.RUNNING.value or row.lease_owner != owner:
             raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
         return row
+
+    def add_event(self, row: RequestRow, event: str) -> None:
+        """The database's record_event: ``event`` of ``row`` as it stands now (after the
+        change it records). Call with the lock held."""
+        row.events.append(
+            {
+                "id": self.next_event,
+                "at": self.now(),
+                "event": event,
+                "state": row.state,
+                "attempts": row.attempts,
+                "message": row.message,
+                "error_code": row.error_code,
+            }
+        )
+        self.next_event += 1
 
     def record_checkpoint(self, row: RequestRow) -> None:
         """The database's record_checkpoint: the upload of ``row``'s checkpoint, if any,

@@ -4,21 +4,33 @@ envelopes, HTTP or click."""
 
 from __future__ import annotations
 
+from vodpush.operations.cancel import cancel, cancel_any
 from vodpush.operations.context import OperationContext
 from vodpush.operations.errors import InvalidField, MissingFields, Refused, Unauthorized
+from vodpush.operations.history import History, history
+from vodpush.operations.lookup import Changed, RequestRef
+from vodpush.operations.retry import retry, retry_any
 from vodpush.operations.status import StatusPage, StatusQuery, status
 from vodpush.operations.upload import Queued, UploadArgs, upload
 
 __all__ = [
+    "Changed",
+    "History",
     "InvalidField",
     "MissingFields",
     "OperationContext",
     "Queued",
     "Refused",
+    "RequestRef",
     "StatusPage",
     "StatusQuery",
     "Unauthorized",
     "UploadArgs",
+    "cancel",
+    "cancel_any",
+    "history",
+    "retry",
+    "retry_any",
     "status",
     "upload",
 ]

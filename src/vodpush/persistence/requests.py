@@ -1,4 +1,5 @@
-"""Upload requests as the API sees them: queue one, read an account's requests back."""
+"""Upload requests as the API sees them: queue one, read an account's requests back, cancel
+one or queue it again (aws.cancel, aws.retry), read its history."""
 
 from __future__ import annotations
 
@@ -6,16 +7,33 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, select
+from sqlalchemy import Connection, Engine, Row, bindparam, case, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from vodpush.core.records import QUEUED_MESSAGE
-from vodpush.core.requests import Enqueued, NewRequest, State
+from vodpush.core import outcomes
+from vodpush.core.records import FINISHING_MESSAGE, QUEUED_MESSAGE
+from vodpush.core.requests import (
+    CANCELABLE_STATES,
+    RETRYABLE_STATES,
+    Enqueued,
+    Event,
+    NewRequest,
+    RequestEvent,
+    State,
+    StateChange,
+)
 from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, read, write_transaction
-from vodpush.persistence.models import UploadRequest
+from vodpush.persistence.events import read_events, record_event
+from vodpush.persistence.models import UploadPart, UploadRequest
+from vodpush.persistence.orphans import record_checkpoint
+from vodpush.webhooks import new_message_id
 
 _T = UploadRequest.__table__
+_P = UploadPart.__table__
+# The request a cancel or a retry changes (parameter rid), for record_checkpoint: the row
+# is locked first, and its state checked, by the same transaction.
+_BY_ID = _T.c.id == bindparam("rid")
 
 # The columns aws.status shows; selected explicitly so listing stays a narrow index scan.
 STATUS_COLUMNS = (
@@ -89,6 +107,7 @@ class RequestStore:
                 request_id = conn.execute(
                     _T.insert().values(**values).returning(_T.c.id)
                 ).scalar_one()
+                record_event(conn, self._dialect, request_id, Event.QUEUED)
                 self._dialect.notify_queued(conn)
         except IntegrityError:
             existing = self._by_signature(new.account_id, new.signature)
@@ -116,3 +135,75 @@ class RequestStore:
     def get(self, request_id: int) -> Row[Any] | None:
         with read(self._engine) as conn:
             return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()
+
+    # -- aws.cancel, aws.retry -------------------------------------------------------------
+
+    def _lock(self, conn: Connection, request_id: int, account_id: int | None) -> Row[Any] | None:
+        """The request's row, locked until the transaction ends (SQLite: the write lock is
+        held already), with ``finishing``: running, in its final S3 call under a live lease
+        (ledger.confirm() wrote the message). None when it is not there or not the
+        account's."""
+        finishing = case(
+            (
+                (_T.c.message == FINISHING_MESSAGE) & (_T.c.lease_expires_at > self._dialect.now()),
+                1,
+            ),
+            else_=0,
+        )
+        query = select(_T.c.state, _T.c.callback, finishing.label("finishing")).where(
+            _T.c.id == request_id
+        )
+        if account_id is not None:
+            query = query.where(_T.c.account_id == account_id)
+        return conn.execute(self._dialect.for_update(query)).first()
+
+    def _drop_checkpoint(self, conn: Connection, request_id: int) -> None:
+        """Forget the row's part ledger in this transaction, a checkpoint still there first
+        recorded as an orphan (its upload id is never forgotten unaborted); the UPDATE that
+        follows sets multipart_json to NULL."""
+        conn.execute(record_checkpoint(self._dialect, _BY_ID), {"rid": request_id})
+        conn.execute(delete(_P).where(_P.c.request_id == request_id))
+
+    def cancel(self, request_id: int, *, account_id: int | None, message: str) -> StateChange:
+        """Cancel in one transaction that locks the row first: a worker finishing at the same
+        moment either wrote its outcome before (then this finds a final state) or finds
+        its lease gone after (its write raises LeaseLost); exactly one of them wins."""
+        with write_transaction(self._engine) as conn:
+            row = self._lock(conn, request_id, account_id)
+            if row is None:
+                return StateChange(found=None, changed=False)
+            if row.state not in CANCELABLE_STATES:
+                return StateChange(found=row.state, changed=False)
+            if row.state == State.RUNNING.value and row.finishing:
+                return StateChange(found=row.state, changed=False, finishing=True)
+            self._drop_checkpoint(conn, request_id)
+            values = outcomes.canceled(
+                message=message,
+                has_callback=bool(row.callback),
+                now=self._dialect.now(),
+                new_msg_id=new_message_id,
+            )
+            conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
+            record_event(conn, self._dialect, request_id, Event.CANCELED)
+        return StateChange(found=row.state, changed=True)
+
+    def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
+        with write_transaction(self._engine) as conn:
+            row = self._lock(conn, request_id, account_id)
+            if row is None:
+                return StateChange(found=None, changed=False)
+            if row.state not in RETRYABLE_STATES:
+                return StateChange(found=row.state, changed=False)
+            # A final request has no checkpoint (its outcome dropped it); this only makes
+            # sure that none could be lost.
+            self._drop_checkpoint(conn, request_id)
+            values = outcomes.requeued(self._dialect.now())
+            conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
+            record_event(conn, self._dialect, request_id, Event.RETRIED)
+            self._dialect.notify_queued(conn)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+        return StateChange(found=row.state, changed=True)
+
+    def events(self, request_id: int) -> list[RequestEvent]:
+        return read_events(self._engine, request_id)
