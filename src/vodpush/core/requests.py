@@ -104,6 +104,9 @@ class StateChange:
     found: str | None
     changed: bool
     finishing: bool = False
+    # The request as the change left it (a core.ports.StatusRow), read in the same
+    # transaction: what the caller is answered, before any worker moves it on.
+    row: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ class MemoryRequestStore:
             )
             _assign(row, values)
             self._t.add_event(row, Event.CANCELED)
-        return StateChange(found=found, changed=True)
+            now_row = self._status(row)
+        return StateChange(found=found, changed=True, row=now_row)
 
     def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
         now = self._t.now()
@@ -143,9 +144,10 @@ class MemoryRequestStore:
             self._drop_checkpoint(row)
             _assign(row, outcomes.requeued(now))
             self._t.add_event(row, Event.RETRIED)
+            now_row = self._status(row)
         if self.on_enqueue is not None:
             self.on_enqueue()
-        return StateChange(found=found, changed=True)
+        return StateChange(found=found, changed=True, row=now_row)
 
     def events(self, request_id: int) -> list[RequestEvent]:
         with self._t.lock:

@@ -44,7 +44,7 @@ def cancel_request(
             f"request {ref.id} has already finished ({change.found}); only a queued, "
             "running or retrying request can be canceled",
         )
-    return changed(requests, ref, change.found)
+    return changed(ref, change)
 
 
 __all__ = ["cancel", "cancel_any", "cancel_request"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from vodpush.core import records
 from vodpush.core.fields import InvalidField, read_int, require
-from vodpush.core.ports import RequestStorePort
+from vodpush.core.requests import StateChange
 from vodpush.operations.status import MAX_ID
 
 
@@ -45,8 +45,7 @@ def no_such_request(ref: RequestRef) -> InvalidField:
     return InvalidField("id", f"no such request: {ref.id}")
 
 
-def changed(requests: RequestStorePort, ref: RequestRef, previous: str) -> Changed:
-    row = requests.get(ref.id)
-    if row is None:  # deleted in between (an operator's purge): nothing to show
-        raise no_such_request(ref)
-    return Changed(previous=previous, record=records.render(row))
+def changed(ref: RequestRef, change: StateChange) -> Changed:
+    """The answer to a change the store made: the record as the change left it."""
+    assert change.found is not None and change.row is not None, ref
+    return Changed(previous=change.found, record=records.render(change.row))

@@ -33,7 +33,7 @@ def retry_request(
             "id",
             f"request {ref.id} is {change.found}; only a failed or canceled request can be retried",
         )
-    return changed(requests, ref, change.found)
+    return changed(ref, change)
 
 
 __all__ = ["retry", "retry_any", "retry_request"]

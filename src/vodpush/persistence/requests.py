@@ -185,7 +185,8 @@ class RequestStore:
             )
             conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
             record_event(conn, self._dialect, request_id, Event.CANCELED)
-        return StateChange(found=row.state, changed=True)
+            now = self._status(conn, request_id)
+        return StateChange(found=row.state, changed=True, row=now)
 
     def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
         with write_transaction(self._engine) as conn:
@@ -201,9 +202,14 @@ class RequestStore:
             conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
             record_event(conn, self._dialect, request_id, Event.RETRIED)
             self._dialect.notify_queued(conn)
+            now = self._status(conn, request_id)
         if self.on_enqueue is not None:
             self.on_enqueue()
-        return StateChange(found=row.state, changed=True)
+        return StateChange(found=row.state, changed=True, row=now)
+
+    @staticmethod
+    def _status(conn: Connection, request_id: int) -> Row[Any] | None:
+        return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()
 
     def events(self, request_id: int) -> list[RequestEvent]:
         return read_events(self._engine, request_id)
