@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -95,6 +96,13 @@ def test_a_running_request_is_canceled_and_its_worker_can_write_nothing(stores: 
     # The checkpoint went to the orphans in the same write: its upload id is not lost.
     (orphan,) = stores.orphans.list()
     assert (orphan.request_id, orphan.upload_id, orphan.key) == (rid, "up-1", "out/0.mp4")
+    assert stores.orphans.list(request_id=rid) == [orphan]
+    assert stores.orphans.list(request_id=rid + 1) == []
+    # Due when the lease runs out: no reaper aborts it under the worker's parts in flight;
+    # the worker takes it by its id as soon as they are done.
+    assert orphan.next_at > utcnow() + timedelta(seconds=20)
+    assert stores.orphans.claim(60) is None
+    assert stores.orphans.claim(60, orphan_id=orphan.id) is not None
     assert stores.ledger(rid, "w").load() is None
     # The worker finds its lease gone at every write, and its final S3 call is refused.
     for write in (
@@ -150,7 +158,10 @@ def test_a_retrying_request_is_canceled_with_its_checkpoint_to_the_reaper(
     change = stores.requests.cancel(rid, account_id=account, message=BY_CUSTOMER)
     assert change == StateChange(found="retrying", changed=True)
     assert stores.queue.claim("w", 30) is None  # due, but canceled
-    assert [o.upload_id for o in stores.orphans.list()] == ["up-kept"]
+    (kept,) = stores.orphans.list()
+    assert kept.upload_id == "up-kept"
+    claimed = stores.orphans.claim(60)  # nobody sends its parts: due at once
+    assert claimed is not None and claimed.id == kept.id
     assert _events(stores, rid) == [
         ("queued", "queued", 0),
         ("retrying", "retrying", 1),

@@ -261,8 +261,8 @@ class OrphanStorePort(Protocol):
         already (another reaper's abort was confirmed)."""
         ...
 
-    def list(self) -> list[Orphan]:
-        """Every recorded orphan, oldest first."""
+    def list(self, *, request_id: int | None = None) -> list[Orphan]:
+        """Every recorded orphan (or those of request ``request_id``), oldest first."""
         ...
 
     def count(self) -> int: ...

@@ -101,7 +101,8 @@ class MemoryRequestStore:
         return row
 
     def _drop_checkpoint(self, row: RequestRow) -> None:
-        self._t.record_checkpoint(row)  # before the values drop it
+        # Before the values drop it; due when a worker's lease runs out, as the database's.
+        self._t.record_checkpoint(row, after_lease=True)
         row.parts.clear()
 
     def cancel(self, request_id: int, *, account_id: int | None, message: str) -> StateChange:

@@ -148,10 +148,11 @@ class Tables:
         )
         self.next_event += 1
 
-    def record_checkpoint(self, row: RequestRow) -> None:
+    def record_checkpoint(self, row: RequestRow, *, after_lease: bool = False) -> None:
         """The database's record_checkpoint: the upload of ``row``'s checkpoint, if any,
-        becomes an orphan due now (once per account, bucket and upload id). Call with the
-        lock held, before the checkpoint is dropped."""
+        becomes an orphan due now (``after_lease``: when the row's lease, if any, runs
+        out), once per account, bucket and upload id. Call with the lock held, before the
+        checkpoint is dropped."""
         if not row.multipart_json:
             return
         upload_id = str(json.loads(row.multipart_json)["upload_id"])
@@ -171,6 +172,6 @@ class Tables:
             key=row.destination_path,
             upload_id=upload_id,
             created_at=now,
-            next_at=now,
+            next_at=(row.lease_expires_at or now) if after_lease else now,
         )
         self.next_orphan += 1

@@ -159,9 +159,11 @@ class RequestStore:
 
     def _drop_checkpoint(self, conn: Connection, request_id: int) -> None:
         """Forget the row's part ledger in this transaction, a checkpoint still there first
-        recorded as an orphan (its upload id is never forgotten unaborted); the UPDATE that
-        follows sets multipart_json to NULL."""
-        conn.execute(record_checkpoint(self._dialect, _BY_ID), {"rid": request_id})
+        recorded as an orphan (its upload id is never forgotten unaborted), due when the
+        lease of a worker still sending its parts runs out; the UPDATE that follows sets
+        multipart_json to NULL."""
+        statement = record_checkpoint(self._dialect, _BY_ID, after_lease=True)
+        conn.execute(statement, {"rid": request_id})
         conn.execute(delete(_P).where(_P.c.request_id == request_id))
 
     def cancel(self, request_id: int, *, account_id: int | None, message: str) -> StateChange:

@@ -87,10 +87,9 @@ class Reaper:
         its multipart upload, and the worker that held it has stopped sending parts); how
         many S3 confirmed gone. A failed abort is due again later, as any."""
         gone = 0
-        for orphan in self._orphans.list():
-            if orphan.request_id == request_id:
-                reaped = self.reap_now(orphan.id)
-                gone += reaped is not None and reaped[1] is None
+        for orphan in self._orphans.list(request_id=request_id):
+            reaped = self.reap_now(orphan.id)
+            gone += reaped is not None and reaped[1] is None
         return gone
 
     def abort(self, orphan: Orphan) -> str | None:
