@@ -130,8 +130,8 @@ class MemoryRequestStore:
             )
             _assign(row, values)
             self._t.add_event(row, Event.CANCELED)
-            now_row = self._status(row)
-        return StateChange(found=found, changed=True, row=now_row)
+            after = self._status(row)
+        return StateChange(found=found, changed=True, row=after)
 
     def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
         now = self._t.now()
@@ -145,10 +145,10 @@ class MemoryRequestStore:
             self._drop_checkpoint(row)
             _assign(row, outcomes.requeued(now))
             self._t.add_event(row, Event.RETRIED)
-            now_row = self._status(row)
+            after = self._status(row)
         if self.on_enqueue is not None:
             self.on_enqueue()
-        return StateChange(found=found, changed=True, row=now_row)
+        return StateChange(found=found, changed=True, row=after)
 
     def events(self, request_id: int) -> list[RequestEvent]:
         with self._t.lock:

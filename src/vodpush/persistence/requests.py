@@ -187,8 +187,8 @@ class RequestStore:
             )
             conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
             record_event(conn, self._dialect, request_id, Event.CANCELED)
-            now = self._status(conn, request_id)
-        return StateChange(found=row.state, changed=True, row=now)
+            after = self._status(conn, request_id)
+        return StateChange(found=row.state, changed=True, row=after)
 
     def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
         with write_transaction(self._engine) as conn:
@@ -204,10 +204,10 @@ class RequestStore:
             conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
             record_event(conn, self._dialect, request_id, Event.RETRIED)
             self._dialect.notify_queued(conn)
-            now = self._status(conn, request_id)
+            after = self._status(conn, request_id)
         if self.on_enqueue is not None:
             self.on_enqueue()
-        return StateChange(found=row.state, changed=True, row=now)
+        return StateChange(found=row.state, changed=True, row=after)
 
     @staticmethod
     def _status(conn: Connection, request_id: int) -> Row[Any] | None:

@@ -553,10 +553,13 @@ class Worker:
         request = active.request
         try:
             row = self.service.requests.get(request.id)
-            if row is None or row.state != State.CANCELED.value:
-                return False
-            metrics.UPLOADS.labels("canceled").inc()
-            log.info("upload canceled", extra={"action": "upload.canceled", **extra})
+        except Exception:  # the database cannot tell now: reported as a lost lease
+            return False
+        if row is None or row.state != State.CANCELED.value:
+            return False
+        metrics.UPLOADS.labels("canceled").inc()
+        log.info("upload canceled", extra={"action": "upload.canceled", **extra})
+        try:
             self._reaper.reap_request(request.id)
         except Exception as exc:
             log.warning(
