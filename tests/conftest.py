@@ -341,7 +341,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             or param.get("stores") in ("sqlite", "postgresql")
         ):
             item.add_marker(pytest.mark.integration)
-        elif module == "test_store_contract":
+        elif module.startswith("test_store_contract"):
             item.add_marker(pytest.mark.contract)
         else:
             item.add_marker(pytest.mark.unit)

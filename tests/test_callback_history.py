@@ -24,7 +24,9 @@ from vodpush.config import Settings
 from vodpush.service import Service
 from vodpush.worker.runner import Worker
 
-NO_SUCH_REQUEST = "invalid id: no such request"
+
+def no_such_request(request_id: int) -> str:
+    return f"invalid id: no such request: {request_id}"
 
 
 @pytest.fixture
@@ -248,7 +250,7 @@ def test_what_cannot_be_redelivered_is_refused_with_the_reason(
             assert (answer["status"], answer["code"], answer["message"]) == (
                 "failure",
                 "0007",
-                NO_SUCH_REQUEST,
+                no_such_request(request_id),
             ), (command, request_id)
     # The field is checked as any other.
     assert callbacks(url, s3_account, "x")["message"] == "invalid id: must be an integer"
@@ -292,7 +294,7 @@ def test_client_and_cli_show_the_history_and_redeliver(
         assert refused.value.code == "0007" and "has no callback URL" in refused.value.message
         with pytest.raises(ApiError) as unknown:
             api.callbacks(10**9)
-        assert (unknown.value.code, unknown.value.message) == ("0007", NO_SUCH_REQUEST)
+        assert (unknown.value.code, unknown.value.message) == ("0007", no_such_request(10**9))
     wait_for(lambda: callback_state(service, rid) == ("delivered", 1), 30, "its record")
 
     for name, value in {

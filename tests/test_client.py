@@ -992,7 +992,8 @@ def test_wait_follows_an_upload_to_success(
     # Off a terminal, each new status message is a line on stderr, in order.
     messages = [line.split(": ", 1)[1] for line in captured.err.splitlines()]
     assert messages[-1] == "Successfully Uploaded to AWS"
-    assert set(messages) <= {"Queued", "Uploading", "Successfully Uploaded to AWS"}
+    # "Finishing": the last S3 call (CompleteMultipartUpload) is under way.
+    assert set(messages) <= {"Queued", "Uploading", "Finishing", "Successfully Uploaded to AWS"}
     assert len(messages) == len(set(messages))
     obj = s3_client(s3).get_object(Bucket=bucket, Key="shows/big.mp4")
     assert obj["Body"].read() == data

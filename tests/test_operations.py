@@ -393,7 +393,7 @@ def test_the_adapter_answers_too_many_redeliveries_with_code_1000(service, accou
         ({}, "missing required field(s): id"),
         ({"id": 0}, "invalid id: must be at least 1"),
         ({"id": True}, "invalid id: must be an integer, not a boolean"),
-        ({"id": 10**9}, "invalid id: no such request"),
+        ({"id": 10**9}, "invalid id: no such request: 1000000000"),
     ):
         for name in ("aws.callbacks", "aws.redeliver"):
             with pytest.raises(ApiError) as answered:

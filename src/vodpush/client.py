@@ -18,7 +18,10 @@ so they are retried on connection trouble, timeouts and HTTP 5xx. ``aws.upload``
 ``aws.redeliver`` are retried only by resending the *same signed body*: the server recognises
 a signature it has already accepted and answers as it did the first time, so a lost answer
 never queues a second upload or a second redelivery. The body is never re-signed, since a
-fresh signature would be a new request.
+fresh signature would be a new request. ``aws.cancel`` and ``aws.retry`` are tried again
+only when the server surely did nothing (no connection could be made, or it answered
+"busy", code 1000): a second cancel of a request the first one canceled would be refused,
+hiding that the first worked.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ class StatusRecord:
     last_updated: str
     status: int  # HTTP status of the S3 upload; 0 until there is one
     # Extras beyond the reference page.
-    state: str | None = None  # queued, running, retrying, succeeded, failed
+    state: str | None = None  # queued, running, retrying, succeeded, failed, canceled
     next_attempt_at: str | None = None  # when a retrying request is tried next
     bucket: str | None = None
     attempts: int | None = None
@@ -226,8 +229,12 @@ class StatusRecord:
         return self.status >= 300
 
     @property
+    def canceled(self) -> bool:
+        return self.state == "canceled"
+
+    @property
     def finished(self) -> bool:
-        return self.succeeded or self.failed
+        return self.succeeded or self.failed or self.canceled
 
 
 @dataclass(frozen=True)
@@ -513,6 +520,24 @@ class Client:
             raise TransportError(f"aws.status answered {type(data).__name__}, not a list")
         return [StatusRecord.from_api(entry) for entry in data if isinstance(entry, Mapping)]
 
+    def cancel(self, id: int) -> StatusRecord:
+        """``aws.cancel``: stop request ``id`` (queued, running or retrying); its record,
+        now ``canceled``. :class:`ApiError` (code 0007) when the account has no such
+        request, or it has finished or is finishing."""
+        return self._change("aws.cancel", id)
+
+    def retry(self, id: int) -> StatusRecord:
+        """``aws.retry``: queue request ``id`` (failed or canceled) again; its record, now
+        ``queued`` with its attempts from 0. :class:`ApiError` (code 0007) when the
+        account has no such request, or it is not failed or canceled."""
+        return self._change("aws.retry", id)
+
+    def _change(self, command: str, id: int) -> StatusRecord:
+        data = self._call(command, {"id": id}, resend_same_body=False, repeatable=False)
+        if not isinstance(data, Mapping):
+            raise TransportError(f"{command} answered {type(data).__name__}, not a record")
+        return StatusRecord.from_api(data)
+
     def get(self, id: int) -> StatusRecord:
         """Request ``id``; :class:`RequestNotFound` when the account has no such request."""
         for record in self.status(limit=1, id=id):
@@ -579,6 +604,7 @@ class Client:
         *,
         resend_same_body: bool,
         resign_when_old: bool = False,
+        repeatable: bool = True,
     ) -> Any:
         """Send one command, retrying where safe; the ``data`` of a success.
 
@@ -587,7 +613,8 @@ class Client:
         ``resign_when_old`` (an upload with an idempotency key, which the server
         deduplicates by key) signs it afresh, else the retries end. Otherwise (read-only
         commands) each attempt is signed afresh, so a slow retry never carries a stale
-        timestamp.
+        timestamp. Without ``repeatable`` a failed attempt is tried again only if the
+        server surely did not run it.
         """
         body, signed_at = self._sign(command, fields_)
         attempt = 0
@@ -597,7 +624,11 @@ class Client:
             except _Retryable as exc:
                 attempt += 1
                 too_old = resend_same_body and (self._clock() - signed_at > _UPLOAD_RESEND_HORIZON)
-                if attempt > self._retries or (too_old and not resign_when_old):
+                if (
+                    attempt > self._retries
+                    or (too_old and not resign_when_old)
+                    or not (repeatable or exc.unprocessed)
+                ):
                     raise exc.error from exc.__cause__
                 self._sleep(min(self._backoff * 2 ** (attempt - 1), _MAX_BACKOFF))
                 if not resend_same_body or too_old:
@@ -606,6 +637,10 @@ class Client:
     def _send(self, body: str) -> Any:
         try:
             response = self._http.post(self.url, data={"json": body})
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # No connection: the request never reached the server.
+            error = TransportError(f"cannot reach {self.url}: {exc}")
+            raise _Retryable(error, unprocessed=True) from exc
         except httpx.TimeoutException as exc:
             raise _Retryable(TransportError(f"timed out talking to {self.url}: {exc}")) from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
@@ -636,7 +671,8 @@ class Client:
                 _as_str(envelope.get("code")) or "????", _as_str(envelope.get("message"))
             )
             if error.code == _BUSY_CODE and _soon(envelope.get("retry_after")):
-                raise _Retryable(error)  # refused before doing anything: safe to repeat
+                # refused before doing anything: safe to repeat
+                raise _Retryable(error, unprocessed=True)
             raise error
         return envelope.get("data")
 
@@ -653,9 +689,11 @@ def _soon(retry_after: Any) -> bool:
 class _Retryable(Exception):
     """Carries the error to raise if no retry is left."""
 
-    def __init__(self, error: ClientError) -> None:
+    def __init__(self, error: ClientError, *, unprocessed: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
+        # The server surely did not run the command (no connection, or "busy").
+        self.unprocessed = unprocessed
 
 
 def _snippet(response: httpx.Response) -> str:

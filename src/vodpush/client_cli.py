@@ -132,8 +132,8 @@ def _parse_pairs(items: tuple[str, ...], option: str) -> dict[str, str] | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def client() -> None:
-    """Call a vodpush API (aws.upload, aws.status, aws.callbacks, aws.redeliver) as a
-    client."""
+    """Call a vodpush API (aws.upload, aws.status, aws.cancel, aws.retry, aws.callbacks,
+    aws.redeliver) as a client."""
 
 
 @client.command()
@@ -269,6 +269,36 @@ def status(request_id: int | None, limit: int, offset: int, as_json: bool, **kwa
     Console(markup=False).print(table)
 
 
+def _print_change(record: StatusRecord, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(record.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"request {record.id}: {record.state} ({record.message})")
+
+
+@client.command()
+@click.argument("request_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the request's record as JSON.")
+@_credential_options
+def cancel(request_id: int, as_json: bool, **kwargs: Any) -> None:
+    """Cancel request ID (queued, running or retrying): it stops within a few seconds and
+    a multipart upload is aborted, nothing is stored."""
+    with _api(kwargs) as api:
+        record = api.cancel(request_id)
+    _print_change(record, as_json)
+
+
+@client.command()
+@click.argument("request_id", metavar="ID", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the request's record as JSON.")
+@_credential_options
+def retry(request_id: int, as_json: bool, **kwargs: Any) -> None:
+    """Queue request ID (failed or canceled) again, its attempts from 0."""
+    with _api(kwargs) as api:
+        record = api.retry(request_id)
+    _print_change(record, as_json)
+
+
 @client.command()
 @click.argument("request_id", metavar="ID", type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -349,7 +379,7 @@ def redeliver(request_id: int, **kwargs: Any) -> None:
 )
 @_credential_options
 def wait(request_id: int, interval: float, **kwargs: Any) -> None:
-    """Follow request ID until it succeeds (exit 0) or fails (exit 1).
+    """Follow request ID until it succeeds (exit 0), fails or is canceled (exit 1).
 
     On a terminal, a progress bar shows bytes done, rate and time left (on stderr);
     elsewhere each new status message is printed as a line. The final line goes to stdout.
@@ -366,7 +396,8 @@ def wait(request_id: int, interval: float, **kwargs: Any) -> None:
     if record.succeeded:
         click.echo(f"request {request_id}: {record.message}")
         return
-    click.echo(f"request {request_id} failed: {record.message}")
+    outcome = "canceled" if record.canceled else "failed"
+    click.echo(f"request {request_id} {outcome}: {record.message}")
     raise _Silent()
 
 

@@ -1,16 +1,27 @@
-"""``vodpush request``: an account's upload requests, through the same operations as the API."""
+"""``vodpush request``: upload requests, through the same operations as the API."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import click
 
 from vodpush.cli.common import open_service, print_json, user_errors
-from vodpush.operations import OperationContext, StatusQuery, status
+from vodpush.operations import (
+    Changed,
+    OperationContext,
+    RequestRef,
+    StatusQuery,
+    cancel_any,
+    history,
+    retry_any,
+    status,
+)
 
 
 @click.group("request")
 def request_group() -> None:
-    """Look at an account's upload requests (the operations the API runs)."""
+    """Look at upload requests, cancel or retry them (the operations the API runs)."""
 
 
 @request_group.command("list")
@@ -69,4 +80,84 @@ def request_list(
     Console(markup=False, highlight=False).print(table)
 
 
-# -- secrets at rest -----------------------------------------------------------------------
+def _console() -> Any:
+    from rich.console import Console
+
+    # Paths and messages are the customer's text (and S3's): never read them as markup.
+    return Console(markup=False, highlight=False)
+
+
+@request_group.command("show")
+@click.argument("request_id", metavar="ID", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the record and its events as JSON.")
+@user_errors
+def request_show(request_id: int, as_json: bool) -> None:
+    """Request ID (of any account) as aws.status shows it, and its history: every step
+    (queued, retrying, succeeded, failed, canceled, retried), oldest first."""
+    service = open_service()
+    try:
+        found = history(service.requests, RequestRef(request_id))
+    finally:
+        service.close()
+    if as_json:
+        print_json(found.to_dict())
+        return
+    from rich.table import Table
+
+    record = found.record
+    console = _console()
+    for name in ("id", "cdn_id", "state", "message", "attempts", "bucket", "destination_path"):
+        console.print(f"{name}: {record[name]}")
+    console.print(f"path: {record['path']}")
+    console.print(f"created: {record['created']}  last_updated: {record['last_updated']}")
+    table = Table("at (UTC)", "event", "state", "attempts", "error_code", "message")
+    for event in found.events:
+        table.add_row(
+            event["at"],
+            event["event"],
+            event["state"],
+            str(event["attempts"]),
+            event["error_code"] or "",
+            event["message"] or "",
+        )
+    console.print(table)
+
+
+def _changed(done: Changed, as_json: bool) -> None:
+    if as_json:
+        print_json(done.record)
+        return
+    record = done.record
+    click.echo(
+        f"request {record['id']}: {done.previous} -> {record['state']} ({record['message']})"
+    )
+
+
+@request_group.command("cancel")
+@click.argument("request_id", metavar="ID", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the request's record as JSON.")
+@user_errors
+def request_cancel(request_id: int, as_json: bool) -> None:
+    """Cancel request ID (of any account) if it is queued, running or retrying; its
+    message says the operator canceled it, its callback (if any) is sent."""
+    service = open_service()
+    try:
+        done = cancel_any(service.requests, RequestRef(request_id))
+    finally:
+        service.close()
+    _changed(done, as_json)
+
+
+@request_group.command("retry")
+@click.argument("request_id", metavar="ID", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the request's record as JSON.")
+@user_errors
+def request_retry(request_id: int, as_json: bool) -> None:
+    """Queue request ID (of any account) again if it failed or was canceled: due now, its
+    attempts from 0, a new callback when it finishes."""
+    service = open_service()
+    try:
+        done = retry_any(service.requests, RequestRef(request_id))
+    finally:
+        service.close()
+    _changed(done, as_json)

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 from vodpush.commands.callbacks import aws_callbacks, aws_redeliver
+from vodpush.commands.cancel import aws_cancel
 from vodpush.commands.context import CommandContext
 from vodpush.commands.refusals import answering_refusals
+from vodpush.commands.retry import aws_retry
 from vodpush.commands.status import aws_status
 from vodpush.commands.upload import aws_upload
 from vodpush.core.options import REQUEST_OPTIONS
@@ -18,6 +20,8 @@ Handler = Callable[[CommandContext, dict[str, Any]], tuple[str, Any]]
 COMMANDS: dict[str, Handler] = {
     "aws.upload": answering_refusals(aws_upload),
     "aws.status": answering_refusals(aws_status),
+    "aws.cancel": answering_refusals(aws_cancel),
+    "aws.retry": answering_refusals(aws_retry),
     "aws.callbacks": answering_refusals(aws_callbacks),
     "aws.redeliver": answering_refusals(aws_redeliver),
 }
@@ -39,6 +43,8 @@ COMMAND_FIELDS: dict[str, frozenset[str]] = {
         }
     ),
     "aws.status": frozenset({"id", "limit", "offset"}),
+    "aws.cancel": frozenset({"id"}),
+    "aws.retry": frozenset({"id"}),
     "aws.callbacks": frozenset({"id"}),
     "aws.redeliver": frozenset({"id"}),
 }

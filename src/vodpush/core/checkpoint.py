@@ -121,9 +121,11 @@ class PartLedger(Protocol):
         ...
 
     def confirm(self) -> None:
-        """Called just before the final S3 call (PutObject, CompleteMultipartUpload): raise
-        ``core.requests.LeaseLost`` if the job's lease is gone. Ledgers of a request guard
-        every write the same way (``begin``, ``part_done``, ``clear``)."""
+        """Called just before the final S3 call (PutObject, CompleteMultipartUpload, the
+        abort of an upload given up): raise ``core.requests.LeaseLost`` if the job's lease
+        is gone. Ledgers of a request guard every write the same way (``begin``,
+        ``part_done``, ``clear``), and this one also marks the request as finishing: from
+        here on it can no longer be canceled (the object may be written any moment)."""
         ...
 
 

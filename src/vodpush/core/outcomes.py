@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from vodpush.core.records import SUCCESS_MESSAGE
+from vodpush.core.records import QUEUED_MESSAGE, SUCCESS_MESSAGE
 from vodpush.core.requests import CallbackState, State
 
 
@@ -55,6 +55,47 @@ def failed(
         "error_code": code,
         **_finished(now),
         **callback_due(has_callback, now, new_msg_id),
+    }
+
+
+def canceled(
+    *, message: str, has_callback: bool, now: Any, new_msg_id: Callable[[], str]
+) -> dict[str, Any]:
+    """A request stopped by aws.cancel (or the operator). The caller drops its part ledger
+    in the same write, recording a checkpoint still there as an orphan for the reaper."""
+    return {
+        "state": State.CANCELED.value,
+        "message": message,
+        "http_status": 0,
+        "error_code": None,
+        **_finished(now),
+        **callback_due(has_callback, now, new_msg_id),
+    }
+
+
+def requeued(now: Any) -> dict[str, Any]:
+    """A failed or canceled request queued again by aws.retry: due now, as if new (its
+    attempts, lease expiries, results and callback start over); its history keeps the rest.
+    The callback, if any, is due again when it finishes, under a new webhook-id: a pending
+    delivery of the old outcome is dropped (it would now show the new state)."""
+    return {
+        "state": State.QUEUED.value,
+        "message": QUEUED_MESSAGE,
+        "not_before": now,
+        "attempts": 0,
+        "lease_expiries": 0,
+        "results_json": None,
+        "http_status": 0,
+        "error_code": None,
+        "sha256": None,
+        "bytes_done": 0,
+        "bytes_total": None,
+        "callback_state": CallbackState.NONE.value,
+        "callback_attempts": 0,
+        "callback_next_at": None,
+        "callback_msg_id": None,
+        "callback_last_error": None,
+        **_finished(now),
     }
 
 

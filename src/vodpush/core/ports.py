@@ -14,7 +14,14 @@ from vodpush.core.accounts import AccountRecord, S3Settings
 from vodpush.core.callbacks import CallbackHistory, RedeliveryResult
 from vodpush.core.checkpoint import PartLedger
 from vodpush.core.orphans import Orphan
-from vodpush.core.requests import Claimed, DueCallback, Enqueued, NewRequest
+from vodpush.core.requests import (
+    Claimed,
+    DueCallback,
+    Enqueued,
+    NewRequest,
+    RequestEvent,
+    StateChange,
+)
 
 __all__ = [
     "AccountStorePort",
@@ -145,6 +152,24 @@ class RequestStorePort(Protocol):
         made in the last ``window`` seconds. A ``msg_id`` already current is a replay:
         nothing changes. A deliverer still sending an earlier delivery cannot move this
         one (its record names the earlier webhook-id)."""
+        ...
+
+    def cancel(self, request_id: int, *, account_id: int | None, message: str) -> StateChange:
+        """Stop a queued, running or retrying request of ``account_id`` (None: any account,
+        the operator): canceled with ``message``, its lease and its checkpoint dropped in
+        the same write (a checkpoint still there becomes an orphan: the reaper, or the
+        worker that held the lease, aborts its upload), its callback due. A worker holding
+        it finds its lease gone at its next write. Refused (``finishing``) while a live
+        lease's final S3 call is under way: the object may be written at any moment."""
+        ...
+
+    def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
+        """Queue a failed or canceled request of ``account_id`` (None: any account) again,
+        due now (core.outcomes.requeued); its history stays."""
+        ...
+
+    def events(self, request_id: int) -> list[RequestEvent]:
+        """The request's history, oldest first (empty for an unknown id)."""
         ...
 
 
@@ -278,8 +303,8 @@ class OrphanStorePort(Protocol):
         already (another reaper's abort was confirmed)."""
         ...
 
-    def list(self) -> list[Orphan]:
-        """Every recorded orphan, oldest first."""
+    def list(self, *, request_id: int | None = None) -> list[Orphan]:
+        """Every recorded orphan (or those of request ``request_id``), oldest first."""
         ...
 
     def count(self) -> int: ...

@@ -11,6 +11,12 @@ import orjson
 # The status messages the service itself writes (failures and retries say their own).
 QUEUED_MESSAGE = "Queued"
 UPLOADING_MESSAGE = "Uploading"
+# Running, its final S3 call under way (PutObject, CompleteMultipartUpload, or the abort of
+# a failing upload): the object may be written at any moment, so it can no longer be
+# canceled (core.requests.StateChange.finishing).
+FINISHING_MESSAGE = "Finishing"
+CANCELED_BY_CUSTOMER = "Canceled by the customer"
+CANCELED_BY_OPERATOR = "Canceled by the operator"
 # The reference API's words for a finished upload: clients look for exactly this text.
 SUCCESS_MESSAGE = "Successfully Uploaded to AWS"
 
@@ -84,3 +90,15 @@ def render(row: Any) -> dict[str, Any]:
     if row.options_json:
         entry["options"] = orjson.loads(row.options_json)
     return entry
+
+
+def render_event(event: Any) -> dict[str, Any]:
+    """A step of a request's history (core.requests.RequestEvent) as JSON-ready values."""
+    return {
+        "at": format_time(event.at),
+        "event": event.event,
+        "state": event.state,
+        "attempts": event.attempts,
+        "message": event.message,
+        "error_code": event.error_code,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 
@@ -38,6 +39,20 @@ WAITING_STATES = (State.QUEUED.value, State.RETRYING.value)
 FINAL_STATES = (State.SUCCEEDED.value, State.FAILED.value, State.CANCELED.value)
 # The states aws.retry queues again.
 RETRYABLE_STATES = (State.FAILED.value, State.CANCELED.value)
+# The states aws.cancel stops: every state but the final ones.
+CANCELABLE_STATES = (State.QUEUED.value, State.RUNNING.value, State.RETRYING.value)
+
+
+class Event(enum.StrEnum):
+    """A step in a request's history (the request_events rows). Claims are not recorded:
+    the attempt count each outcome carries tells them, and the claim stays one statement."""
+
+    QUEUED = "queued"  # accepted by aws.upload
+    RETRYING = "retrying"  # an attempt failed transiently; the next one is due later
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"  # aws.cancel, or the operator
+    RETRIED = "retried"  # queued again by aws.retry (or the operator), attempts from 0
 
 
 # How long an idempotency key holds (aws.upload idempotency_key): within it the same key
@@ -91,6 +106,36 @@ class Enqueued:
     # True when nothing new was queued: this exact signed request, or one with the same
     # idempotency key and fields, had been queued before (``id`` is that request's).
     replayed: bool
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """What a cancel or a retry of a request found, and whether it changed it. ``found`` is
+    the state the request was in (None: there is no such request, or it is another
+    account's: the two are not told apart). ``finishing``: not canceled because its upload
+    is in its final S3 call (the object may be written at any moment)."""
+
+    found: str | None
+    changed: bool
+    finishing: bool = False
+    # The request as the change left it (a core.ports.StatusRow), read in the same
+    # transaction: what the caller is answered, before any worker moves it on.
+    row: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """One step of a request's history, oldest first: the state it led to, the attempts
+    made by then, and the request's message and error code at that moment."""
+
+    id: int
+    request_id: int
+    at: datetime | str  # naive UTC (SQLite hands back ISO text)
+    event: str
+    state: str
+    attempts: int
+    message: str | None
+    error_code: str | None
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,12 @@ class MemoryOrphanStore:
             row.last_error = error
             return True
 
-    def list(self) -> list[Orphan]:
+    def list(self, *, request_id: int | None = None) -> list[Orphan]:
         with self._t.lock:
             rows = sorted(self._t.orphans.values(), key=lambda o: (o.created_at, o.id))
-            return [_orphan(row) for row in rows]
+            return [
+                _orphan(row) for row in rows if request_id is None or row.request_id == request_id
+            ]
 
     def count(self) -> int:
         with self._t.lock:

@@ -19,18 +19,28 @@ from vodpush.core.callbacks import (
 )
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.ports import StatusRow
-from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE, retrying_message
+from vodpush.core.records import (
+    FINISHING_MESSAGE,
+    QUEUED_MESSAGE,
+    UPLOADING_MESSAGE,
+    retrying_message,
+)
 from vodpush.core.requests import (
+    CANCELABLE_STATES,
     IDEMPOTENCY_WINDOW_SECONDS,
+    RETRYABLE_STATES,
     WAITING_STATES,
     CallbackState,
     Claimed,
     DueCallback,
     Enqueued,
+    Event,
     IdempotencyConflict,
     LeaseLost,
     NewRequest,
+    RequestEvent,
     State,
+    StateChange,
 )
 from vodpush.memory.tables import PENDING, REQUEST_FIELDS, RequestRow, StatusTuple, Tables
 from vodpush.webhooks import new_message_id
@@ -75,6 +85,7 @@ class MemoryRequestStore:
                 updated_at=now,
                 not_before=now,
             )
+            self._t.add_event(self._t.requests[request_id], Event.QUEUED)
         if self.on_enqueue is not None:
             self.on_enqueue()
         return Enqueued(id=request_id, replayed=False)
@@ -122,15 +133,73 @@ class MemoryRequestStore:
             row = self._t.requests.get(request_id)
             return None if row is None else self._status(row)
 
-    def _mine(self, account_id: int, request_id: int) -> RequestRow | None:
+    def _mine(self, request_id: int, account_id: int | None) -> RequestRow | None:
         row = self._t.requests.get(request_id)
-        return row if row is not None and row.account_id == account_id else None
+        if row is None or (account_id is not None and row.account_id != account_id):
+            return None
+        return row
+
+    def _drop_checkpoint(self, row: RequestRow) -> None:
+        # Before the values drop it; due when a worker's lease runs out, as the database's.
+        self._t.record_checkpoint(row, after_lease=True)
+        row.parts.clear()
+
+    def cancel(self, request_id: int, *, account_id: int | None, message: str) -> StateChange:
+        now = self._t.now()
+        with self._t.lock:
+            row = self._mine(request_id, account_id)
+            if row is None:
+                return StateChange(found=None, changed=False)
+            found = row.state
+            if found not in CANCELABLE_STATES:
+                return StateChange(found=found, changed=False)
+            finishing = (
+                row.message == FINISHING_MESSAGE
+                and row.lease_expires_at is not None
+                and row.lease_expires_at > now
+            )
+            if found == State.RUNNING.value and finishing:
+                return StateChange(found=found, changed=False, finishing=True)
+            self._drop_checkpoint(row)
+            values = outcomes.canceled(
+                message=message,
+                has_callback=bool(row.callback),
+                now=now,
+                new_msg_id=new_message_id,
+            )
+            _assign(row, values)
+            self._t.add_event(row, Event.CANCELED)
+            after = self._status(row)
+        return StateChange(found=found, changed=True, row=after)
+
+    def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
+        now = self._t.now()
+        with self._t.lock:
+            row = self._mine(request_id, account_id)
+            if row is None:
+                return StateChange(found=None, changed=False)
+            found = row.state
+            if found not in RETRYABLE_STATES:
+                return StateChange(found=found, changed=False)
+            self._drop_checkpoint(row)
+            _assign(row, outcomes.requeued(now))
+            self._t.add_event(row, Event.RETRIED)
+            after = self._status(row)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+        return StateChange(found=found, changed=True, row=after)
+
+    def events(self, request_id: int) -> list[RequestEvent]:
+        with self._t.lock:
+            row = self._t.requests.get(request_id)
+            logged = [] if row is None else [dict(e) for e in row.events]
+        return [RequestEvent(request_id=request_id, **e) for e in logged]
 
     def callback_history(
         self, account_id: int, request_id: int, *, limit: int
     ) -> CallbackHistory | None:
         with self._t.lock:
-            row = self._mine(account_id, request_id)
+            row = self._mine(request_id, account_id)
             if row is None:
                 return None
             redelivered = [e["at"] for e in row.events if e["event"] == REDELIVERED_EVENT]
@@ -163,7 +232,7 @@ class MemoryRequestStore:
     ) -> RedeliveryResult:
         now = self._t.now()
         with self._t.lock:
-            row = self._mine(account_id, request_id)
+            row = self._mine(request_id, account_id)
             if row is None:
                 return RedeliveryResult(Redelivery.NOT_FOUND)
             refused = judge_redelivery(
@@ -209,6 +278,12 @@ class MemoryRequestStore:
             return RedeliveryResult(
                 Redelivery.QUEUED, state=row.state, callback_state=PENDING, msg_id=msg_id, at=now
             )
+
+
+def _assign(row: RequestRow, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        assert name in REQUEST_FIELDS, name
+        setattr(row, name, value)
 
 
 class MemoryQueueStore:
@@ -257,17 +332,23 @@ class MemoryQueueStore:
             )
 
     def _change(
-        self, request_id: int, owner: str, *, drop_parts: bool = False, **values: Any
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        drop_parts: bool = False,
+        event: Event | None = None,
+        **values: Any,
     ) -> RequestRow:
         with self._t.lock:
             row = self._t.leased(request_id, owner)
             if drop_parts:
                 self._t.record_checkpoint(row)  # before the values drop it
-            for name, value in values.items():
-                assert name in REQUEST_FIELDS, name
-                setattr(row, name, value)
+            _assign(row, values)
             if drop_parts:
                 row.parts.clear()
+            if event is not None:
+                self._t.add_event(row, event)
             return row
 
     def heartbeat(
@@ -300,6 +381,7 @@ class MemoryQueueStore:
             request_id,
             owner,
             drop_parts=True,
+            event=Event.SUCCEEDED,
             **outcomes.succeeded(
                 results=results,
                 http_status=http_status,
@@ -325,6 +407,7 @@ class MemoryQueueStore:
             request_id,
             owner,
             drop_parts=True,
+            event=Event.FAILED,
             **outcomes.failed(
                 message=message,
                 http_status=http_status,
@@ -369,6 +452,7 @@ class MemoryQueueStore:
                 updated_at=now,
             )
             row.attempts -= refund_attempt
+            self._t.add_event(row, Event.RETRYING)
         return at
 
     def release(self, request_id: int, owner: str) -> None:
@@ -561,7 +645,11 @@ class MemoryRequestLedger:
         self._empty = True
 
     def confirm(self) -> None:
+        now = self._t.now()
         with self._t.lock:
             row = self._t.leased(self._request_id, self._owner)
-            if row.lease_expires_at is None or row.lease_expires_at <= self._t.now():
+            if row.lease_expires_at is None or row.lease_expires_at <= now:
                 raise LeaseLost(f"the lease of request {self._request_id} has run out")
+            # As the database's: marks the request as finishing (a cancel is refused).
+            row.message = FINISHING_MESSAGE
+            row.updated_at = now

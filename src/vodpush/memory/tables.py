@@ -75,7 +75,8 @@ class RequestRow:
     idempotency_hash: str | None = None
     parts: dict[int, PartRecord] = field(default_factory=dict)
     callback_log: list[dict[str, Any]] = field(default_factory=list)
-    # The request_events rows: {"at", "event", "state", "attempts", "message", "error_code"}.
+    # The request_events rows: {"id", "at", "event", "state", "attempts", "message",
+    # "error_code"} (Tables.add_event).
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -116,6 +117,7 @@ class Tables:
         self.next_orphan = 1
         self.next_request = 1
         self.next_attempt = 1
+        self.next_event = 1
 
     def account_enabled(self, account_id: int) -> bool:
         # As the database's "NOT IN (disabled accounts)": an unknown account holds nothing.
@@ -130,10 +132,27 @@ class Tables:
             raise LeaseLost(f"request {request_id} is no longer leased by {owner}")
         return row
 
-    def record_checkpoint(self, row: RequestRow) -> None:
+    def add_event(self, row: RequestRow, event: str) -> None:
+        """The database's record_event: ``event`` of ``row`` as it stands now (after the
+        change it records). Call with the lock held."""
+        row.events.append(
+            {
+                "id": self.next_event,
+                "at": self.now(),
+                "event": event,
+                "state": row.state,
+                "attempts": row.attempts,
+                "message": row.message,
+                "error_code": row.error_code,
+            }
+        )
+        self.next_event += 1
+
+    def record_checkpoint(self, row: RequestRow, *, after_lease: bool = False) -> None:
         """The database's record_checkpoint: the upload of ``row``'s checkpoint, if any,
-        becomes an orphan due now (once per account, bucket and upload id). Call with the
-        lock held, before the checkpoint is dropped."""
+        becomes an orphan due now (``after_lease``: when the row's lease, if any, runs
+        out), once per account, bucket and upload id. Call with the lock held, before the
+        checkpoint is dropped."""
         if not row.multipart_json:
             return
         upload_id = str(json.loads(row.multipart_json)["upload_id"])
@@ -153,6 +172,6 @@ class Tables:
             key=row.destination_path,
             upload_id=upload_id,
             created_at=now,
-            next_at=now,
+            next_at=(row.lease_expires_at or now) if after_lease else now,
         )
         self.next_orphan += 1

@@ -4,7 +4,8 @@ envelopes, HTTP or click."""
 
 from __future__ import annotations
 
-from vodpush.operations.callbacks import Redelivered, RequestRef, callback_history, redeliver
+from vodpush.operations.callbacks import Redelivered, callback_history, redeliver
+from vodpush.operations.cancel import cancel, cancel_any
 from vodpush.operations.context import OperationContext
 from vodpush.operations.errors import (
     InvalidField,
@@ -14,10 +15,15 @@ from vodpush.operations.errors import (
     Refused,
     Unauthorized,
 )
+from vodpush.operations.history import History, history
+from vodpush.operations.lookup import Changed, RequestRef
+from vodpush.operations.retry import retry, retry_any
 from vodpush.operations.status import StatusPage, StatusQuery, status
 from vodpush.operations.upload import Queued, UploadArgs, upload
 
 __all__ = [
+    "Changed",
+    "History",
     "InvalidField",
     "MissingFields",
     "OperationContext",
@@ -32,7 +38,12 @@ __all__ = [
     "Unauthorized",
     "UploadArgs",
     "callback_history",
+    "cancel",
+    "cancel_any",
+    "history",
     "redeliver",
+    "retry",
+    "retry_any",
     "status",
     "upload",
 ]

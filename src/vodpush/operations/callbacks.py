@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,38 +21,23 @@ from vodpush.core.callbacks import (
     Redelivery,
     RedeliveryResult,
 )
-from vodpush.core.fields import InvalidField, read_int, require
+from vodpush.core.fields import InvalidField
 from vodpush.core.records import format_time
 from vodpush.core.requests import CallbackState
 from vodpush.operations.context import OperationContext
 from vodpush.operations.errors import RateLimited
+from vodpush.operations.lookup import RequestRef, no_such_request
 from vodpush.webhooks import new_message_id
 
 log = logging.getLogger(__name__)
 
 MAX_ID = 2**62
-# The same words for a request that does not exist and for another account's.
-NO_SUCH_REQUEST = "no such request"
-
-
-@dataclass(frozen=True)
-class RequestRef:
-    """The one request a command is about (field ``id``)."""
-
-    id: int
-
-    @classmethod
-    def from_values(cls, values: Mapping[str, Any]) -> RequestRef:
-        require(values, ("id",))
-        return cls(id=read_int(values["id"], "id", minimum=1, maximum=MAX_ID))
-
-
 def callback_history(ctx: OperationContext, ref: RequestRef) -> CallbackHistory:
     """The callback of the caller's request ``ref.id`` and its newest attempts (at most
     HISTORY_LIMIT, newest first)."""
     history = ctx.requests.callback_history(ctx.account.id, ref.id, limit=HISTORY_LIMIT)
     if history is None:
-        raise InvalidField("id", NO_SUCH_REQUEST)
+        raise no_such_request(ref)
     return history
 
 
@@ -127,7 +111,7 @@ def redeliver(
 def _refuse(request_id: int, result: RedeliveryResult, limit: int) -> None:
     outcome = result.outcome
     if outcome == Redelivery.NOT_FOUND:
-        raise InvalidField("id", NO_SUCH_REQUEST)
+        raise no_such_request(RequestRef(request_id))
     if outcome == Redelivery.NOT_FINISHED:
         raise InvalidField(
             "id",
@@ -152,7 +136,6 @@ def _refuse(request_id: int, result: RedeliveryResult, limit: int) -> None:
 
 
 __all__ = [
-    "NO_SUCH_REQUEST",
     "Redelivered",
     "RequestRef",
     "callback_history",

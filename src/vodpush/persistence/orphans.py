@@ -20,12 +20,20 @@ _RECORDED = ["account_id", "request_id", "bucket", "key", "upload_id", "created_
 
 
 @functools.cache
-def record_checkpoint(db: dialect.Dialect, leased: ColumnElement[bool]) -> Any:
+def record_checkpoint(
+    db: dialect.Dialect, leased: ColumnElement[bool], *, after_lease: bool = False
+) -> Any:
     """INSERT the upload of the checkpoint on the request ``leased`` selects (parameters
     rid, owner), if it has one, as an orphan due now; nothing if it is recorded already.
     Run in the transaction that drops the checkpoint, before the UPDATE that does: that
-    UPDATE's lease check then decides for both (LeaseLost rolls the insert back)."""
+    UPDATE's lease check then decides for both (LeaseLost rolls the insert back).
+
+    ``after_lease`` (a cancel, which takes the request from a worker that may still be
+    sending parts): due when the request's lease runs out, if it has one, so that no
+    reaper aborts the upload under the worker's parts in flight. That worker aborts it
+    itself as soon as they are done (Reaper.reap_request); if it died, the reaper does."""
     now = db.now()
+    due = func.coalesce(_T.c.lease_expires_at, now) if after_lease else now
     rows = select(
         _T.c.account_id,
         _T.c.id,
@@ -33,7 +41,7 @@ def record_checkpoint(db: dialect.Dialect, leased: ColumnElement[bool]) -> Any:
         _T.c.destination_path,
         db.json_text(_T.c.multipart_json, "upload_id"),
         now,
-        now,
+        due,
     ).where(leased, _T.c.multipart_json.is_not(None))
     return db.insert_new(_O, _RECORDED, rows, keys=[_O.c.account_id, _O.c.bucket, _O.c.upload_id])
 
@@ -76,9 +84,12 @@ class OrphanStore:
         with write_transaction(self._engine) as conn:
             return bool(conn.execute(statement).rowcount)
 
-    def list(self) -> list[Orphan]:
+    def list(self, *, request_id: int | None = None) -> list[Orphan]:
+        query = select(_O).order_by(_O.c.created_at, _O.c.id)
+        if request_id is not None:
+            query = query.where(_O.c.request_id == request_id)
         with read(self._engine) as conn:
-            rows = conn.execute(select(_O).order_by(_O.c.created_at, _O.c.id)).all()
+            rows = conn.execute(query).all()
         return [_orphan(row) for row in rows]
 
     def count(self) -> int:

@@ -3,12 +3,17 @@ multipart ledger; due callbacks. Every state change names the state and the leas
 expects to find, and "no row updated" raises LeaseLost instead of passing silently.
 
 A checkpoint is dropped in one of three ways: ``DbLedger.clear`` (its upload was completed
-or its abort confirmed), ``DbLedger.give_up``, or an outcome (succeed, fail). The last two
-record a checkpoint still there as an orphan upload in the same transaction
-(``persistence.orphans``): an upload id is never forgotten before S3 confirms it gone."""
+or its abort confirmed), ``DbLedger.give_up``, or an outcome (succeed, fail; and a cancel,
+``persistence.requests``). The last two record a checkpoint still there as an orphan upload
+in the same transaction (``persistence.orphans``): an upload id is never forgotten before
+S3 confirms it gone.
+
+Outcomes and retries add a step to the request's history (``persistence.events``) in the
+transaction that makes them; claims do not (the attempt count of each step tells them)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from dataclasses import dataclass
@@ -34,17 +39,24 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from vodpush.core import outcomes
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
-from vodpush.core.records import QUEUED_MESSAGE, UPLOADING_MESSAGE, retrying_message
+from vodpush.core.records import (
+    FINISHING_MESSAGE,
+    QUEUED_MESSAGE,
+    UPLOADING_MESSAGE,
+    retrying_message,
+)
 from vodpush.core.requests import (
     WAITING_STATES,
     CallbackState,
     Claimed,
     DueCallback,
+    Event,
     LeaseLost,
     State,
 )
 from vodpush.persistence import dialect
 from vodpush.persistence.db import read, write_transaction
+from vodpush.persistence.events import record_event
 from vodpush.persistence.models import Account, CallbackAttempt, UploadPart, UploadRequest
 from vodpush.persistence.orphans import record_checkpoint
 from vodpush.webhooks import new_message_id
@@ -207,12 +219,19 @@ class QueueStore:
         return statement
 
     def _change(
-        self, request_id: int, owner: str, *, drop_parts: bool = False, **values: Any
+        self,
+        request_id: int,
+        owner: str,
+        *,
+        drop_parts: bool = False,
+        event: Event | None = None,
+        **values: Any,
     ) -> None:
         """Update our leased request; with ``drop_parts`` also forget its multipart ledger,
         in the same transaction, recording a checkpoint still there as an orphan (the
-        caller sets multipart_json to NULL). Values are plain values, ``_DbNow`` (the
-        database's time), or SQL expressions (then the statement is not cached)."""
+        caller sets multipart_json to NULL); with ``event`` add that step to its history.
+        Values are plain values, ``_DbNow`` (the database's time), or SQL expressions (then
+        the statement is not cached)."""
         with write_transaction(self._engine) as conn:
             if drop_parts:
                 lease = {"rid": request_id, "owner": owner}
@@ -220,6 +239,8 @@ class QueueStore:
             self._write(conn, request_id, owner, values)
             if drop_parts:
                 conn.execute(delete(_P).where(_P.c.request_id == request_id))
+            if event is not None:
+                record_event(conn, self._dialect, request_id, event)
 
     def _write(self, conn: Any, request_id: int, owner: str, values: dict[str, Any]) -> None:
         """``_change``'s UPDATE on an open transaction; LeaseLost when no row changed."""
@@ -267,6 +288,7 @@ class QueueStore:
             request_id,
             owner,
             drop_parts=True,
+            event=Event.SUCCEEDED,
             **outcomes.succeeded(
                 results=results,
                 http_status=http_status,
@@ -292,6 +314,7 @@ class QueueStore:
             request_id,
             owner,
             drop_parts=True,
+            event=Event.FAILED,
             **outcomes.failed(
                 message=message,
                 http_status=http_status,
@@ -346,6 +369,7 @@ class QueueStore:
                     **({"attempts": found.attempts - 1} if refund_attempt else {}),
                 },
             )
+            record_event(conn, self._dialect, request_id, Event.RETRYING)
         return at
 
     def release(self, request_id: int, owner: str) -> None:
@@ -563,6 +587,17 @@ _LEDGER_PARTS = select(_P).where(_P.c.request_id == bindparam("rid"))
 _LEDGER_CLEAR = update(_T).where(_LEASED).values(multipart_json=None)
 
 
+@functools.cache
+def _ledger_confirm(db: dialect.Dialect) -> Any:
+    """DbLedger.confirm's UPDATE, built once per dialect. Parameters: rid, owner."""
+    now = db.now()
+    return (
+        update(_T)
+        .where(_LEASED, _T.c.lease_expires_at > now)
+        .values(message=FINISHING_MESSAGE, updated_at=now)
+    )
+
+
 class DbLedger:
     """The uploader's PartLedger on the database: the checkpoint header on the request row,
     one upload_parts row per stored part. Thread-safe (each call is its own transaction)."""
@@ -652,10 +687,11 @@ class DbLedger:
 
     def confirm(self) -> None:
         """Before the final S3 call: the lease is still ours and has not run out by the
-        database's clock, else LeaseLost."""
-        live = select(_T.c.id).where(_LEASED, _T.c.lease_expires_at > self._dialect.now())
-        with read(self._engine) as conn:
-            if conn.execute(live, self._params).first() is None:
+        database's clock, else LeaseLost. A write, not a read: it marks the request as
+        finishing (its message), so that a cancel is serialized with it by the row's lock
+        and refused from here on: the object may be written at any moment."""
+        with write_transaction(self._engine) as conn:
+            if conn.execute(_ledger_confirm(self._dialect), self._params).rowcount != 1:
                 raise self._lost()
 
     @property

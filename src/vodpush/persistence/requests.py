@@ -1,5 +1,6 @@
-"""Upload requests as the API sees them: queue one, read an account's requests back, read
-the history of a request's callback and make it due again (aws.callbacks, aws.redeliver)."""
+"""Upload requests as the API sees them: queue one, read an account's requests back, cancel
+one or queue it again (aws.cancel, aws.retry), read its history, read the history of its
+callback and make it due again (aws.callbacks, aws.redeliver)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,21 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, bindparam, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
+from vodpush.core import outcomes
 from vodpush.core.callbacks import (
     REDELIVERED_EVENT,
     AttemptRecord,
@@ -19,25 +32,38 @@ from vodpush.core.callbacks import (
     RedeliveryResult,
     judge_redelivery,
 )
-from vodpush.core.records import QUEUED_MESSAGE
+from vodpush.core.records import FINISHING_MESSAGE, QUEUED_MESSAGE
 from vodpush.core.requests import (
+    CANCELABLE_STATES,
     FINAL_STATES,
     IDEMPOTENCY_WINDOW_SECONDS,
+    RETRYABLE_STATES,
     CallbackState,
     Enqueued,
+    Event,
     IdempotencyConflict,
     NewRequest,
+    RequestEvent,
     State,
+    StateChange,
     StoreUnavailable,
 )
 from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, read, write_transaction
-from vodpush.persistence.models import CallbackAttempt, RequestEvent, UploadRequest
+from vodpush.persistence.events import read_events, record_event
+from vodpush.persistence.models import CallbackAttempt, UploadPart, UploadRequest
+from vodpush.persistence.models import RequestEvent as RequestEventRow
+from vodpush.persistence.orphans import record_checkpoint
+from vodpush.webhooks import new_message_id
 
 _T = UploadRequest.__table__
 _A = CallbackAttempt.__table__
-_E = RequestEvent.__table__
+_E = RequestEventRow.__table__
+_P = UploadPart.__table__
 _PENDING = CallbackState.PENDING.value
+# The request a cancel or a retry changes (parameter rid), for record_checkpoint: the row
+# is locked first, and its state checked, by the same transaction.
+_BY_ID = _T.c.id == bindparam("rid")
 
 # The columns aws.status shows; selected explicitly so listing stays a narrow index scan.
 STATUS_COLUMNS = (
@@ -129,6 +155,7 @@ class RequestStore:
                     request_id = conn.execute(
                         _T.insert().values(**values).returning(_T.c.id)
                     ).scalar_one()
+                    record_event(conn, self._dialect, request_id, Event.QUEUED)
                     self._dialect.notify_queued(conn)
             except IntegrityError:
                 existing = self.replayed(new.account_id, new.signature)
@@ -185,6 +212,86 @@ class RequestStore:
     def get(self, request_id: int) -> Row[Any] | None:
         with read(self._engine) as conn:
             return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()
+
+    # -- aws.cancel, aws.retry -------------------------------------------------------------
+
+    def _lock(self, conn: Connection, request_id: int, account_id: int | None) -> Row[Any] | None:
+        """The request's row, locked until the transaction ends (SQLite: the write lock is
+        held already), with ``finishing``: running, in its final S3 call under a live lease
+        (ledger.confirm() wrote the message). None when it is not there or not the
+        account's."""
+        finishing = case(
+            (
+                (_T.c.message == FINISHING_MESSAGE) & (_T.c.lease_expires_at > self._dialect.now()),
+                1,
+            ),
+            else_=0,
+        )
+        query = select(_T.c.state, _T.c.callback, finishing.label("finishing")).where(
+            _T.c.id == request_id
+        )
+        if account_id is not None:
+            query = query.where(_T.c.account_id == account_id)
+        return conn.execute(self._dialect.for_update(query)).first()
+
+    def _drop_checkpoint(self, conn: Connection, request_id: int) -> None:
+        """Forget the row's part ledger in this transaction, a checkpoint still there first
+        recorded as an orphan (its upload id is never forgotten unaborted), due when the
+        lease of a worker still sending its parts runs out; the UPDATE that follows sets
+        multipart_json to NULL."""
+        statement = record_checkpoint(self._dialect, _BY_ID, after_lease=True)
+        conn.execute(statement, {"rid": request_id})
+        conn.execute(delete(_P).where(_P.c.request_id == request_id))
+
+    def cancel(self, request_id: int, *, account_id: int | None, message: str) -> StateChange:
+        """Cancel in one transaction that locks the row first: a worker finishing at the same
+        moment either wrote its outcome before (then this finds a final state) or finds
+        its lease gone after (its write raises LeaseLost); exactly one of them wins."""
+        with write_transaction(self._engine) as conn:
+            row = self._lock(conn, request_id, account_id)
+            if row is None:
+                return StateChange(found=None, changed=False)
+            if row.state not in CANCELABLE_STATES:
+                return StateChange(found=row.state, changed=False)
+            if row.state == State.RUNNING.value and row.finishing:
+                return StateChange(found=row.state, changed=False, finishing=True)
+            self._drop_checkpoint(conn, request_id)
+            values = outcomes.canceled(
+                message=message,
+                has_callback=bool(row.callback),
+                now=self._dialect.now(),
+                new_msg_id=new_message_id,
+            )
+            conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
+            record_event(conn, self._dialect, request_id, Event.CANCELED)
+            after = self._status(conn, request_id)
+        return StateChange(found=row.state, changed=True, row=after)
+
+    def retry(self, request_id: int, *, account_id: int | None) -> StateChange:
+        with write_transaction(self._engine) as conn:
+            row = self._lock(conn, request_id, account_id)
+            if row is None:
+                return StateChange(found=None, changed=False)
+            if row.state not in RETRYABLE_STATES:
+                return StateChange(found=row.state, changed=False)
+            # A final request has no checkpoint (its outcome dropped it); this only makes
+            # sure that none could be lost.
+            self._drop_checkpoint(conn, request_id)
+            values = outcomes.requeued(self._dialect.now())
+            conn.execute(update(_T).where(_T.c.id == request_id).values(**values))
+            record_event(conn, self._dialect, request_id, Event.RETRIED)
+            self._dialect.notify_queued(conn)
+            after = self._status(conn, request_id)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
+        return StateChange(found=row.state, changed=True, row=after)
+
+    @staticmethod
+    def _status(conn: Connection, request_id: int) -> Row[Any] | None:
+        return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()
+
+    def events(self, request_id: int) -> list[RequestEvent]:
+        return read_events(self._engine, request_id)
 
     # -- the callback's history and redelivery ---------------------------------------------
 

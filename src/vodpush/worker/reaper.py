@@ -82,6 +82,16 @@ class Reaper:
             return None
         return orphan, self.abort(orphan)
 
+    def reap_request(self, request_id: int) -> int:
+        """Abort now, due or not, the orphans of request ``request_id`` (a cancel recorded
+        its multipart upload, and the worker that held it has stopped sending parts); how
+        many S3 confirmed gone. A failed abort is due again later, as any."""
+        gone = 0
+        for orphan in self._orphans.list(request_id=request_id):
+            reaped = self.reap_now(orphan.id)
+            gone += reaped is not None and reaped[1] is None
+        return gone
+
     def abort(self, orphan: Orphan) -> str | None:
         """Abort a claimed orphan and record what happened: None when S3 confirmed the
         upload gone (the row is deleted), else the error (the row is due again later)."""

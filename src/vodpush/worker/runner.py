@@ -45,7 +45,7 @@ from vodpush.core.accounts import AccountRecord
 from vodpush.core.checkpoint import MultipartCheckpoint, PartLedger, PartRecord
 from vodpush.core.clock import utcnow
 from vodpush.core.options import REQUEST_OPTIONS
-from vodpush.core.requests import Claimed, DueCallback, LeaseLost, StoreUnavailable
+from vodpush.core.requests import Claimed, DueCallback, LeaseLost, State, StoreUnavailable
 from vodpush.service import Service
 from vodpush.transfer import (
     ObjectOptions,
@@ -534,7 +534,8 @@ class Worker:
                 )
                 metrics.upload_finished("error", request.account_id)
         except LeaseLost:
-            if not active.released:  # else: the refused write of an abandoned upload
+            # Else (released): the refused write of an abandoned upload.
+            if not active.released and not self._canceled(active, extra):
                 log.warning(
                     "lease lost; another worker has the request",
                     extra={"action": "upload.lease_lost", **extra},
@@ -552,6 +553,29 @@ class Worker:
             active.finished.set()
             self._slots.release()
             self._wakeup.set()
+
+    def _canceled(self, active: _Active, extra: dict[str, Any]) -> bool:
+        """After a lost lease: True when it was lost to a cancel (aws.cancel). The upload
+        has stopped (its part threads are done: the transfer returned), so the multipart
+        upload the cancel recorded as an orphan is aborted now, not at the reaper's next
+        pass. Any trouble here leaves that to the reaper."""
+        request = active.request
+        try:
+            row = self.service.requests.get(request.id)
+        except Exception:  # the database cannot tell now: reported as a lost lease
+            return False
+        if row is None or row.state != State.CANCELED.value:
+            return False
+        metrics.UPLOADS.labels("canceled").inc()
+        log.info("upload canceled", extra={"action": "upload.canceled", **extra})
+        try:
+            self._reaper.reap_request(request.id)
+        except Exception as exc:
+            log.warning(
+                "multipart upload of a canceled request left to the reaper",
+                extra={"action": "upload.cancel_cleanup_failed", "error": str(exc), **extra},
+            )
+        return True
 
     def _store_failed(self, active: _Active, exc: StoreUnavailable, extra: dict[str, Any]) -> None:
         """The attempt met a database error that passes: try the request again soon, from
