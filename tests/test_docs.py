@@ -12,12 +12,15 @@ suite itself); every skip names its reason. An answer of the API printed by a bl
 not be a failure unless the block is preceded by ``<!-- doc-test: fails -->``.
 
 The world the blocks find: the working directory is a fresh one with the repository's
-.venv, tests/ and demo/ in it; `vodpush serve` runs there with boto3's AWS_* variables
-naming the moto server (as the README tells a reader to start it, with their own keys), and
-the reader's shell has the same AWS_* variables; the bucket ``my-bucket`` exists; the
-server's address 127.0.0.1:8080 in a block is replaced by the test server's. Host names
-under example.com resolve to 127.0.0.1 in the server (callback URLs in examples), and no
-other name resolves: nothing leaves loopback.
+.venv, tests/, demo/ and docs/ in it (docs/examples/ holds the helpers the API examples
+call); `vodpush serve` runs there with boto3's AWS_* variables naming the moto server (as
+the README tells a reader to start it, with their own keys; AWS_ENDPOINT_URL_STS too, as
+moto serves STS at the same address, AssumeRole without IAM enforcement), and the reader's
+shell has the same AWS_* variables; the bucket ``my-bucket`` exists; the server's address
+127.0.0.1:8080 in a block is replaced by the test server's. Host names under example.com
+resolve to 127.0.0.1 in the server (callback URLs in examples, where nothing listens), and no
+other name resolves: nothing leaves loopback. A failed callback is not retried
+(VODPUSH_CALLBACK_SCHEDULE is empty), so that it can be redelivered seconds later.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, s3: MotoServer) -> Iterator[World]:
     cwd = tmp_path_factory.mktemp("reader")
-    for name in (".venv", "tests", "demo"):
+    for name in (".venv", "tests", "demo", "docs"):
         (cwd / name).symlink_to(REPO / name)
     resolver = tmp_path_factory.mktemp("resolver")
     (resolver / "sitecustomize.py").write_text(_RESOLVER)
@@ -139,6 +142,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, s3: MotoServer) -> Iterator[
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": s3.url,
+        "AWS_ENDPOINT_URL_STS": s3.url,
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         # Every process shares the database and key, as the docs' processes do.
@@ -152,6 +156,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, s3: MotoServer) -> Iterator[
         "VODPUSH_PORT": str(port),
         "VODPUSH_CALLBACK_ALLOW_PRIVATE": "true",
         "VODPUSH_CALLBACK_TIMEOUT": "1",
+        "VODPUSH_CALLBACK_SCHEDULE": "[]",
     }
     log = open(cwd / "serve.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
