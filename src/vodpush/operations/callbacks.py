@@ -32,6 +32,8 @@ from vodpush.webhooks import new_message_id
 log = logging.getLogger(__name__)
 
 MAX_ID = 2**62
+
+
 def callback_history(ctx: OperationContext, ref: RequestRef) -> CallbackHistory:
     """The callback of the caller's request ``ref.id`` and its newest attempts (at most
     HISTORY_LIMIT, newest first)."""
