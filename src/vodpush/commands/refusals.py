@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, TypeVar
 
 from vodpush.operations import InvalidField, MissingFields, Refused, Unauthorized
 from vodpush.protocol.envelope import ApiError, Code
+
+_Answer = TypeVar("_Answer")
 
 _CODES: dict[type[Refused], Code] = {
     MissingFields: Code.MISSING_FIELDS,
@@ -24,12 +26,12 @@ def api_error(refused: Refused) -> ApiError:
 
 
 def answering_refusals(
-    handler: Callable[[Any, dict[str, Any]], tuple[str, Any]],
-) -> Callable[[Any, dict[str, Any]], tuple[str, Any]]:
+    handler: Callable[[Any, dict[str, Any]], _Answer],
+) -> Callable[[Any, dict[str, Any]], _Answer]:
     """``handler`` with the operations' refusals raised as ApiError."""
 
     @wraps(handler)
-    def adapted(ctx: Any, payload: dict[str, Any]) -> tuple[str, Any]:
+    def adapted(ctx: Any, payload: dict[str, Any]) -> _Answer:
         try:
             return handler(ctx, payload)
         except Refused as exc:

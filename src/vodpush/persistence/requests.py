@@ -6,9 +6,11 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, select
+from sqlalchemy import Engine, Row, Select, bindparam, func, select, union_all
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
+from vodpush.core.filters import RequestFilter
 from vodpush.core.records import QUEUED_MESSAGE
 from vodpush.core.requests import Enqueued, NewRequest, State
 from vodpush.persistence import dialect
@@ -106,13 +108,138 @@ class RequestStore:
             ).scalar()
 
     def list_for_account(
-        self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
+        self,
+        account_id: int,
+        *,
+        limit: int,
+        offset: int,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+        before_id: int | None = None,
     ) -> Sequence[Any]:
-        """An account's requests, newest first; never another account's."""
-        if request_id is None:
-            return self._page.all(account_id=account_id, limit=limit, offset=offset)
-        return self._one.all(account_id=account_id, id=request_id)
+        """An account's requests, newest first; never another account's (see
+        core.ports.RequestStorePort)."""
+        if (filters is None or filters.empty) and before_id is None:
+            # The reference API's listing: compiled once (the hot path).
+            if request_id is None:
+                return self._page.all(account_id=account_id, limit=limit, offset=offset)
+            return self._one.all(account_id=account_id, id=request_id)
+        statement = page_statement(
+            account_id,
+            limit=limit,
+            offset=offset,
+            request_id=request_id,
+            filters=filters or RequestFilter(),
+            before_id=before_id,
+            sql=self._dialect,
+        )
+        with read(self._engine) as conn:
+            return conn.execute(statement).all()
+
+    def count_for_account(
+        self,
+        account_id: int,
+        *,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+    ) -> int:
+        statement = count_statement(
+            account_id,
+            request_id=request_id,
+            filters=filters or RequestFilter(),
+            sql=self._dialect,
+        )
+        with read(self._engine) as conn:
+            return int(conn.execute(statement).scalar_one())
 
     def get(self, request_id: int) -> Row[Any] | None:
         with read(self._engine) as conn:
             return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()
+
+
+# -- filtered listings (aws.status filters) ------------------------------------------------
+#
+# Every condition has an index that starts with account_id (migration 0005): the state, the
+# bucket and the created time each with id after it, the path (text_pattern_ops on
+# PostgreSQL). tests/test_status_plans.py checks with EXPLAIN that each one is used.
+
+
+def _conditions(
+    account_id: int,
+    *,
+    request_id: int | None,
+    filters: RequestFilter,
+    before_id: int | None,
+    sql: dialect.Dialect,
+) -> list[ColumnElement[bool]]:
+    """Every condition but the states (whose shape differs between listing and count)."""
+    where: list[ColumnElement[bool]] = [_T.c.account_id == account_id]
+    if request_id is not None:
+        where.append(_T.c.id == request_id)
+    if before_id is not None:
+        where.append(_T.c.id < before_id)
+    if filters.created_from is not None:
+        where.append(_T.c.created_at >= filters.created_from)
+    if filters.created_before is not None:
+        where.append(_T.c.created_at < filters.created_before)
+    if filters.bucket is not None:
+        where.append(_T.c.bucket == filters.bucket)
+    if filters.path_prefix is not None:
+        where.append(sql.starts_with(_T.c.path, filters.path_prefix))
+    return where
+
+
+def page_statement(
+    account_id: int,
+    *,
+    limit: int,
+    offset: int,
+    request_id: int | None,
+    filters: RequestFilter,
+    before_id: int | None,
+    sql: dialect.Dialect,
+) -> Select[Any]:
+    """The SELECT of one filtered page, in two steps: the ids of the page, read from the
+    filter's index alone (SQLite's indexes all hold the id: a covering scan, then a sort
+    of ids only when the filter is a range), then those rows. Several states are one
+    newest-first index range each, merged (an IN list would scan the account's whole
+    listing for rare states)."""
+    if request_id is not None:
+        limit, offset = 1, 0  # one request at most: the page does not apply
+    where = _conditions(
+        account_id, request_id=request_id, filters=filters, before_id=before_id, sql=sql
+    )
+    states = filters.states
+    if states is not None and len(states) > 1:
+        # Each state's newest limit + offset ids, then the newest of them all.
+        per_state = [
+            select(_T.c.id)
+            .where(*where, _T.c.state == state)
+            .order_by(_T.c.id.desc())
+            .limit(limit + offset)
+            .subquery()
+            for state in states
+        ]
+        merged = union_all(*(select(branch.c.id) for branch in per_state)).subquery()
+        ids = select(merged.c.id).order_by(merged.c.id.desc())
+    else:
+        if states is not None:
+            where.append(_T.c.state == states[0])
+        ids = select(_T.c.id).where(*where).order_by(_T.c.id.desc())
+    ids = ids.limit(limit).offset(offset)
+    return (
+        select(*STATUS_COLUMNS)
+        .where(_T.c.account_id == account_id, _T.c.id.in_(ids.scalar_subquery()))
+        .order_by(_T.c.id.desc())
+    )
+
+
+def count_statement(
+    account_id: int, *, request_id: int | None, filters: RequestFilter, sql: dialect.Dialect
+) -> Select[Any]:
+    """SELECT count(*) of what ``page_statement`` lists without paging: an index-only
+    count over the filter's index."""
+    where = _conditions(account_id, request_id=request_id, filters=filters, before_id=None, sql=sql)
+    if filters.states is not None:
+        where.append(_T.c.state.in_(filters.states))
+    return select(func.count()).select_from(_T).where(*where)
