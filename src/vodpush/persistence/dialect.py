@@ -134,13 +134,20 @@ class Dialect:
         raise NotImplementedError(self.name)
 
     def starts_with(self, column: Any, prefix: str) -> ColumnElement[bool]:
-        """``column`` starts with ``prefix``, byte for byte (see core.filters): a range
-        on the column, compared as bytes so that an index on it serves it. No LIKE: the
-        customer's ``%``, ``_`` and ``\\`` are plain characters, with nothing to escape.
-        Byte order here is SQLite's BINARY collation (every text column's)."""
+        """``column`` starts with ``prefix``, character for character and case-sensitive
+        (see core.filters), in a form the column's index serves. Here a range of the
+        column compared byte for byte (SQLite's BINARY collation, every text column's;
+        SQLite's LIKE ignores case): the customer's ``%``, ``_`` and ``\\`` are plain
+        characters, with nothing to escape."""
         upper = prefix_upper_bound(prefix)
         at_least = column >= prefix
         return at_least if upper is None else and_(at_least, column < upper)
+
+    def keyset_id(self, column: Any) -> ColumnElement[Any]:
+        """The id as a keyset bound compares it when a range filter's index (created time,
+        path) must serve the page: a planner with statistics (PostgreSQL's) weighs the id
+        index against it itself."""
+        return column  # type: ignore[no-any-return]
 
     def _insert(self, table: Table) -> Any:
         """The dialect's INSERT with ON CONFLICT (both spell the upsert alike)."""
@@ -255,6 +262,14 @@ class _SQLite(Dialect):
     def json_text(self, column: Any, key: str) -> ColumnElement[str]:
         return func.json_extract(column, f"$.{key}", type_=String)
 
+    def keyset_id(self, column: Any) -> ColumnElement[Any]:
+        # SQLite has no statistics (vodpush runs no ANALYZE): it takes `id < ?` for a
+        # narrow range and walks the id index from the cursor down, filtering row by row,
+        # which reads every older request once the range filter has no more matches. "+ 0"
+        # keeps the term off every index, so the filter's own index serves each page:
+        # its range is read once per page, deep in the list as at the top.
+        return column + 0  # type: ignore[no-any-return]
+
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table)
 
@@ -337,14 +352,15 @@ class _PostgreSQL(Dialect):
         return func.json_extract_path_text(cast(column, JSON), key, type_=String)
 
     def starts_with(self, column: Any, prefix: str) -> ColumnElement[bool]:
-        # The database's collation may not be byte order (en_US.UTF-8 is not): compare
-        # with text_pattern_ops' operators, which are, and which the index
-        # ix_upload_requests_account_id_path (text_pattern_ops) serves.
-        upper = prefix_upper_bound(prefix)
-        at_least = column.op("~>=~", is_comparison=True)(prefix)
-        if upper is None:
-            return at_least
-        return and_(at_least, column.op("~<~", is_comparison=True)(upper))
+        # LIKE: case-sensitive and character for character whatever the collation, and
+        # the planner turns a pattern with a fixed prefix into a range of the index
+        # ix_upload_requests_account_id_path (text_pattern_ops), estimating it from the
+        # column's statistics (a range written by hand gets a blind default estimate, and
+        # lost to the id index). The customer's %, _ and \ are escaped with the backslash,
+        # PostgreSQL's default escape: no ESCAPE clause, which would hide the pattern from
+        # the planner behind a function call.
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return column.like(escaped + "%")  # type: ignore[no-any-return]
 
     def _insert(self, table: Table) -> Any:
         return pg_insert(table)

@@ -177,7 +177,12 @@ def _conditions(
     if request_id is not None:
         where.append(_T.c.id == request_id)
     if before_id is not None:
-        where.append(_T.c.id < before_id)
+        # An equality filter's index (state, bucket) has the id after it: the bound is a
+        # range of it. A range filter's index (created time, path) has not; its range must
+        # not lose to the id index (see Dialect.keyset_id).
+        equal = filters.states is not None or filters.bucket is not None
+        id_column = sql.keyset_id(_T.c.id) if _ranged(filters) and not equal else _T.c.id
+        where.append(id_column < before_id)
     if filters.created_from is not None:
         where.append(_T.c.created_at >= filters.created_from)
     if filters.created_before is not None:
@@ -200,16 +205,24 @@ def page_statement(
     sql: dialect.Dialect,
 ) -> Select[Any]:
     """The SELECT of one filtered page, in two steps: the ids of the page, read from the
-    filter's index alone (SQLite's indexes all hold the id: a covering scan, then a sort
-    of ids only when the filter is a range), then those rows. Several states are one
-    newest-first index range each, merged (an IN list would scan the account's whole
-    listing for rare states)."""
+    filter's index (SQLite's indexes all hold the id), then those rows.
+
+    The ids come in one of three ways. An equality filter (one state, the bucket) reads
+    its index newest first, from the keyset bound down, and stops after the page. Several
+    states read the state index so once per state and merge the ranges (an IN list would
+    walk the account's whole listing for rare states). Range filters alone (created time,
+    path prefix) read every match from their index and keep the newest: a cost in
+    proportion to the matches, as their ``total`` already is, deep in the list as at its
+    top; the planner is kept from walking the id index instead (behind OFFSET 0: it
+    could estimate a path prefix only blindly, and would read the account's whole
+    listing for a rare one)."""
     if request_id is not None:
         limit, offset = 1, 0  # one request at most: the page does not apply
     where = _conditions(
         account_id, request_id=request_id, filters=filters, before_id=before_id, sql=sql
     )
     states = filters.states
+    ranged = _ranged(filters)
     if states is not None and len(states) > 1:
         # Each state's newest limit + offset ids, then the newest of them all.
         per_state = [
@@ -222,6 +235,9 @@ def page_statement(
         ]
         merged = union_all(*(select(branch.c.id) for branch in per_state)).subquery()
         ids = select(merged.c.id).order_by(merged.c.id.desc())
+    elif ranged and states is None and filters.bucket is None:
+        matches = select(_T.c.id).where(*where).offset(0).subquery()
+        ids = select(matches.c.id).order_by(matches.c.id.desc())
     else:
         if states is not None:
             where.append(_T.c.state == states[0])
@@ -231,6 +247,15 @@ def page_statement(
         select(*STATUS_COLUMNS)
         .where(_T.c.account_id == account_id, _T.c.id.in_(ids.scalar_subquery()))
         .order_by(_T.c.id.desc())
+    )
+
+
+def _ranged(filters: RequestFilter) -> bool:
+    """Whether a range filter (created time, path prefix) is set."""
+    return (
+        filters.created_from is not None
+        or filters.created_before is not None
+        or filters.path_prefix is not None
     )
 
 
