@@ -18,7 +18,8 @@ from sqlalchemy import Engine, event, text
 
 from vodpush.core.filters import RequestFilter
 from vodpush.persistence import dialect
-from vodpush.persistence.requests import count_statement, page_statement
+from vodpush.persistence.listing import count_statement, probe_rows
+from vodpush.persistence.requests import page_statement
 
 ROWS = 20_000  # of the account under test; another account has a quarter as many
 START = datetime(2026, 1, 1)
@@ -199,3 +200,37 @@ def test_keyset_paging_alone_reads_an_index_from_the_cursor(loaded) -> None:
     )
     assert "ix_upload_requests_account_id_id" in shown or "pk_upload_requests" in shown, shown
     assert "SCAN upload_requests" not in shown and "Seq Scan" not in shown, shown
+
+
+def test_range_filters_probe_the_newest_requests_through_the_id_index(loaded) -> None:
+    """A range filter first reads a bounded stretch of the newest requests (from the keyset
+    bound down) through the id index: a dense filter's page is found there at once."""
+    engine, account_id = loaded
+    sql = dialect.for_engine(engine)
+    for filters, _ in (FILTERS["created"], FILTERS["path_prefix"]):
+        probe = probe_rows(filters, limit=25, offset=0)
+        assert probe is not None
+        for before_id in (None, ROWS):
+            shown = plan(
+                engine,
+                page_statement(
+                    account_id,
+                    limit=25,
+                    offset=0,
+                    request_id=None,
+                    filters=filters,
+                    before_id=before_id,
+                    sql=sql,
+                    probe=probe,
+                ),
+            )
+            assert "SCAN upload_requests" not in shown and "Seq Scan" not in shown, shown
+            if engine.dialect.name == "sqlite":
+                # (PostgreSQL weighs the filter's index against it with its statistics:
+                # both read a bounded stretch.)
+                assert "ix_upload_requests_account_id_id (account_id=? AND id>?" in shown, shown
+                assert "ix_upload_requests_account_id_path" not in shown, shown
+                assert "ix_upload_requests_account_id_created_at_id" not in shown, shown
+    # Equality filters need no probe: their index keeps the listing's order.
+    assert probe_rows(FILTERS["state"][0], limit=25, offset=0) is None
+    assert probe_rows(FILTERS["bucket"][0], limit=25, offset=0) is None

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, Row, Select, bindparam, func, select, union_all
+from sqlalchemy import Engine, Row, Select, bindparam, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.elements import ColumnElement
 
 from vodpush.core.filters import RequestFilter
 from vodpush.core.records import QUEUED_MESSAGE
 from vodpush.core.requests import Enqueued, NewRequest, State
 from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, read, write_transaction
+from vodpush.persistence.listing import count_statement, page_ids, probe_rows
 from vodpush.persistence.models import UploadRequest
 
 _T = UploadRequest.__table__
@@ -124,7 +125,8 @@ class RequestStore:
             if request_id is None:
                 return self._page.all(account_id=account_id, limit=limit, offset=offset)
             return self._one.all(account_id=account_id, id=request_id)
-        statement = page_statement(
+        page = functools.partial(
+            page_statement,
             account_id,
             limit=limit,
             offset=offset,
@@ -134,7 +136,13 @@ class RequestStore:
             sql=self._dialect,
         )
         with read(self._engine) as conn:
-            return conn.execute(statement).all()
+            probe = probe_rows(filters or RequestFilter(), limit=limit, offset=offset)
+            if probe is not None and request_id is None:
+                # A range filter tries the newest requests first (see listing.probe_rows).
+                rows = conn.execute(page(probe=probe)).all()
+                if len(rows) == limit:
+                    return rows
+            return conn.execute(page()).all()
 
     def count_for_account(
         self,
@@ -157,114 +165,13 @@ class RequestStore:
             return conn.execute(select(*STATUS_COLUMNS).where(_T.c.id == request_id)).first()
 
 
-# -- filtered listings (aws.status filters) ------------------------------------------------
-#
-# Every condition has an index that starts with account_id (migration 0005): the state, the
-# bucket and the created time each with id after it, the path (text_pattern_ops on
-# PostgreSQL). tests/test_status_plans.py checks with EXPLAIN that each one is used.
-
-
-def _conditions(
-    account_id: int,
-    *,
-    request_id: int | None,
-    filters: RequestFilter,
-    before_id: int | None,
-    sql: dialect.Dialect,
-) -> list[ColumnElement[bool]]:
-    """Every condition but the states (whose shape differs between listing and count)."""
-    where: list[ColumnElement[bool]] = [_T.c.account_id == account_id]
-    if request_id is not None:
-        where.append(_T.c.id == request_id)
-    if before_id is not None:
-        # An equality filter's index (state, bucket) has the id after it: the bound is a
-        # range of it. A range filter's index (created time, path) has not; its range must
-        # not lose to the id index (see Dialect.keyset_id).
-        equal = filters.states is not None or filters.bucket is not None
-        id_column = sql.keyset_id(_T.c.id) if _ranged(filters) and not equal else _T.c.id
-        where.append(id_column < before_id)
-    if filters.created_from is not None:
-        where.append(_T.c.created_at >= filters.created_from)
-    if filters.created_before is not None:
-        where.append(_T.c.created_at < filters.created_before)
-    if filters.bucket is not None:
-        where.append(_T.c.bucket == filters.bucket)
-    if filters.path_prefix is not None:
-        where.append(sql.starts_with(_T.c.path, filters.path_prefix))
-    return where
-
-
-def page_statement(
-    account_id: int,
-    *,
-    limit: int,
-    offset: int,
-    request_id: int | None,
-    filters: RequestFilter,
-    before_id: int | None,
-    sql: dialect.Dialect,
-) -> Select[Any]:
-    """The SELECT of one filtered page, in two steps: the ids of the page, read from the
-    filter's index (SQLite's indexes all hold the id), then those rows.
-
-    The ids come in one of three ways. An equality filter (one state, the bucket) reads
-    its index newest first, from the keyset bound down, and stops after the page. Several
-    states read the state index so once per state and merge the ranges (an IN list would
-    walk the account's whole listing for rare states). Range filters alone (created time,
-    path prefix) read every match from their index and keep the newest: a cost in
-    proportion to the matches, as their ``total`` already is, deep in the list as at its
-    top; the planner is kept from walking the id index instead (behind OFFSET 0: it
-    could estimate a path prefix only blindly, and would read the account's whole
-    listing for a rare one)."""
-    if request_id is not None:
-        limit, offset = 1, 0  # one request at most: the page does not apply
-    where = _conditions(
-        account_id, request_id=request_id, filters=filters, before_id=before_id, sql=sql
-    )
-    states = filters.states
-    ranged = _ranged(filters)
-    if states is not None and len(states) > 1:
-        # Each state's newest limit + offset ids, then the newest of them all.
-        per_state = [
-            select(_T.c.id)
-            .where(*where, _T.c.state == state)
-            .order_by(_T.c.id.desc())
-            .limit(limit + offset)
-            .subquery()
-            for state in states
-        ]
-        merged = union_all(*(select(branch.c.id) for branch in per_state)).subquery()
-        ids = select(merged.c.id).order_by(merged.c.id.desc())
-    elif ranged and states is None and filters.bucket is None:
-        matches = select(_T.c.id).where(*where).offset(0).subquery()
-        ids = select(matches.c.id).order_by(matches.c.id.desc())
-    else:
-        if states is not None:
-            where.append(_T.c.state == states[0])
-        ids = select(_T.c.id).where(*where).order_by(_T.c.id.desc())
-    ids = ids.limit(limit).offset(offset)
+def page_statement(account_id: int, **page: Any) -> Select[Any]:
+    """One filtered page of the account's requests: the ids listing.page_ids finds (with
+    its keyword arguments), then their rows, newest first."""
+    ids = page_ids(account_id, **page)
     return (
         select(*STATUS_COLUMNS)
-        .where(_T.c.account_id == account_id, _T.c.id.in_(ids.scalar_subquery()))
+        .join_from(ids, _T, _T.c.id == ids.c.id)
+        .where(_T.c.account_id == account_id)
         .order_by(_T.c.id.desc())
     )
-
-
-def _ranged(filters: RequestFilter) -> bool:
-    """Whether a range filter (created time, path prefix) is set."""
-    return (
-        filters.created_from is not None
-        or filters.created_before is not None
-        or filters.path_prefix is not None
-    )
-
-
-def count_statement(
-    account_id: int, *, request_id: int | None, filters: RequestFilter, sql: dialect.Dialect
-) -> Select[Any]:
-    """SELECT count(*) of what ``page_statement`` lists without paging: an index-only
-    count over the filter's index."""
-    where = _conditions(account_id, request_id=request_id, filters=filters, before_id=None, sql=sql)
-    if filters.states is not None:
-        where.append(_T.c.state.in_(filters.states))
-    return select(func.count()).select_from(_T).where(*where)
