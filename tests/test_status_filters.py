@@ -8,14 +8,19 @@ database: what is under test is what aws.status answers."""
 from __future__ import annotations
 
 import itertools
+import json
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from sqlalchemy import update
 
+from tests.conftest import run_cli
 from tests.wire import call
+from vodpush.cli import main
+from vodpush.client import ApiError, ApiWarning, Client
+from vodpush.commands import COMMAND_FIELDS
 from vodpush.core.requests import NewRequest
 from vodpush.persistence.models import UploadRequest
 
@@ -266,3 +271,108 @@ def test_keyset_pages_neither_repeat_nor_skip_while_requests_arrive(
         stop.set()
         adder.join(30)
     assert len(arrived) > 4  # requests did arrive meanwhile
+
+
+# -- the Python client and the shells ------------------------------------------------------
+
+
+def live_client(server: Any, creds: Any) -> Client:
+    return Client(server.url, creds.cdn, creds.api_key, creds.api_secret)
+
+
+def test_python_client_filters_pages_and_totals(live_server, account, requests) -> None:
+    with live_client(live_server, account) as api:
+        failed = api.status(state="failed")
+        assert [r.id for r in failed] == named(requests, "bd") and failed.total == 2
+        assert api.status().total is None  # a documented call: no total
+        several = api.status(state=("failed", "retrying"), bucket="b-two", limit=1)
+        assert [r.id for r in several] == named(requests, "cd")[:1] and several.total == 2
+        # Datetimes: naive means UTC, an aware one is turned to UTC; whole seconds.
+        plus_one = timezone(timedelta(hours=1))
+        window = api.status(
+            created_from=datetime(2026, 1, 1, 0, 0, 1, 900_000),
+            created_to=datetime(2026, 1, 1, 1, 0, 1, tzinfo=plus_one),
+        )
+        assert [r.id for r in window] == named(requests, "bc")
+        assert api.status(created_from="2026-01-03 00:00:00", created_to=1767484799).total == 2
+        prefixed = api.status(path_prefix="sestore1/jb/shows/", after_id=requests["c"])
+        assert [r.id for r in prefixed] == named(requests, "ab") and prefixed.total == 4
+        # Every page below the last, by after_id, with the filters.
+        assert [r.id for r in api.iter_status(page_size=2)] == named(requests, "abcdefgh")
+        assert [r.id for r in api.iter_status(page_size=1, bucket="b-one")] == named(
+            requests, "abef"
+        )
+        assert list(api.iter_status(state="canceled", path_prefix="sestore1/jb/movies/")) == []
+        with pytest.raises(ApiError) as refused:
+            api.status(state="done")
+        assert refused.value.code == "0007" and "invalid state" in refused.value.message
+        with pytest.raises(ApiError) as refused:
+            api.status(offset=3, after_id=5)
+        assert "invalid offset: cannot be combined with after_id" in refused.value.message
+
+
+def test_the_client_hears_the_warnings_of_a_server_that_ignores_a_field(
+    live_server, account, requests, monkeypatch
+) -> None:
+    # A server that does not know path_prefix (older than this client): it says so.
+    monkeypatch.setitem(COMMAND_FIELDS, "aws.status", frozenset({"limit", "offset", "state"}))
+    with live_client(live_server, account) as api, pytest.warns(ApiWarning) as heard:
+        page = api.status(state="failed", path_prefix="sestore1/jb/shows/")
+    assert page.warnings == api.last_warnings == ["unknown field 'path_prefix' ignored"]
+    assert "unknown field 'path_prefix' ignored" in str(heard[0].message)
+
+
+@pytest.fixture
+def client_env(monkeypatch, live_server, account) -> Any:
+    monkeypatch.setenv("VODPUSH_URL", live_server.url + "/stable/")
+    monkeypatch.setenv("VODPUSH_CDN", str(account.cdn))
+    monkeypatch.setenv("VODPUSH_API_KEY", account.api_key)
+    monkeypatch.setenv("VODPUSH_API_SECRET", account.api_secret)
+    monkeypatch.setenv("COLUMNS", "250")  # rich folds long cells on narrow terminals
+    return account
+
+
+def test_client_shell_status_filters(client_env, requests, capsys, monkeypatch) -> None:
+    argv = ["client", "status", "--state", "failed", "--state", "retrying", "--json"]
+    assert main(argv) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == named(requests, "bcd")
+    argv = ["client", "status", "--bucket", "b-one", "--path-prefix", "sestore1/jb/shows/"]
+    argv += ["--created-from", "2026-01-01 00:00:00", "--created-to", "1767225601", "--json"]
+    assert main(argv) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == named(requests, "ab")
+    argv = ["client", "status", "--path-prefix", "sestore1/jb/", "--limit", "3"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    cursor = named(requests, "abcdefgh")[2]
+    assert f"3 of 8 matching; next page: --after-id {cursor}" in table
+    assert main([*argv, "--after-id", str(cursor), "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == (
+        named(requests, "abcdefgh")[3:6]
+    )
+    assert main(["client", "status", "--state", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid state: 'nope' is not one of queued, running,")
+    assert err.rstrip().endswith("(code 0007)")
+    # Warnings go to stderr, one line each; the answer still prints.
+    monkeypatch.setitem(COMMAND_FIELDS, "aws.status", frozenset({"limit", "offset"}))
+    assert main(["client", "status", "--bucket", "b-one", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "warning: unknown field 'bucket' ignored\n"
+    assert json.loads(captured.out)
+
+
+def test_operator_request_list_filters(cli_env, account, requests, capsys) -> None:
+    code, out, err = run_cli(
+        capsys, "request", "list", account.api_key, "--state", "failed", "--json"
+    )
+    assert code == 0, err
+    assert [r["id"] for r in json.loads(out)] == named(requests, "bd")
+    argv = ["request", "list", account.api_key, "--path-prefix", "sestore1/jb/shows"]
+    argv += ["--created-to", "2026-01-03 00:00:00", "--after-id", str(requests["c"])]
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0, err
+    assert [r["id"] for r in json.loads(out)] == named(requests, "ab")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "2 of 4 matching" in out, out
+    code, out, err = run_cli(capsys, "request", "list", account.api_key, "--state", "nope")
+    assert code == 1 and "invalid state: 'nope' is not one of" in err
