@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -18,9 +19,11 @@ from sqlalchemy import update
 
 from tests.conftest import run_cli
 from tests.wire import call
+from vodpush.api.dispatch import is_read_only
 from vodpush.cli import main
 from vodpush.client import ApiError, ApiWarning, Client
 from vodpush.commands import COMMAND_FIELDS
+from vodpush.core.filters import prefix_upper_bound
 from vodpush.core.requests import NewRequest
 from vodpush.persistence.models import UploadRequest
 
@@ -376,3 +379,30 @@ def test_operator_request_list_filters(cli_env, account, requests, capsys) -> No
     assert code == 0 and "2 of 4 matching" in out, out
     code, out, err = run_cli(capsys, "request", "list", account.api_key, "--state", "nope")
     assert code == 1 and "invalid state: 'nope' is not one of" in err
+
+
+def test_filtered_status_calls_leave_the_event_loop() -> None:
+    """On SQLite a documented aws.status runs on the event loop; one with a filter or
+    after_id counts its matches and may read a whole index range: it runs in a thread."""
+    assert is_read_only('{"command":"aws.status","limit":5,"offset":0,"id":3}')
+    assert is_read_only('{"command":"aws.status","nosuch":1}')
+    for field in ("state", "created_from", "created_to", "bucket", "path_prefix", "after_id"):
+        assert not is_read_only(f'{{"command":"aws.status","{field}":"x"}}'), field
+
+
+def test_prefix_bounds_hold_exactly_the_strings_with_the_prefix() -> None:
+    """prefix <= s < bound, compared as UTF-8 bytes (as SQLite compares text), is exactly
+    s.startswith(prefix): checked on strings of the code points where carries happen."""
+    alphabet = ["a", "b", "%", "_", "\\", "\x7f", "\x80", "\ud7ff", "\ue000", "\U0010ffff"]
+    rng = random.Random(7)
+    words = ["".join(rng.choices(alphabet, k=rng.randrange(5))) for _ in range(200)]
+    for prefix in {w for w in words if w} | {"\U0010ffff", "a\U0010ffff\U0010ffff", "\ud7ff"}:
+        bound = prefix_upper_bound(prefix)
+        low = prefix.encode()
+        for word in words:
+            within = low <= word.encode() and (bound is None or word.encode() < bound.encode())
+            assert within == word.startswith(prefix), (prefix, word, bound)
+    assert prefix_upper_bound("ab") == "ac"
+    assert prefix_upper_bound("a\U0010ffff") == "b"
+    assert prefix_upper_bound("\ud7ff") == "\ue000"
+    assert prefix_upper_bound("\U0010ffff\U0010ffff") is None

@@ -146,7 +146,7 @@ class Dialect:
 
     def unindexed(self, column: Any) -> ColumnElement[Any]:
         """``column`` as a condition names it when the condition must not choose the
-        index (aws.status filters: see persistence.requests.page_statement). A planner with
+        index (aws.status filters: see persistence.listing). A planner with
         statistics (PostgreSQL's) weighs the indexes itself."""
         return column  # type: ignore[no-any-return]
 
