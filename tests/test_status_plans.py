@@ -137,93 +137,58 @@ FILTERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FILTERS))
-def test_each_filter_reads_its_index(loaded, name) -> None:
-    engine, account_id = loaded
-    sql = dialect.for_engine(engine)
-    filters, index = FILTERS[name]
-    deep = ROWS  # an id in the older half of the listing
-    for before_id in (None, deep):
-        statement = page_statement(
-            account_id,
-            limit=25,
-            offset=0,
-            request_id=None,
-            filters=filters,
-            before_id=before_id,
-            sql=sql,
-        )
-        shown = plan(engine, statement)
-        assert index in shown, (name, before_id, shown)
-    counted = plan(engine, count_statement(account_id, request_id=None, filters=filters, sql=sql))
-    assert index in counted, (name, counted)
-
-
-def test_several_states_read_the_state_index_once_per_state(loaded) -> None:
-    engine, account_id = loaded
-    sql = dialect.for_engine(engine)
-    filters = RequestFilter(states=("canceled", "failed", "retrying"))
-    for before_id in (None, ROWS):
-        shown = plan(
-            engine,
-            page_statement(
-                account_id,
-                limit=25,
-                offset=0,
-                request_id=None,
-                filters=filters,
-                before_id=before_id,
-                sql=sql,
-            ),
-        )
-        # One newest-first range of the index per state, merged: never the account's
-        # whole listing filtered row by row.
-        assert shown.count("ix_upload_requests_account_id_state_id") == 3, shown
-    counted = plan(engine, count_statement(account_id, request_id=None, filters=filters, sql=sql))
-    assert "ix_upload_requests_account_id_state_id" in counted, counted
-
-
-def test_keyset_paging_alone_reads_an_index_from_the_cursor(loaded) -> None:
-    engine, account_id = loaded
-    sql = dialect.for_engine(engine)
-    shown = plan(
-        engine,
-        page_statement(
-            account_id,
-            limit=25,
-            offset=0,
-            request_id=None,
-            filters=RequestFilter(),
-            before_id=ROWS,
-            sql=sql,
-        ),
+def page_plan(engine: Engine, account_id: int, filters: RequestFilter, **page: Any) -> str:
+    page.setdefault("before_id", None)
+    statement = page_statement(
+        account_id,
+        limit=25,
+        offset=0,
+        request_id=None,
+        filters=filters,
+        sql=dialect.for_engine(engine),
+        **page,
     )
+    return plan(engine, statement)
+
+
+def count_plan(engine: Engine, account_id: int, filters: RequestFilter) -> str:
+    sql = dialect.for_engine(engine)
+    return plan(engine, count_statement(account_id, request_id=None, filters=filters, sql=sql))
+
+
+def test_each_filter_reads_its_index(loaded) -> None:
+    """(One test for every filter: the rows are loaded once.)"""
+    engine, account_id = loaded
+    deep = ROWS  # an id in the older half of the listing
+    for name, (filters, index) in FILTERS.items():
+        # The first page, a keyset page deep in the list, and the count.
+        for before_id in (None, deep):
+            shown = page_plan(engine, account_id, filters, before_id=before_id)
+            assert index in shown, (name, before_id, shown)
+        counted = count_plan(engine, account_id, filters)
+        assert index in counted, (name, counted)
+
+    # Several states: one newest-first range of the state index per state, merged; never
+    # the account's whole listing filtered row by row.
+    several = RequestFilter(states=("canceled", "failed", "retrying"))
+    for before_id in (None, deep):
+        shown = page_plan(engine, account_id, several, before_id=before_id)
+        assert shown.count("ix_upload_requests_account_id_state_id") == 3, shown
+    assert "ix_upload_requests_account_id_state_id" in count_plan(engine, account_id, several)
+
+    # Keyset paging alone reads an index from the cursor down.
+    shown = page_plan(engine, account_id, RequestFilter(), before_id=deep)
     assert "ix_upload_requests_account_id_id" in shown or "pk_upload_requests" in shown, shown
     assert "SCAN upload_requests" not in shown and "Seq Scan" not in shown, shown
 
-
-def test_range_filters_probe_the_newest_requests_through_the_id_index(loaded) -> None:
-    """A range filter first reads a bounded stretch of the newest requests (from the keyset
-    bound down) through the id index: a dense filter's page is found there at once."""
-    engine, account_id = loaded
-    sql = dialect.for_engine(engine)
-    for filters, _ in (FILTERS["created"], FILTERS["path_prefix"]):
+    # A range filter first reads a bounded stretch of the newest requests (from the keyset
+    # bound down) through the id index: a dense filter's page is found there at once.
+    for name in ("created", "path_prefix"):
+        filters = FILTERS[name][0]
         probe = probe_rows(filters, limit=25, offset=0)
         assert probe is not None
-        for before_id in (None, ROWS):
-            shown = plan(
-                engine,
-                page_statement(
-                    account_id,
-                    limit=25,
-                    offset=0,
-                    request_id=None,
-                    filters=filters,
-                    before_id=before_id,
-                    sql=sql,
-                    probe=probe,
-                ),
-            )
+        for before_id in (None, deep):
+            shown = page_plan(engine, account_id, filters, before_id=before_id, probe=probe)
             assert "SCAN upload_requests" not in shown and "Seq Scan" not in shown, shown
             if engine.dialect.name == "sqlite":
                 # (PostgreSQL weighs the filter's index against it with its statistics:
