@@ -23,6 +23,7 @@ from vodpush.core.clock import utcnow
 from vodpush.core.filters import RequestFilter
 from vodpush.core.requests import LeaseLost, NewRequest
 from vodpush.crypto import generate_key
+from vodpush.persistence import listing
 from vodpush.service import Service
 
 # "!" is in no key, token or hex alphabet: the secret cannot appear in repr by chance.
@@ -262,13 +263,25 @@ def test_states_buckets_and_times_filter_alike_and_combine(filtered) -> None:
     assert _check(s, a, rows, RequestFilter()) == [r.id for r in rows]
 
 
-def test_filtered_pages_by_offset_and_by_keyset_and_one_id(filtered) -> None:
+@pytest.mark.parametrize("probe", [None, 1, 4])
+def test_filtered_pages_by_offset_and_by_keyset_and_one_id(filtered, probe, monkeypatch) -> None:
     s, a, rows = filtered
+    if probe is not None:
+        # The database stores' probes of range filters, as short as a few rows: each way
+        # they find a page (the newest requests, from the newest match, every match).
+        monkeypatch.setattr(listing, "PROBE_MIN", probe)
+        monkeypatch.setattr(listing, "PROBE_PER_ROW", 1)
+        monkeypatch.setattr(listing, "PROBE_MAX", probe)
+    times = sorted({_as_time(r.created_at) for r in rows})
     for filters in (
         RequestFilter(),
         RequestFilter(states=("failed", "queued", "retrying")),
         RequestFilter(states=("queued",), path_prefix="sestore1/jb/a"),
         RequestFilter(bucket="b-one"),
+        RequestFilter(path_prefix="sestore1/jb/a"),
+        RequestFilter(path_prefix="sestore1/jb/\U0010ffff"),
+        RequestFilter(created_from=times[2], created_before=times[9]),
+        RequestFilter(created_before=times[4], path_prefix="sestore1/jb/"),
     ):
         expected = _check(s, a, rows, filters)
         for limit in (1, 2, 5):

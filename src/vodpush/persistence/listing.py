@@ -17,8 +17,10 @@ are read. How the ids are found depends on the filters:
   list would walk the account's whole listing for rare states);
 - range filters alone (created time, path prefix): first the newest requests through the
   id index, at most ``probe_rows`` of them, which fills the page of a dense filter at
-  once; else every match read from the filter's index and the newest kept, a cost in
-  proportion to the matches (as the ``total`` is), deep in the list as at its top.
+  once; then as many from the newest match down (``newest_statement``: a time range in the
+  past is one stretch of ids); else every match read from the filter's index and the
+  newest kept. The last two cost in proportion to the matches (as the ``total`` does),
+  deep in the list as at its top.
 """
 
 from __future__ import annotations
@@ -168,3 +170,16 @@ def count_statement(
     if filters.states is not None:
         where.append(_T.c.state.in_(filters.states))
     return select(func.count()).select_from(_T).where(*where)
+
+
+def newest_statement(
+    account_id: int, *, filters: RequestFilter, before_id: int | None, sql: dialect.Dialect
+) -> Select[Any]:
+    """SELECT the id of the newest request that range filters alone match (below
+    ``before_id``), from their index alone: where a probe should start when the newest
+    requests did not match (a time range in the past is one stretch of ids). Behind
+    OFFSET 0, as every match is read: a planner would otherwise walk the id index down
+    from the top."""
+    where = _conditions(account_id, request_id=None, filters=filters, before_id=before_id, sql=sql)
+    matches = select(_T.c.id).where(*where).offset(0).subquery()
+    return select(func.max(matches.c.id))

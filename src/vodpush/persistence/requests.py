@@ -15,7 +15,7 @@ from vodpush.core.records import QUEUED_MESSAGE
 from vodpush.core.requests import Enqueued, NewRequest, State
 from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, read, write_transaction
-from vodpush.persistence.listing import count_statement, page_ids, probe_rows
+from vodpush.persistence.listing import count_statement, newest_statement, page_ids, probe_rows
 from vodpush.persistence.models import UploadRequest
 
 _T = UploadRequest.__table__
@@ -135,11 +135,23 @@ class RequestStore:
             before_id=before_id,
             sql=self._dialect,
         )
+        filters = filters or RequestFilter()
         with read(self._engine) as conn:
-            probe = probe_rows(filters or RequestFilter(), limit=limit, offset=offset)
+            probe = probe_rows(filters, limit=limit, offset=offset)
             if probe is not None and request_id is None:
-                # A range filter tries the newest requests first (see listing.probe_rows).
+                # Range filters alone: the newest requests first, then those from the
+                # newest match down, then every match (see persistence.listing).
                 rows = conn.execute(page(probe=probe)).all()
+                if len(rows) == limit:
+                    return rows
+                newest = conn.execute(
+                    newest_statement(
+                        account_id, filters=filters, before_id=before_id, sql=self._dialect
+                    )
+                ).scalar()
+                if newest is None:
+                    return []  # nothing below the bound matches
+                rows = conn.execute(page(probe=probe, before_id=newest + 1)).all()
                 if len(rows) == limit:
                     return rows
             return conn.execute(page()).all()
