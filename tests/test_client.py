@@ -28,6 +28,7 @@ from vodpush.cli import main
 from vodpush.client import (
     ApiError,
     Client,
+    FiltersUnsupported,
     RequestNotFound,
     StatusRecord,
     TransportError,
@@ -40,6 +41,7 @@ from vodpush.protocol.signing import split_signed_request, verify
 from vodpush.webhooks import sign
 
 SECRET = "s3cr3t" * 8
+ENVELOPE = ("command", "api_key", "timestamp", "cdn", "signature")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -574,23 +576,54 @@ def test_status_record_outcome(fields: dict[str, Any], succeeded: bool, failed: 
     )
 
 
-def test_iter_status_pages_through_everything_once_even_while_requests_arrive() -> None:
+def test_iter_status_pages_by_keyset_and_sends_the_filters() -> None:
     ids = list(range(7, 0, -1))  # newest first, as the server lists them
-    pages: list[tuple[int, int]] = []
+    pages: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        payload = split_signed_request(json_field(request)).payload
+        pages.append({k: v for k, v in payload.items() if k not in ENVELOPE})
+        if len(pages) == 2:
+            ids[:0] = [9, 8]  # two new requests arrive: they change nothing below the cursor
+        below = [i for i in ids if payload.get("after_id") is None or i < payload["after_id"]]
+        answer = {"data": [record(id=i) for i in below[: payload["limit"]]]}
+        if set(payload) - {*ENVELOPE, "limit", "offset", "id"}:  # beyond the reference API
+            answer["total"] = len(ids)
+        return httpx.Response(200, json={"status": "success", "message": "ok", **answer})
+
+    api = mock_client(handler)
+    seen = [r.id for r in api.iter_status(page_size=3, state=["failed"], bucket="b")]
+    assert seen == [7, 6, 5, 4, 3, 2, 1]
+    filters = {"state": ["failed"], "bucket": "b"}
+    assert pages == [
+        {"limit": 3, "offset": 0, **filters},
+        {"limit": 3, "offset": 0, **filters, "after_id": 5},
+        {"limit": 3, "offset": 0, **filters, "after_id": 2},
+    ]
+    with pytest.raises(ValueError):
+        next(mock_client(handler).iter_status(page_size=0))
+
+
+def test_iter_status_pages_by_offset_on_a_server_without_after_id() -> None:
+    ids = list(range(7, 0, -1))
+    pages: list[tuple[int, int, int | None]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         payload = split_signed_request(json_field(request)).payload
         limit, offset = payload["limit"], payload["offset"]
-        pages.append((limit, offset))
-        if len(pages) == 2:
+        pages.append((limit, offset, payload.get("after_id")))
+        if len(pages) == 3:
             ids[:0] = [9, 8]  # two new requests push every older one two places down
-        return ok([record(id=i) for i in ids[offset : offset + limit]])
+        return ok([record(id=i) for i in ids[offset : offset + limit]])  # no total
 
     seen = [r.id for r in mock_client(handler).iter_status(page_size=3)]
     assert seen == [7, 6, 5, 4, 3, 2, 1]
-    assert pages == [(3, 0), (3, 3), (3, 6), (3, 9)]
-    with pytest.raises(ValueError):
-        next(mock_client(handler).iter_status(page_size=0))
+    # The keyset page comes back without total: offsets from there on.
+    assert pages == [(3, 0, None), (3, 0, 5), (3, 3, None), (3, 6, None), (3, 9, None)]
+    # Filters cannot be asked of such a server: refused, never answered unfiltered.
+    with pytest.raises(FiltersUnsupported) as refused:
+        list(mock_client(handler).iter_status(state="failed"))
+    assert "ignored state" in str(refused.value)
 
 
 # -- callbacks ----------------------------------------------------------------------------
@@ -649,12 +682,15 @@ def test_public_api_is_pinned() -> None:
         [
             "DEFAULT_TIMEOUT",
             "ApiError",
+            "ApiWarning",
             "CallbackAttempt",
             "CallbackHistory",
             "Client",
             "ClientError",
+            "FiltersUnsupported",
             "Redelivery",
             "RequestNotFound",
+            "StatusPage",
             "StatusRecord",
             "TransportError",
             "WebhookVerificationError",

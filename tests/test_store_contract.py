@@ -20,6 +20,7 @@ from vodpush.core import clock, records
 from vodpush.core.accounts import AccountError, S3Settings
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
 from vodpush.core.clock import utcnow
+from vodpush.core.filters import RequestFilter
 from vodpush.core.requests import (
     IDEMPOTENCY_WINDOW_SECONDS,
     IdempotencyConflict,
@@ -27,6 +28,7 @@ from vodpush.core.requests import (
     NewRequest,
 )
 from vodpush.crypto import generate_key
+from vodpush.persistence import listing
 from vodpush.persistence.models import UploadRequest
 from vodpush.service import Service
 
@@ -262,6 +264,210 @@ def test_the_memory_store_measures_the_key_window_on_its_own_clock(tmp_path: Pat
     assert s.requests.enqueue(_keyed(a, "k", "h1", 2)).id == first
     now[0] += timedelta(seconds=1)  # exactly a day: the key is free
     assert s.requests.enqueue(_keyed(a, "k", "h1", 3)).id != first
+
+
+# -- aws.status filters -----------------------------------------------------------------------
+
+# Source paths a prefix must tell apart byte for byte: LIKE's wildcards and escape as plain
+# characters, case, composed and decomposed accents, the code points around the surrogates
+# and the last one (whose successor does not exist).
+FILTER_PATHS = (
+    "sestore1/jb/a%b.mp4",
+    "sestore1/jb/axb.mp4",
+    "sestore1/jb/a_b.mp4",
+    "sestore1/jb/aXb.mp4",
+    "sestore1/jb/a\\b.mp4",
+    "sestore1/jb/a\\\\b.mp4",
+    "sestore1/jb/A.mp4",
+    "sestore1/jb/a.mp4",
+    "sestore1/jb/a",
+    "sestore1/jb/é.mp4",
+    "sestore1/jb/e\u0301.mp4",
+    "sestore1/jb/É.mp4",
+    "sestore1/jb/\ud7ff.mp4",
+    "sestore1/jb/\ue000.mp4",
+    "sestore1/jb/\U0010ffff",
+    "sestore1/jb/\U0010ffff\U0010ffff.mp4",
+    "sestore1/jb/[x]*?.mp4",
+    "sestore1/jbx/other.mp4",
+)
+EXTRA_PREFIXES = ("%", "_", "\\", "sestore1/jb/%", "sestore1/jb/_", "sestore1/jb/*", "s%")
+
+
+def _new(account_id: int, n: int, path: str, bucket: str) -> NewRequest:
+    return NewRequest(
+        account_id=account_id,
+        cdn_id=158,
+        path=path,
+        destination_path=f"out/{n}.mp4",
+        bucket=bucket,
+        acl="private",
+        metadata={},
+        callback="",
+        signature=f"sig-{account_id}-{n}",
+    )
+
+
+def _as_time(value: datetime | str) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+@pytest.fixture
+def filtered(stores: Service) -> tuple[Service, int, list[Any]]:
+    """Two accounts with the same paths and buckets; the first one's requests in every
+    state a worker leaves them in. Returns the service, that account, and its rows."""
+    a, b = _account(stores, "a"), _account(stores, "b")
+    for n, path in enumerate(FILTER_PATHS):
+        stores.requests.enqueue(_new(a, n, path, ("b-one", "b-two", "B-one")[n % 3]))
+    for n, path in enumerate(FILTER_PATHS[:5]):
+        stores.requests.enqueue(_new(b, 100 + n, path, "b-one"))
+    # The oldest requests are claimed first: a's, in order.
+    for n in range(12):
+        claimed = stores.queue.claim("w", 30)
+        assert claimed is not None and claimed.account_id == a
+        if n % 4 == 0:
+            _succeed(stores, claimed.id, "w")
+        elif n % 4 == 1:
+            stores.queue.fail(claimed.id, "w", message="Upload failed: no", http_status=403,
+                              code="AccessDenied", has_callback=False)  # fmt: skip
+        elif n % 4 == 2:
+            stores.queue.retry_later(claimed.id, "w", delay=3600, cause="SlowDown",
+                                     max_attempts=5, http_status=503, code="SlowDown")  # fmt: skip
+    rows = list(stores.requests.list_for_account(a, limit=1000, offset=0))
+    assert {r.state for r in rows} == {"queued", "running", "retrying", "succeeded", "failed"}
+    return stores, a, rows
+
+
+def _listed(s: Service, account_id: int, filters: RequestFilter, **paging: Any) -> list[int]:
+    paging.setdefault("limit", 1000)
+    paging.setdefault("offset", 0)
+    return [r.id for r in s.requests.list_for_account(account_id, filters=filters, **paging)]
+
+
+def _check(s: Service, account_id: int, rows: list[Any], filters: RequestFilter) -> list[int]:
+    """The listing and the count of ``filters`` are what RequestFilter.matches says."""
+    expected = [r.id for r in rows if filters.matches(_Row(r))]
+    assert _listed(s, account_id, filters) == expected, filters
+    assert s.requests.count_for_account(account_id, filters=filters) == len(expected), filters
+    return expected
+
+
+class _Row:
+    """A status row with its created time as a datetime (SQLite hands back text)."""
+
+    def __init__(self, row: Any) -> None:
+        self.state, self.bucket, self.path = row.state, row.bucket, row.path
+        self.created_at = _as_time(row.created_at)
+
+
+def test_path_prefix_is_an_exact_byte_prefix(filtered) -> None:
+    s, a, rows = filtered
+    prefixes = set(EXTRA_PREFIXES)
+    for path in FILTER_PATHS:
+        prefixes.update(path[:k] for k in range(len("sestore1/j"), len(path) + 2))
+    for prefix in sorted(prefixes):
+        expected = _check(s, a, rows, RequestFilter(path_prefix=prefix))
+        assert expected == [r.id for r in rows if r.path.startswith(prefix)]
+    # Wildcards are characters: "a%" is not "a" followed by anything.
+    (percent,) = _check(s, a, rows, RequestFilter(path_prefix="sestore1/jb/a%"))
+    assert s.requests.get(percent).path == "sestore1/jb/a%b.mp4"  # type: ignore[union-attr]
+    assert len(_check(s, a, rows, RequestFilter(path_prefix="sestore1/jb/a_"))) == 1
+    assert len(_check(s, a, rows, RequestFilter(path_prefix="sestore1/jb/a\\"))) == 2
+    assert len(_check(s, a, rows, RequestFilter(path_prefix="sestore1/jb/A"))) == 1
+    assert len(_check(s, a, rows, RequestFilter(path_prefix="sestore1/jb/\U0010ffff"))) == 2
+    assert _check(s, a, rows, RequestFilter(path_prefix="%")) == []
+
+
+def test_states_buckets_and_times_filter_alike_and_combine(filtered) -> None:
+    s, a, rows = filtered
+    states = ("queued", "running", "retrying", "succeeded", "failed", "canceled")
+    for k in range(1, 4):
+        for i in range(len(states) - k + 1):
+            _check(s, a, rows, RequestFilter(states=tuple(sorted(states[i : i + k]))))
+    assert _check(s, a, rows, RequestFilter(states=("canceled",))) == []
+    for bucket in ("b-one", "B-one", "b-two", "b-on", "nope"):
+        _check(s, a, rows, RequestFilter(bucket=bucket))
+    times = sorted({_as_time(r.created_at) for r in rows})
+    tick = timedelta(microseconds=1)
+    for at in (times[0], times[len(times) // 2], times[-1]):
+        for edge in (at - tick, at, at + tick):
+            _check(s, a, rows, RequestFilter(created_from=edge))
+            _check(s, a, rows, RequestFilter(created_before=edge))
+    middle = times[len(times) // 2]
+    # Inclusive from, exclusive before: [t, t + 1 us) is the requests created at t exactly.
+    exactly = _check(s, a, rows, RequestFilter(created_from=middle, created_before=middle + tick))
+    assert exactly and all(_as_time(s.requests.get(i).created_at) == middle for i in exactly)  # type: ignore[union-attr]
+    found = [
+        _check(
+            s,
+            a,
+            rows,
+            RequestFilter(
+                states=tuple(sorted(pair)),
+                created_from=times[1],
+                created_before=times[-1],
+                bucket=bucket,
+                path_prefix="sestore1/jb/a",
+            ),
+        )
+        for pair in (("failed", "queued"), ("retrying", "succeeded"), ("running", "queued"))
+        for bucket in ("b-one", "b-two", "B-one")
+    ]
+    assert sum(map(len, found)) >= 3  # every condition at once, not only empty answers
+    assert _check(s, a, rows, RequestFilter()) == [r.id for r in rows]
+
+
+@pytest.mark.parametrize("probe", [None, 1, 4])
+def test_filtered_pages_by_offset_and_by_keyset_and_one_id(filtered, probe, monkeypatch) -> None:
+    s, a, rows = filtered
+    if probe is not None:
+        # The database stores' probes of range filters, as short as a few rows: each way
+        # they find a page (the newest requests, from the newest match, every match).
+        monkeypatch.setattr(listing, "PROBE_MIN", probe)
+        monkeypatch.setattr(listing, "PROBE_PER_ROW", 1)
+        monkeypatch.setattr(listing, "PROBE_MAX", probe)
+    times = sorted({_as_time(r.created_at) for r in rows})
+    for filters in (
+        RequestFilter(),
+        RequestFilter(states=("failed", "queued", "retrying")),
+        RequestFilter(states=("queued",), path_prefix="sestore1/jb/a"),
+        RequestFilter(bucket="b-one"),
+        RequestFilter(path_prefix="sestore1/jb/a"),
+        RequestFilter(path_prefix="sestore1/jb/\U0010ffff"),
+        RequestFilter(created_from=times[2], created_before=times[9]),
+        RequestFilter(created_before=times[4], path_prefix="sestore1/jb/"),
+    ):
+        expected = _check(s, a, rows, filters)
+        for limit in (1, 2, 5):
+            for offset in (0, 1, 3, len(expected)):
+                page = _listed(s, a, filters, limit=limit, offset=offset)
+                assert page == expected[offset : offset + limit], (filters, limit, offset)
+            # Keyset: each page starts below the last id of the one before.
+            pages, before = [], None
+            while True:
+                page = _listed(s, a, filters, limit=limit, before_id=before)
+                if not page:
+                    break
+                pages.extend(page)
+                before = page[-1]
+            assert pages == expected
+        cut = expected[len(expected) // 2] if expected else 1
+        below = [i for i in expected if i < cut]
+        assert _listed(s, a, filters, before_id=cut) == below
+        for rid in (expected[:1] or [rows[0].id]) + [rows[-1].id]:
+            one = _listed(s, a, filters, request_id=rid, limit=1, offset=5)
+            assert one == ([rid] if rid in expected else [])
+            assert s.requests.count_for_account(a, filters=filters, request_id=rid) == len(one)
+
+
+def test_filters_never_show_another_accounts_requests(filtered) -> None:
+    s, _, rows = filtered
+    b = int(s.accounts.find("158/b").id)
+    theirs = _listed(s, b, RequestFilter(bucket="b-one"))
+    assert len(theirs) == 5 and not set(theirs) & {r.id for r in rows}
+    assert _listed(s, b, RequestFilter(bucket="b-one"), request_id=rows[0].id) == []
+    assert s.requests.count_for_account(b, filters=RequestFilter(path_prefix="s")) == 5
+    assert _listed(s, b, RequestFilter(states=("queued",)), before_id=10**9) == theirs
 
 
 # -- claims and leases -----------------------------------------------------------------------
@@ -568,9 +774,15 @@ def test_an_attempt_made_after_the_callback_lease_moved_on_is_kept(stores: Servi
     # set is refused (the callback is delivered, not pending).
     with pytest.raises(LeaseLost):
         stores.queue.record_callback(
-            rid, msg_id=slow.msg_id, at=utcnow(), ok=False, http_status=None,
-            error="timed out", duration=9.0, next_delay=60,
-        )  # fmt: skip
+            rid,
+            msg_id=slow.msg_id,
+            at=utcnow(),
+            ok=False,
+            http_status=None,
+            error="timed out",
+            duration=9.0,
+            next_delay=60,
+        )
     attempts = stores.queue.callback_attempts(rid)
     assert [(a["ok"], a["http_status"], a["error"]) for a in attempts] == [
         (True, 204, None),

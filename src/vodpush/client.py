@@ -30,8 +30,10 @@ import json
 import os
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from importlib import metadata as _dist
 from typing import Any
 from urllib.parse import quote
@@ -46,12 +48,15 @@ from vodpush.webhooks import verify as verify_callback
 __all__ = [
     "DEFAULT_TIMEOUT",
     "ApiError",
+    "ApiWarning",
     "CallbackAttempt",
     "CallbackHistory",
     "Client",
     "ClientError",
+    "FiltersUnsupported",
     "Redelivery",
     "RequestNotFound",
+    "StatusPage",
     "StatusRecord",
     "TransportError",
     "WebhookVerificationError",
@@ -91,6 +96,22 @@ class TransportError(ClientError):
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class FiltersUnsupported(ClientError):
+    """The server answered without ``total``: it ignored the aws.status filters (or
+    after_id) sent, so the records are not what was asked for. A ScaleEngine server, or a
+    vodpush older than the filters."""
+
+    def __init__(self, url: str, names: Iterable[str]) -> None:
+        super().__init__(
+            f"{url} ignored {', '.join(names)}: it does not support aws.status filters"
+        )
+
+
+class ApiWarning(UserWarning):
+    """The server named fields of a request that it ignored (its ``warnings``). Also
+    kept in ``Client.last_warnings`` and ``StatusPage.warnings``."""
 
 
 class RequestNotFound(ClientError, LookupError):
@@ -351,6 +372,69 @@ def disposition_header(filename: str, *, inline: bool = False) -> str:
     return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
+class StatusPage(list[StatusRecord]):
+    """One page of ``aws.status``: a list of records, and what the answer said beside
+    them. ``total`` is how many requests the filters match in all (None when no filter
+    and no ``after_id`` was sent: the reference API has no total); ``warnings`` the
+    fields the server ignored."""
+
+    def __init__(
+        self,
+        records: Iterable[StatusRecord] = (),
+        *,
+        total: int | None = None,
+        warnings: Iterable[str] = (),
+    ) -> None:
+        super().__init__(records)
+        self.total = total
+        self.warnings = list(warnings)
+
+    def __repr__(self) -> str:
+        return f"StatusPage({list.__repr__(self)}, total={self.total!r})"
+
+
+# The time format of the records' `created`, and of created_from/created_to.
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def _time_field(value: datetime | str | int, name: str) -> str | int:
+    """A time for created_from/created_to: a datetime (naive means UTC; to the second),
+    'YYYY-MM-DD HH:MM:SS' (UTC) as it is, or unix seconds."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value.strftime(_TIME_FORMAT)
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"{name} must be a datetime, a str or an int, not {type(value).__name__}")
+
+
+def _filter_fields(
+    *,
+    state: str | Iterable[str] | None,
+    created_from: datetime | str | int | None,
+    created_to: datetime | str | int | None,
+    bucket: str | None,
+    path_prefix: str | None,
+    after_id: int | None,
+) -> dict[str, Any]:
+    """The aws.status fields of the filters given (None: not sent)."""
+    sent: dict[str, Any] = {}
+    if state is not None:
+        sent["state"] = state if isinstance(state, str) else list(state)
+    if created_from is not None:
+        sent["created_from"] = _time_field(created_from, "created_from")
+    if created_to is not None:
+        sent["created_to"] = _time_field(created_to, "created_to")
+    if bucket is not None:
+        sent["bucket"] = bucket
+    if path_prefix is not None:
+        sent["path_prefix"] = path_prefix
+    if after_id is not None:
+        sent["after_id"] = after_id
+    return sent
+
+
 # -- the client ---------------------------------------------------------------------------
 
 
@@ -412,6 +496,8 @@ class Client:
             headers={"User-Agent": _user_agent()},
             follow_redirects=False,
         )
+        # The `warnings` of the last answer: fields the server ignored.
+        self.last_warnings: list[str] = []
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Client:
@@ -510,15 +596,53 @@ class Client:
             raise TransportError(f"aws.upload answered without an id: {data!r}")
         return request_id
 
-    def status(self, limit: int = 25, offset: int = 0, id: int | None = None) -> list[StatusRecord]:
-        """One page of the account's requests, newest first (or just request ``id``)."""
+    def status(
+        self,
+        limit: int = 25,
+        offset: int = 0,
+        id: int | None = None,
+        *,
+        state: str | Iterable[str] | None = None,
+        created_from: datetime | str | int | None = None,
+        created_to: datetime | str | int | None = None,
+        bucket: str | None = None,
+        path_prefix: str | None = None,
+        after_id: int | None = None,
+    ) -> StatusPage:
+        """One page of the account's requests, newest first (or just request ``id``).
+
+        The filters (all of them together): ``state``, one or a list of queued, running,
+        retrying, succeeded, failed, canceled; ``created_from`` and ``created_to``, both
+        inclusive, to the second (datetimes, naive meaning UTC; 'YYYY-MM-DD HH:MM:SS' UTC;
+        or unix seconds); ``bucket``; ``path_prefix``, the start of the source path,
+        exactly. ``after_id`` continues a listing below the last id of a page (keyset
+        paging; ``offset`` must then be 0). With any of these the page has its ``total``;
+        a server that ignores them raises FiltersUnsupported.
+        """
+        extended = _filter_fields(
+            state=state,
+            created_from=created_from,
+            created_to=created_to,
+            bucket=bucket,
+            path_prefix=path_prefix,
+            after_id=after_id,
+        )
         fields_: dict[str, Any] = {"limit": limit, "offset": offset}
         if id is not None:
             fields_["id"] = id
-        data = self._call("aws.status", fields_, resend_same_body=False)
+        fields_.update(extended)
+        answer = self._call_envelope("aws.status", fields_, resend_same_body=False)
+        data = answer.get("data")
         if not isinstance(data, list):
             raise TransportError(f"aws.status answered {type(data).__name__}, not a list")
-        return [StatusRecord.from_api(entry) for entry in data if isinstance(entry, Mapping)]
+        total = _as_int(answer.get("total"))
+        if extended and total is None:
+            raise FiltersUnsupported(self.url, extended)
+        return StatusPage(
+            (StatusRecord.from_api(entry) for entry in data if isinstance(entry, Mapping)),
+            total=total,
+            warnings=self.last_warnings,
+        )
 
     def cancel(self, id: int) -> StatusRecord:
         """``aws.cancel``: stop request ``id`` (queued, running or retrying); its record,
@@ -564,20 +688,61 @@ class Client:
             raise TransportError(f"aws.redeliver answered {type(data).__name__}, not an object")
         return Redelivery.from_api(data)
 
-    def iter_status(self, page_size: int = 100) -> Iterator[StatusRecord]:
-        """Every request of the account, newest first, fetched ``page_size`` at a time.
+    def iter_status(
+        self,
+        page_size: int = 100,
+        *,
+        state: str | Iterable[str] | None = None,
+        created_from: datetime | str | int | None = None,
+        created_to: datetime | str | int | None = None,
+        bucket: str | None = None,
+        path_prefix: str | None = None,
+    ) -> Iterator[StatusRecord]:
+        """Every request of the account that the filters match (see ``status``), newest
+        first, fetched ``page_size`` at a time.
 
-        Requests queued while paging push older ones to later offsets; a record is yielded
-        only if its id is below the last one yielded, so none comes twice.
+        Each page continues below the last id of the one before (``after_id``), so
+        requests queued meanwhile neither repeat nor push others out, and a page deep in
+        the list costs what the first does. A server without ``after_id`` is paged by
+        offset instead (then filters cannot be asked for).
         """
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
-        offset = 0
-        last_id: int | None = None
+        filters: dict[str, Any] = {
+            "state": state,
+            "created_from": created_from,
+            "created_to": created_to,
+            "bucket": bucket,
+            "path_prefix": path_prefix,
+        }
+        after_id: int | None = None
+        yielded = 0
+        while True:
+            try:
+                page = self.status(limit=page_size, after_id=after_id, **filters)
+            except FiltersUnsupported:
+                if after_id is None or any(v is not None for v in filters.values()):
+                    raise
+                yield from self._iter_by_offset(page_size, offset=yielded, below=after_id)
+                return
+            for record in page:
+                if after_id is None or record.id < after_id:
+                    after_id = record.id
+                    yielded += 1
+                    yield record
+            if len(page) < page_size:
+                return
+
+    def _iter_by_offset(self, page_size: int, *, offset: int, below: int) -> Iterator[StatusRecord]:
+        """The requests below id ``below``, from ``offset`` on, by offset paging (a server
+        without after_id). Requests queued meanwhile push older ones to later offsets; a
+        record is yielded only if its id is below the last one yielded, so none comes
+        twice."""
+        last_id = below
         while True:
             page = self.status(limit=page_size, offset=offset)
             for record in page:
-                if last_id is None or record.id < last_id:
+                if record.id < last_id:
                     last_id = record.id
                     yield record
             if len(page) < page_size:
@@ -616,6 +781,24 @@ class Client:
         timestamp. Without ``repeatable`` a failed attempt is tried again only if the
         server surely did not run it.
         """
+        return self._call_envelope(
+            command,
+            fields_,
+            resend_same_body=resend_same_body,
+            resign_when_old=resign_when_old,
+            repeatable=repeatable,
+        ).get("data")
+
+    def _call_envelope(
+        self,
+        command: str,
+        fields_: Mapping[str, Any],
+        *,
+        resend_same_body: bool,
+        resign_when_old: bool = False,
+        repeatable: bool = True,
+    ) -> dict[str, Any]:
+        """``_call``, returning the whole envelope of the success."""
         body, signed_at = self._sign(command, fields_)
         attempt = 0
         while True:
@@ -634,7 +817,7 @@ class Client:
                 if not resend_same_body or too_old:
                     body, signed_at = self._sign(command, fields_)
 
-    def _send(self, body: str) -> Any:
+    def _send(self, body: str) -> dict[str, Any]:
         try:
             response = self._http.post(self.url, data={"json": body})
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -666,6 +849,7 @@ class Client:
                 f"{self.url} did not answer with an API envelope: {_snippet(response)}",
                 status_code=200,
             )
+        self._note_warnings(envelope.get("warnings"))
         if envelope["status"] == "failure":
             error = ApiError(
                 _as_str(envelope.get("code")) or "????", _as_str(envelope.get("message"))
@@ -674,7 +858,15 @@ class Client:
                 # refused before doing anything: safe to repeat
                 raise _Retryable(error, unprocessed=True)
             raise error
-        return envelope.get("data")
+        return envelope
+
+    def _note_warnings(self, sent: Any) -> None:
+        """Keep the answer's warnings (strings only), and raise them as ApiWarning."""
+        self.last_warnings = (
+            [str(w) for w in sent if isinstance(w, str)] if isinstance(sent, list) else []
+        )
+        for warning in self.last_warnings:
+            warnings.warn(f"{self.url}: {warning}", ApiWarning, stacklevel=5)
 
 
 def _soon(retry_after: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ import click
 
 from vodpush.client import (
     ApiError,
+    ApiWarning,
     CallbackHistory,
     Client,
     ClientError,
@@ -108,7 +110,10 @@ def _api(kwargs: dict[str, Any]) -> Iterator[Client]:
     except ValueError as exc:
         raise _Failed(str(exc)) from exc
     try:
-        yield api
+        with warnings.catch_warnings():
+            # The server's warnings are printed as "warning: ..." lines instead.
+            warnings.simplefilter("ignore", ApiWarning)
+            yield api
     except ApiError as exc:
         raise _Failed(f"{exc.message} (code {exc.code})") from exc
     except ClientError as exc:
@@ -222,6 +227,8 @@ def upload(
             content_disposition=content_disposition,
             preflight=preflight,
         )
+        for warning in api.last_warnings:
+            click.echo(f"warning: {warning}", err=True)
     click.echo(request_id)
 
 
@@ -236,12 +243,63 @@ def _progress_text(record: StatusRecord) -> str:
 @click.option("--id", "request_id", type=click.IntRange(min=1), help="Only this request.")
 @click.option("--limit", type=click.IntRange(min=1), default=25, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    metavar="STATE",
+    help="Only requests in this state (queued, running, retrying, succeeded, failed, "
+    "canceled); repeat for several.",
+)
+@click.option("--bucket", help="Only requests to this bucket.")
+@click.option("--path-prefix", help="Only requests whose source path starts with this, exactly.")
+@click.option(
+    "--created-from",
+    metavar="TIME",
+    help="Only requests queued at or after TIME: 'YYYY-MM-DD HH:MM:SS' (UTC) or unix seconds.",
+)
+@click.option(
+    "--created-to",
+    metavar="TIME",
+    help="Only requests queued at or before TIME (its whole second), as --created-from.",
+)
+@click.option(
+    "--after-id",
+    type=click.IntRange(min=1),
+    help="The page after the one that ended with this id (keyset paging; not with --offset).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_credential_options
-def status(request_id: int | None, limit: int, offset: int, as_json: bool, **kwargs: Any) -> None:
-    """List your upload requests, newest first."""
+def status(
+    request_id: int | None,
+    limit: int,
+    offset: int,
+    states: tuple[str, ...],
+    bucket: str | None,
+    path_prefix: str | None,
+    created_from: str | None,
+    created_to: str | None,
+    after_id: int | None,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
+    """List your upload requests, newest first; the filters all apply together. With a
+    filter or --after-id the table's caption gives the total and the next page's
+    --after-id."""
     with _api(kwargs) as api:
-        records = api.status(limit=limit, offset=offset, id=request_id)
+        records = api.status(
+            limit=limit,
+            offset=offset,
+            id=request_id,
+            state=list(states) or None,
+            bucket=bucket,
+            path_prefix=path_prefix,
+            created_from=_digits_as_int(created_from),
+            created_to=_digits_as_int(created_to),
+            after_id=after_id,
+        )
+    for warning in records.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
         return
@@ -266,6 +324,10 @@ def status(request_id: int | None, limit: int, offset: int, as_json: bool, **kwa
         )
     for column in table.columns:
         column.overflow = "fold"
+    if records.total is not None:
+        table.caption = f"{len(records)} of {records.total} matching"
+        if records and len(records) == limit:
+            table.caption += f"; next page: --after-id {records[-1].id}"
     Console(markup=False).print(table)
 
 
@@ -366,6 +428,11 @@ def redeliver(request_id: int, **kwargs: Any) -> None:
     click.echo(
         f"request {done.id}: callback {done.callback_state} (webhook-id {done.webhook_id}{when})"
     )
+
+
+def _digits_as_int(value: str | None) -> str | int | None:
+    """Unix seconds as a number; anything else as given (the server checks it)."""
+    return int(value) if value is not None and value.isascii() and value.isdigit() else value
 
 
 @client.command()

@@ -11,11 +11,25 @@ from typing import Any
 import orjson
 
 from vodpush.api.limits import TALLY, Busy, RequestGuard, busy_envelope
-from vodpush.commands import COMMANDS, READ_ONLY_COMMANDS, CommandContext
+from vodpush.commands import (
+    COMMAND_FIELDS,
+    COMMANDS,
+    COSTLY_FIELDS,
+    READ_ONLY_COMMANDS,
+    CommandContext,
+)
 from vodpush.core.requests import StoreUnavailable
 from vodpush.logs import echo
 from vodpush.protocol.auth import authenticate
-from vodpush.protocol.envelope import ApiError, Code, RetryLater, failure, success
+from vodpush.protocol.envelope import (
+    Answer,
+    ApiError,
+    Code,
+    RetryLater,
+    failure,
+    success,
+    unknown_field_warnings,
+)
 from vodpush.protocol.fields import require
 from vodpush.protocol.payload import InvalidPayload
 from vodpush.protocol.signing import (
@@ -55,15 +69,25 @@ def parse(raw: str) -> SignedRequest:
 
 
 def is_read_only(raw: str) -> bool:
-    """Whether ``raw`` is a small request naming a read-only command: a quick look to choose
-    where to run it; ``handle`` still parses, checks and refuses as it always does."""
+    """Whether ``raw`` is a small request naming a read-only command, without a field that
+    makes it costly (COSTLY_FIELDS): a quick look to choose where to run it; ``handle``
+    still parses, checks and refuses as it always does."""
     if len(raw) > INLINE_MAX_CHARS:
         return False
     try:
-        command = orjson.loads(raw).get("command")
+        payload = orjson.loads(raw)
+        command = payload.get("command")
     except (orjson.JSONDecodeError, AttributeError):
         return False
-    return isinstance(command, str) and command in READ_ONLY_COMMANDS
+    if not isinstance(command, str) or command not in READ_ONLY_COMMANDS:
+        return False
+    return COSTLY_FIELDS.get(command, frozenset()).isdisjoint(payload)
+
+
+def field_warnings(command: str, payload: dict[str, Any]) -> list[str]:
+    """The fields of ``payload`` that neither the envelope nor ``command`` reads, named
+    back so that a misspelt or unsupported field is not dropped in silence."""
+    return unknown_field_warnings(payload, COMMAND_FIELDS.get(command, frozenset()))
 
 
 def handle(
@@ -80,6 +104,7 @@ def handle(
     command: Any = None
     account_id = None
     username = None
+    warnings: list[str] = []
     try:
         try:
             signed = parse(raw)
@@ -100,6 +125,9 @@ def handle(
         account_id, username = account.id, account.username
         if guard is not None:
             guard.check_account(account.id)  # raises Busy over the account's request rate
+        # Named only to a caller who signed the request: the command's own answers, its
+        # refusals included (a misspelt field's warning explains a "missing field").
+        warnings = field_warnings(command, signed.payload)
         ctx = CommandContext(
             account=account,
             # Replays are recognised by the digest, whichever spelling of it was sent.
@@ -108,8 +136,10 @@ def handle(
             requests=service.requests,
             preflight=service.preflight,
         )
-        message, data = handler(ctx, signed.payload)
+        result = handler(ctx, signed.payload)
+        answer = result if isinstance(result, Answer) else Answer(*result)
         if command not in READ_ONLY_COMMANDS:
+            data = answer.data
             log.info(
                 "command accepted",
                 extra={
@@ -121,7 +151,13 @@ def handle(
                     "request_id": data.get("id") if isinstance(data, dict) else None,
                 },
             )
-        return success(message, data, time.perf_counter() - started)
+        return success(
+            answer.message,
+            answer.data,
+            time.perf_counter() - started,
+            members=answer.members,
+            warnings=warnings,
+        )
     except FallbackDeferred:
         return None
     except ApiError as exc:
@@ -140,7 +176,7 @@ def handle(
                 "reason": echo(exc.message, 500),
             },
         )
-        answer = failure(exc.code, exc.message, time.perf_counter() - started)
+        answer = failure(exc.code, exc.message, time.perf_counter() - started, warnings=warnings)
         if isinstance(exc, RetryLater):  # a command's own limit: say when, as Busy does
             answer["retry_after"] = exc.retry_after
         return answer

@@ -29,22 +29,60 @@ def request_group() -> None:
 @click.option("--limit", type=int, help="At most this many (default 25), newest first.")
 @click.option("--offset", type=int, help="Skip this many of the newest first.")
 @click.option("--id", "request_id", type=int, help="Only the request with this id.")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    help="Only requests in this state (queued, running, retrying, succeeded, failed, "
+    "canceled); repeat for several.",
+)
+@click.option("--bucket", help="Only requests to this bucket.")
+@click.option("--path-prefix", help="Only requests whose source path starts with this, exactly.")
+@click.option(
+    "--created-from",
+    metavar="TIME",
+    help="Queued at or after TIME: 'YYYY-MM-DD HH:MM:SS' (UTC) or unix seconds.",
+)
+@click.option("--created-to", metavar="TIME", help="Queued at or before TIME (its whole second).")
+@click.option("--after-id", type=int, help="Only requests below this id (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Print the aws.status records as JSON.")
 @user_errors
 def request_list(
-    ref: str, limit: int | None, offset: int | None, request_id: int | None, as_json: bool
+    ref: str,
+    limit: int | None,
+    offset: int | None,
+    request_id: int | None,
+    states: tuple[str, ...],
+    bucket: str | None,
+    path_prefix: str | None,
+    created_from: str | None,
+    created_to: str | None,
+    after_id: int | None,
+    as_json: bool,
 ) -> None:
     """An account's requests (REF: api_key, id or cdn/username), as its aws.status shows
-    them."""
+    them, with the same filters (all together)."""
     service = open_service()
     try:
         ctx = OperationContext(
             account=service.accounts.find(ref), settings=service.settings, requests=service.requests
         )
         query = StatusQuery.from_values(
-            {"limit": limit, "offset": offset, "id": request_id}, service.settings
+            {
+                "limit": limit,
+                "offset": offset,
+                "id": request_id,
+                "state": list(states) or None,
+                "bucket": bucket,
+                "path_prefix": path_prefix,
+                "created_from": created_from,
+                "created_to": created_to,
+                "after_id": after_id,
+            },
+            service.settings,
         )
-        found = status(ctx, query).records()
+        page = status(ctx, query)
+        found = page.records()
     finally:
         service.close()
     if as_json:
@@ -76,6 +114,8 @@ def request_list(
             record["message"],
             record["last_updated"],
         )
+    if page.total is not None:
+        table.caption = f"{len(found)} of {page.total} matching"
     # Paths and messages are the customer's text (and S3's): never read them as markup.
     Console(markup=False, highlight=False).print(table)
 

@@ -1,5 +1,5 @@
 """API commands. Each takes the authenticated context and the signed payload, and returns
-(message, data) or raises ApiError."""
+(message, data) or an Answer, or raises ApiError."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from vodpush.commands.retry import aws_retry
 from vodpush.commands.status import aws_status
 from vodpush.commands.upload import aws_upload
 from vodpush.core.options import REQUEST_OPTIONS
+from vodpush.operations.status import EXTENDED_FIELDS as STATUS_EXTENDED_FIELDS
+from vodpush.protocol.envelope import Answer
 
-Handler = Callable[[CommandContext, dict[str, Any]], tuple[str, Any]]
+# A handler answers (message, data), or an Answer when the envelope carries more.
+Handler = Callable[[CommandContext, dict[str, Any]], tuple[str, Any] | Answer]
 
 COMMANDS: dict[str, Handler] = {
     "aws.upload": answering_refusals(aws_upload),
@@ -42,7 +45,7 @@ COMMAND_FIELDS: dict[str, frozenset[str]] = {
             *REQUEST_OPTIONS,
         }
     ),
-    "aws.status": frozenset({"id", "limit", "offset"}),
+    "aws.status": frozenset({"id", "limit", "offset", *STATUS_EXTENDED_FIELDS}),
     "aws.cancel": frozenset({"id"}),
     "aws.retry": frozenset({"id"}),
     "aws.callbacks": frozenset({"id"}),
@@ -52,5 +55,19 @@ COMMAND_FIELDS: dict[str, frozenset[str]] = {
 # memory), the small ones run on the event loop: each must cost about what an aws.status
 # page does (aws.callbacks: one row, at most HISTORY_LIMIT attempts, by index).
 READ_ONLY_COMMANDS = frozenset({"aws.status", "aws.callbacks"})
+# Fields that make a read-only command cost more than the event loop may spend on SQLite
+# (see api.dispatch.is_read_only): aws.status's filters and keyset paging count what they
+# match, and a range filter reads its whole range of the index.
+COSTLY_FIELDS: dict[str, frozenset[str]] = {
+    "aws.status": frozenset(STATUS_EXTENDED_FIELDS),
+}
 
-__all__ = ["COMMANDS", "COMMAND_FIELDS", "READ_ONLY_COMMANDS", "CommandContext", "Handler"]
+__all__ = [
+    "COMMANDS",
+    "COMMAND_FIELDS",
+    "COSTLY_FIELDS",
+    "READ_ONLY_COMMANDS",
+    "Answer",
+    "CommandContext",
+    "Handler",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, TypeVar
 
 from vodpush.operations import (
     InvalidField,
@@ -15,6 +15,8 @@ from vodpush.operations import (
     Unauthorized,
 )
 from vodpush.protocol.envelope import ApiError, Code, RetryLater
+
+_Answer = TypeVar("_Answer")
 
 _CODES: dict[type[Refused], Code] = {
     MissingFields: Code.MISSING_FIELDS,
@@ -34,12 +36,12 @@ def api_error(refused: Refused) -> ApiError:
 
 
 def answering_refusals(
-    handler: Callable[[Any, dict[str, Any]], tuple[str, Any]],
-) -> Callable[[Any, dict[str, Any]], tuple[str, Any]]:
+    handler: Callable[[Any, dict[str, Any]], _Answer],
+) -> Callable[[Any, dict[str, Any]], _Answer]:
     """``handler`` with the operations' refusals raised as ApiError."""
 
     @wraps(handler)
-    def adapted(ctx: Any, payload: dict[str, Any]) -> tuple[str, Any]:
+    def adapted(ctx: Any, payload: dict[str, Any]) -> _Answer:
         try:
             return handler(ctx, payload)
         except Refused as exc:

@@ -6,8 +6,13 @@ from typing import Any
 
 from vodpush.commands.context import CommandContext
 from vodpush.operations import StatusQuery, status
+from vodpush.protocol.envelope import Answer
 
 
-def aws_status(ctx: CommandContext, payload: dict[str, Any]) -> tuple[str, Any]:
+def aws_status(ctx: CommandContext, payload: dict[str, Any]) -> Answer:
     query = StatusQuery.from_values(payload, ctx.settings)
-    return "Found AWS Status", status(ctx.operation(), query).records()
+    page = status(ctx.operation(), query)
+    # `total` only for a query beyond the reference API's: a client that sends only the
+    # documented fields gets exactly the documented answer.
+    members = {} if page.total is None else {"total": page.total}
+    return Answer("Found AWS Status", page.records(), members)

@@ -43,6 +43,14 @@ class InvalidField(Refused):
         super().__init__(f"invalid {field}: {why}")
 
 
+def quoted(text: str, limit: int = 64) -> str:
+    """A caller's text to name back in a message: at most ``limit`` characters of it (then
+    "..."), quoted and escaped as a Python literal, so that control characters, quotes,
+    bidirectional overrides and lone surrogates show as escapes and never act."""
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    return repr(shown)
+
+
 def require(values: Mapping[str, Any], names: Iterable[str]) -> None:
     """MissingFields naming every required field that is absent (or null)."""
     missing = [name for name in names if values.get(name) is None]

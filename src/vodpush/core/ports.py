@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from vodpush.core.accounts import AccountRecord, S3Settings
 from vodpush.core.callbacks import CallbackHistory, RedeliveryResult
 from vodpush.core.checkpoint import PartLedger
+from vodpush.core.filters import RequestFilter
 from vodpush.core.orphans import Orphan
 from vodpush.core.requests import (
     Claimed,
@@ -120,9 +121,31 @@ class RequestStorePort(Protocol):
         ...
 
     def list_for_account(
-        self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
+        self,
+        account_id: int,
+        *,
+        limit: int,
+        offset: int,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+        before_id: int | None = None,
     ) -> Sequence[StatusRow]:
-        """An account's requests, newest first; never another account's."""
+        """An account's requests, newest first; never another account's. Only those that
+        meet ``filters`` (and are request ``request_id``); with ``before_id``, only those
+        whose id is below it (keyset paging: the page after the one that ended there).
+        Served by an index whatever the filters, and as fast deep in the list as at its
+        top when paged by ``before_id``."""
+        ...
+
+    def count_for_account(
+        self,
+        account_id: int,
+        *,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+    ) -> int:
+        """How many of the account's requests ``list_for_account`` would list with no
+        paging (no limit, offset or before_id)."""
         ...
 
     def replayed(self, account_id: int, signature: str) -> int | None:

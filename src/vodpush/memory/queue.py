@@ -18,6 +18,7 @@ from vodpush.core.callbacks import (
     judge_redelivery,
 )
 from vodpush.core.checkpoint import MultipartCheckpoint, PartRecord
+from vodpush.core.filters import RequestFilter
 from vodpush.core.ports import StatusRow
 from vodpush.core.records import (
     FINISHING_MESSAGE,
@@ -117,16 +118,54 @@ class MemoryRequestStore:
     def _status(row: RequestRow) -> StatusRow:
         return StatusTuple._make(getattr(row, name) for name in StatusTuple._fields)  # type: ignore[no-any-return]
 
+    def _matching(
+        self,
+        account_id: int,
+        request_id: int | None,
+        filters: RequestFilter | None,
+        before_id: int | None,
+    ) -> list[RequestRow]:
+        """The account's requests that meet every condition, newest first (lock held)."""
+        if request_id is not None:
+            row = self._t.requests.get(request_id)
+            candidates = [row] if row is not None else []
+        else:
+            candidates = list(self._t.requests.values())
+        mine = [
+            r
+            for r in candidates
+            if r.account_id == account_id
+            and (before_id is None or r.id < before_id)
+            and (filters is None or filters.matches(r))
+        ]
+        mine.sort(key=lambda r: r.id, reverse=True)
+        return mine
+
     def list_for_account(
-        self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
+        self,
+        account_id: int,
+        *,
+        limit: int,
+        offset: int,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+        before_id: int | None = None,
     ) -> Sequence[StatusRow]:
         with self._t.lock:
+            mine = self._matching(account_id, request_id, filters, before_id)
             if request_id is not None:
-                row = self._t.requests.get(request_id)
-                return [self._status(row)] if row and row.account_id == account_id else []
-            mine = [r for r in self._t.requests.values() if r.account_id == account_id]
-            mine.sort(key=lambda r: r.id, reverse=True)
+                return [self._status(r) for r in mine]  # the page does not apply
             return [self._status(r) for r in mine[offset : offset + limit]]
+
+    def count_for_account(
+        self,
+        account_id: int,
+        *,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+    ) -> int:
+        with self._t.lock:
+            return len(self._matching(account_id, request_id, filters, None))
 
     def get(self, request_id: int) -> StatusRow | None:
         with self._t.lock:

@@ -4,6 +4,7 @@ callback and make it due again (aws.callbacks, aws.redeliver)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -13,6 +14,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Select,
     bindparam,
     case,
     delete,
@@ -32,6 +34,7 @@ from vodpush.core.callbacks import (
     RedeliveryResult,
     judge_redelivery,
 )
+from vodpush.core.filters import RequestFilter
 from vodpush.core.records import FINISHING_MESSAGE, QUEUED_MESSAGE
 from vodpush.core.requests import (
     CANCELABLE_STATES,
@@ -51,6 +54,7 @@ from vodpush.core.requests import (
 from vodpush.persistence import dialect
 from vodpush.persistence.db import PreparedQuery, read, write_transaction
 from vodpush.persistence.events import read_events, record_event
+from vodpush.persistence.listing import count_statement, newest_statement, page_ids, probe_rows
 from vodpush.persistence.models import CallbackAttempt, UploadPart, UploadRequest
 from vodpush.persistence.models import RequestEvent as RequestEventRow
 from vodpush.persistence.orphans import record_checkpoint
@@ -202,12 +206,68 @@ class RequestStore:
             ).scalar()
 
     def list_for_account(
-        self, account_id: int, *, limit: int, offset: int, request_id: int | None = None
+        self,
+        account_id: int,
+        *,
+        limit: int,
+        offset: int,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+        before_id: int | None = None,
     ) -> Sequence[Any]:
-        """An account's requests, newest first; never another account's."""
-        if request_id is None:
-            return self._page.all(account_id=account_id, limit=limit, offset=offset)
-        return self._one.all(account_id=account_id, id=request_id)
+        """An account's requests, newest first; never another account's (see
+        core.ports.RequestStorePort)."""
+        if (filters is None or filters.empty) and before_id is None:
+            # The reference API's listing: compiled once (the hot path).
+            if request_id is None:
+                return self._page.all(account_id=account_id, limit=limit, offset=offset)
+            return self._one.all(account_id=account_id, id=request_id)
+        page = functools.partial(
+            page_statement,
+            account_id,
+            limit=limit,
+            offset=offset,
+            request_id=request_id,
+            filters=filters or RequestFilter(),
+            before_id=before_id,
+            sql=self._dialect,
+        )
+        filters = filters or RequestFilter()
+        with read(self._engine) as conn:
+            probe = probe_rows(filters, limit=limit, offset=offset)
+            if probe is not None and request_id is None:
+                # Range filters alone: the newest requests first, then those from the
+                # newest match down, then every match (see persistence.listing).
+                rows = conn.execute(page(probe=probe)).all()
+                if len(rows) == limit:
+                    return rows
+                newest = conn.execute(
+                    newest_statement(
+                        account_id, filters=filters, before_id=before_id, sql=self._dialect
+                    )
+                ).scalar()
+                if newest is None:
+                    return []  # nothing below the bound matches
+                rows = conn.execute(page(probe=probe, before_id=newest + 1)).all()
+                if len(rows) == limit:
+                    return rows
+            return conn.execute(page()).all()
+
+    def count_for_account(
+        self,
+        account_id: int,
+        *,
+        request_id: int | None = None,
+        filters: RequestFilter | None = None,
+    ) -> int:
+        statement = count_statement(
+            account_id,
+            request_id=request_id,
+            filters=filters or RequestFilter(),
+            sql=self._dialect,
+        )
+        with read(self._engine) as conn:
+            return int(conn.execute(statement).scalar_one())
 
     def get(self, request_id: int) -> Row[Any] | None:
         with read(self._engine) as conn:
@@ -442,4 +502,16 @@ def _judge(row: Row[Any] | None, msg_id: str) -> RedeliveryResult | None:
         msg_id=row.callback_msg_id,
         next_at=row.callback_next_at,
         new_msg_id=msg_id,
+    )
+
+
+def page_statement(account_id: int, **page: Any) -> Select[Any]:
+    """One filtered page of the account's requests: the ids listing.page_ids finds (with
+    its keyword arguments), then their rows, newest first."""
+    ids = page_ids(account_id, **page)
+    return (
+        select(*STATUS_COLUMNS)
+        .join_from(ids, _T, _T.c.id == ids.c.id)
+        .where(_T.c.account_id == account_id)
+        .order_by(_T.c.id.desc())
     )

@@ -1,10 +1,22 @@
-"""The response envelope shared by every command, and the API's failure codes."""
+"""The response envelope shared by every command, the API's failure codes, and the
+warnings about fields of a request that no command reads."""
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from vodpush.core.fields import quoted
+
+# The fields every request carries, whatever its command (the rest are the command's).
+ENVELOPE_FIELDS = frozenset({"command", "api_key", "timestamp", "cdn", "signature"})
+# Unknown fields named in one answer, at most; the rest are counted. A field name is the
+# client's text: it is cut to WARNING_NAME_CHARS characters and quoted (core.fields.quoted).
+MAX_WARNINGS = 10
+WARNING_NAME_CHARS = 64
 
 
 class Code(enum.StrEnum):
@@ -42,19 +54,64 @@ class RetryLater(ApiError):
         self.retry_after = max(1, math.ceil(retry_after))
 
 
-def success(message: str, data: Any, handle_time: float) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class Answer:
+    """A command's success: its message and data, and the members the envelope carries
+    beside ``data`` (aws.status's ``total`` when filters were asked for). A command may
+    also answer a plain (message, data) pair."""
+
+    message: str
+    data: Any
+    members: Mapping[str, Any] = field(default_factory=dict)
+
+
+def unknown_field_warnings(payload: Iterable[str], known: Collection[str]) -> list[str]:
+    """A warning for each field of ``payload`` that is neither the envelope's nor in
+    ``known``, in the order sent: at most MAX_WARNINGS named, then how many more."""
+    unknown = [name for name in payload if name not in known and name not in ENVELOPE_FIELDS]
+    warnings = [
+        f"unknown field {quoted(name, WARNING_NAME_CHARS)} ignored"
+        for name in unknown[:MAX_WARNINGS]
+    ]
+    if len(unknown) > MAX_WARNINGS:
+        warnings.append(f"{len(unknown) - MAX_WARNINGS} more unknown fields ignored")
+    return warnings
+
+
+def success(
+    message: str,
+    data: Any,
+    handle_time: float,
+    *,
+    members: Mapping[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
+    """The envelope of a success: the reference API's four members, then ``members``,
+    then ``warnings`` only when there is one."""
+    envelope = {
         "status": "success",
         "message": message,
         "handle_time": round(handle_time, 6),
         "data": data,
     }
+    if members:
+        if envelope.keys() & members.keys():
+            raise ValueError(f"members would replace the envelope's: {sorted(members)}")
+        envelope.update(members)
+    if warnings:
+        envelope["warnings"] = warnings
+    return envelope
 
 
-def failure(code: Code, message: str, handle_time: float) -> dict[str, Any]:
-    return {
+def failure(
+    code: Code, message: str, handle_time: float, *, warnings: list[str] | None = None
+) -> dict[str, Any]:
+    envelope = {
         "status": "failure",
         "code": code.value,
         "message": message,
         "handle_time": round(handle_time, 6),
     }
+    if warnings:
+        envelope["warnings"] = warnings
+    return envelope
