@@ -26,12 +26,13 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from importlib import metadata as _dist
 from typing import Any
 
 import httpx
 
-from vodpush.core.records import SUCCESS_MESSAGE
+from vodpush.core.records import SUCCESS_MESSAGE, format_time, parse_time, retry_cause
 from vodpush.protocol.signing import sign_request
 from vodpush.webhooks import WebhookVerificationError
 from vodpush.webhooks import verify as verify_callback
@@ -113,6 +114,11 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _as_time(value: Any) -> datetime | None:
+    """``YYYY-MM-DD HH:MM:SS`` (UTC) as an aware datetime; None when absent or ``""``."""
+    return parse_time(value) if isinstance(value, str) else None
+
+
 def _as_mapping(value: Any) -> dict[str, Any]:
     """The reference page shows ``metadata`` as the string ``"{}"`` and PHP encodes an empty
     array as ``[]``: read both as an object."""
@@ -145,8 +151,9 @@ class StatusRecord:
     last_updated: str
     status: int  # HTTP status of the S3 upload; 0 until there is one
     # Extras beyond the reference page.
-    state: str | None = None  # queued, running, retrying, succeeded, failed
-    next_attempt_at: str | None = None  # when a retrying request is tried next
+    state: str | None = None  # queued, running, retrying, succeeded, failed, canceled
+    # When a retrying request is tried next (UTC, aware); None in every other state.
+    next_attempt_at: datetime | None = None
     bucket: str | None = None
     attempts: int | None = None
     bytes_done: int | None = None
@@ -176,7 +183,7 @@ class StatusRecord:
             last_updated=_as_str(data.get("last_updated")),
             status=_as_int(data.get("status"), 0) or 0,
             state=_opt_str(data.get("state")),
-            next_attempt_at=_opt_str(data.get("next_attempt_at")),
+            next_attempt_at=_as_time(data.get("next_attempt_at")),
             bucket=_opt_str(data.get("bucket")),
             attempts=_as_int(data.get("attempts")),
             bytes_done=_as_int(data.get("bytes_done")),
@@ -193,8 +200,28 @@ class StatusRecord:
         """The record as a JSON-ready dict: every field (extras the server did not send are
         ``None``), then the fields this client does not know."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        # As vodpush writes it: the time, or "" when not retrying (None: a server without
+        # the extras).
+        if self.next_attempt_at is not None:
+            out["next_attempt_at"] = format_time(self.next_attempt_at.replace(tzinfo=None))
+        elif self.state is not None:
+            out["next_attempt_at"] = ""
         out.update(self.extra)
         return out
+
+    @property
+    def retrying(self) -> bool:
+        """Waiting for its next attempt (at ``next_attempt_at``) after a failure that may
+        pass; ``last_error`` says what it was."""
+        return self.state == "retrying"
+
+    @property
+    def last_error(self) -> str | None:
+        """What went wrong: the cause of the coming retry, or the failure; None when
+        nothing did (so far)."""
+        if self.retrying:
+            return retry_cause(self.message) or self.message
+        return self.message if self.failed else None
 
     @property
     def succeeded(self) -> bool:
