@@ -170,6 +170,34 @@ class QueueStore:
         now = self._dialect.now()
         r = _T.alias("r")
 
+        # First the enabled accounts with anything waiting or running, by one seek each:
+        # most accounts, most of the time, have neither, and only the others are probed
+        # further. Queued, retrying and running are neighbours in the index's order of
+        # states (canceled, failed, queued, retrying, running, succeeded); a state added in
+        # between costs only a probe. A walk in the index's order, not an EXISTS, which
+        # PostgreSQL may read by a table scan (from the oldest, finished, rows on) when one
+        # account has most rows.
+        busy = (
+            select(_ACCOUNTS.c.id, _ACCOUNTS.c.max_in_flight)
+            .where(
+                _ACCOUNTS.c.enabled.is_(True),
+                select(r.c.state)
+                .where(
+                    r.c.account_id == _ACCOUNTS.c.id,
+                    r.c.state >= _fixed(State.QUEUED),
+                    r.c.state <= _fixed(State.RUNNING),
+                )
+                .order_by(r.c.state, r.c.id)  # the composite index's order: no other fits
+                .limit(1)
+                .scalar_subquery()
+                .is_not(None),
+            )
+            .cte("busy")
+            # Materialized, both: each probe runs once per account, not again in the
+            # WHERE and the ORDER BY of the query that reads it.
+            .prefix_with("MATERIALIZED")
+        )
+
         def oldest(state: State, *where: Any) -> Any:
             # The account's oldest request in ``state`` meeting ``where``: an ordered walk
             # of ix_..._account_id_state_id from (account, state). The state is a range of
@@ -179,7 +207,7 @@ class QueueStore:
             return (
                 select(r.c.id)
                 .where(
-                    r.c.account_id == _ACCOUNTS.c.id,
+                    r.c.account_id == busy.c.id,
                     r.c.state >= _fixed(state),
                     r.c.state <= _fixed(state),
                     *where,
@@ -189,39 +217,18 @@ class QueueStore:
                 .scalar_subquery()
             )
 
-        # One seek tells an account with nothing waiting or running (most of them, most of
-        # the time) from the others, which alone are probed further: queued, retrying and
-        # running are neighbours in the index's order of states (canceled, failed, queued,
-        # retrying, running, succeeded); a state added in between costs only a probe. As a
-        # walk in the index's order, again: PostgreSQL would read an EXISTS by a table scan
-        # when one account has most rows, from the oldest (finished) ones on.
-        active = (
-            select(r.c.state)
-            .where(
-                r.c.account_id == _ACCOUNTS.c.id,
-                r.c.state >= _fixed(State.QUEUED),
-                r.c.state <= _fixed(State.RUNNING),
-            )
-            .order_by(r.c.state)
-            .limit(1)
-            .scalar_subquery()
-            .is_not(None)
-        )
-        first = self._dialect.least(
-            oldest(State.QUEUED, r.c.not_before <= now),
-            oldest(State.RETRYING, r.c.not_before <= now),
-            oldest(State.RUNNING, r.c.lease_expires_at < now),
-        )
         candidates = (
             select(
-                _ACCOUNTS.c.id,
-                _ACCOUNTS.c.max_in_flight,
-                case((active, first)).label("first_id"),
-                _in_flight(r, _ACCOUNTS.c.id, now).label("in_flight"),
+                busy.c.id,
+                busy.c.max_in_flight,
+                self._dialect.least(
+                    oldest(State.QUEUED, r.c.not_before <= now),
+                    oldest(State.RETRYING, r.c.not_before <= now),
+                    oldest(State.RUNNING, r.c.lease_expires_at < now),
+                ).label("first_id"),
+                _in_flight(r, busy.c.id, now).label("in_flight"),
             )
-            .where(_ACCOUNTS.c.enabled.is_(True))
             .cte("candidates")
-            # Each probe once per account (not again in WHERE and ORDER BY).
             .prefix_with("MATERIALIZED")
         )
         c = candidates.c
