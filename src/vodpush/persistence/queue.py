@@ -77,6 +77,33 @@ def _fixed(state: str) -> Any:
     return literal(str(state), literal_execute=True)
 
 
+def _oldest(r: Any, account: Any, state: State, *where: Any) -> Any:
+    """The id of ``account``'s oldest request in ``state`` meeting ``where``: an ordered
+    walk of ix_upload_requests_account_id_state_id from (account, state). The state is a
+    range of one value, not an equality: PostgreSQL drops a column fixed by an equality from
+    the order, and ordered by id alone it may walk the primary key instead (when one account
+    has most rows), through every request that account ever finished. ``r``: an alias of
+    the requests table."""
+    return (
+        select(r.c.id)
+        .where(r.c.account_id == account, r.c.state >= _fixed(state), r.c.state <= _fixed(state))
+        .where(*where)
+        .order_by(r.c.state, r.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _oldest_runnable(r: Any, account: Any, now: Any) -> Any:
+    """The id of ``account``'s oldest runnable request (NULL: none): queued or retrying and
+    due, or running under a lease that ran out."""
+    return (
+        _oldest(r, account, State.QUEUED, r.c.not_before <= now),
+        _oldest(r, account, State.RETRYING, r.c.not_before <= now),
+        _oldest(r, account, State.RUNNING, r.c.lease_expires_at < now),
+    )
+
+
 def _in_flight(r: Any, account: Any, now: Any) -> Any:
     """The count of ``account``'s uploads in flight: running under a live lease (one that
     ran out is runnable again, and taking it over counts like any claim). ``r``: an alias
@@ -126,6 +153,7 @@ class QueueStore:
         self._updates: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self._callback_claims: dict[float, Any] = {}
         self._pick = self._pick_statement()
+        self._pick_free = self._pick_free_statement()
         self._lock_account = self._dialect.lock_for_claim(
             select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account"))
         )
@@ -164,9 +192,8 @@ class QueueStore:
     # its uploads in flight that the claim checks includes every claim committed before.
 
     def _pick_statement(self) -> Any:
-        """The account whose turn it is, with the id of its oldest runnable request.
-        Parameters: after (the account of this store's previous claim), tried (accounts
-        whose claim found nothing in this call)."""
+        """The account whose turn it is. Parameters: after (the account of this store's
+        previous claim), tried (accounts whose claim found nothing in this call)."""
         now = self._dialect.now()
         r = _T.alias("r")
 
@@ -198,44 +225,24 @@ class QueueStore:
             .prefix_with("MATERIALIZED")
         )
 
-        def oldest(state: State, *where: Any) -> Any:
-            # The account's oldest request in ``state`` meeting ``where``: an ordered walk
-            # of ix_..._account_id_state_id from (account, state). The state is a range of
-            # one value, not an equality: PostgreSQL drops a column fixed by an equality from
-            # the order, and ordered by id alone it may walk the primary key instead (when
-            # one account has most rows), through every request that account ever finished.
-            return (
-                select(r.c.id)
-                .where(
-                    r.c.account_id == busy.c.id,
-                    r.c.state >= _fixed(state),
-                    r.c.state <= _fixed(state),
-                    *where,
-                )
-                .order_by(r.c.state, r.c.id)
-                .limit(1)
-                .scalar_subquery()
-            )
-
+        # Whether it has a request to run now: a probe per state, in turn, until one finds
+        # one (queued, usually: one probe).
+        runnable = case(
+            *((probe.is_not(None), True) for probe in _oldest_runnable(r, busy.c.id, now)),
+            else_=False,
+        )
         candidates = (
             select(
-                busy.c.id,
-                busy.c.max_in_flight,
-                self._dialect.least(
-                    oldest(State.QUEUED, r.c.not_before <= now),
-                    oldest(State.RETRYING, r.c.not_before <= now),
-                    oldest(State.RUNNING, r.c.lease_expires_at < now),
-                ).label("first_id"),
-                _in_flight(r, busy.c.id, now).label("in_flight"),
+                busy.c.id, busy.c.max_in_flight, _in_flight(r, busy.c.id, now).label("in_flight")
             )
+            .where(runnable)
             .cte("candidates")
             .prefix_with("MATERIALIZED")
         )
         c = candidates.c
         return (
-            select(c.id, c.first_id, c.max_in_flight)
+            select(c.id, c.max_in_flight)
             .where(
-                c.first_id.is_not(None),
                 or_(c.max_in_flight.is_(None), c.in_flight < c.max_in_flight),
                 c.id.not_in(bindparam("tried", expanding=True)),
             )
@@ -245,24 +252,57 @@ class QueueStore:
             .limit(1)
         )
 
-    def _claim_statement(self, lease_seconds: float) -> Any:
-        """The claim of one account's oldest runnable request from ``first`` on, if the
-        account is still enabled and under its limit. Parameters: owner, account, first."""
-        now = self._dialect.now()
+    def _pick_free_statement(self) -> Any:
+        """The pick's shortcut, which the worker's claims nearly always take: the first
+        account in round-robin order (after ``after``, then from the first) with a request
+        to run now and no upload in flight. That is the account the full pick would find
+        whenever there is one (none has fewer in flight), reached by walking the accounts
+        in order and stopping there: a few accounts probed, not all. Parameters: after,
+        tried."""
         r = _T.alias("r")
+        now = self._dialect.now()
+        a = _ACCOUNTS.c
+
+        def first(after: Any) -> Any:
+            return (
+                select(a.id, a.max_in_flight)
+                .where(
+                    after,
+                    a.enabled.is_(True),
+                    or_(a.max_in_flight.is_(None), a.max_in_flight > 0),
+                    a.id.not_in(bindparam("tried", expanding=True)),
+                    # Nothing in flight: one seek for most accounts (nothing running).
+                    _oldest(r, a.id, State.RUNNING, r.c.lease_expires_at >= now).is_(None),
+                    # Something to run: a probe per state until one finds it.
+                    case(
+                        *((probe.is_not(None), 1) for probe in _oldest_runnable(r, a.id, now)),
+                        else_=0,
+                    )
+                    == 1,
+                )
+                .order_by(a.id)
+                .limit(1)
+                .subquery()
+            )
+
+        after, before = first(a.id > bindparam("after")), first(a.id <= bindparam("after"))
+        return select(after).union_all(select(before)).limit(1)
+
+    def _claim_statement(self, lease_seconds: float) -> Any:
+        """The claim of one account's oldest runnable request, if the account is still
+        enabled and under its limit. Parameters: owner, account."""
+        now = self._dialect.now()
+        r, probe = _T.alias("r"), _T.alias("p")
+        first = self._dialect.least(*_oldest_runnable(probe, bindparam("account"), now))
         runnable = or_(
             and_(r.c.state.in_([_fixed(s) for s in WAITING_STATES]), r.c.not_before <= now),
             and_(r.c.state == _fixed(State.RUNNING), r.c.lease_expires_at < now),
         )
-        # From the oldest runnable request the pick saw, in id order (ix_..._account_id_id):
-        # on PostgreSQL a concurrent claim may hold it, and the next one is taken instead.
+        # From the oldest runnable request on, in id order (ix_..._account_id_id): on
+        # PostgreSQL a concurrent claim may hold it, and the next one is taken instead.
         pick = (
             select(r.c.id)
-            .where(
-                r.c.account_id == bindparam("account"),
-                r.c.id >= bindparam("first"),
-                runnable,
-            )
+            .where(r.c.account_id == bindparam("account"), r.c.id >= first, runnable)
             .order_by(r.c.account_id, r.c.id)
             .limit(1)
         )
@@ -330,16 +370,16 @@ class QueueStore:
         # is a transaction of its own, holding one account's lock at most: no deadlock.
         while row is None and len(tried) < _CLAIM_TRIES:
             with write_transaction(self._engine) as conn:
-                pick = conn.execute(
-                    self._pick, {"after": self._last_account, "tried": tried}
-                ).first()
+                turn = {"after": self._last_account, "tried": tried}
+                pick = (
+                    conn.execute(self._pick_free, turn).first()
+                    or conn.execute(self._pick, turn).first()
+                )
                 if pick is None:
                     return None
                 if pick.max_in_flight is not None and self._lock_account is not None:
                     conn.execute(self._lock_account, {"account": pick.id})
-                row = conn.execute(
-                    statement, {"owner": owner, "account": pick.id, "first": pick.first_id}
-                ).first()
+                row = conn.execute(statement, {"owner": owner, "account": pick.id}).first()
             tried.append(pick.id)
         if row is None:
             return None
