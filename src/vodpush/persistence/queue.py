@@ -152,8 +152,7 @@ class QueueStore:
         self._claims: dict[float, Any] = {}
         self._updates: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self._callback_claims: dict[float, Any] = {}
-        self._pick = self._pick_statement()
-        self._pick_free = self._pick_free_statement()
+        self._pick = self._pick_free_statement()
         self._lock_account = self._dialect.lock_for_claim(
             select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account"))
         )
@@ -253,7 +252,8 @@ class QueueStore:
         )
 
     def _pick_free_statement(self) -> Any:
-        """The pick's shortcut, which the worker's claims nearly always take: the first
+        """The pick, with its shortcut first, which the worker's claims nearly always take:
+        the first
         account in round-robin order (after ``after``, then from the first) with a request
         to run now and no upload in flight. That is the account the full pick would find
         whenever there is one (none has fewer in flight), reached by walking the accounts
@@ -286,7 +286,10 @@ class QueueStore:
             )
 
         after, before = first(a.id > bindparam("after")), first(a.id <= bindparam("after"))
-        return select(after).union_all(select(before)).limit(1)
+        # The full pick last: a branch of the same statement, so that the fallback costs no
+        # round trip; read (its CTEs computed) only when the shortcut found nothing.
+        full = self._pick_statement().subquery()
+        return select(after).union_all(select(before), select(full)).limit(1)
 
     def _claim_statement(self, lease_seconds: float) -> Any:
         """The claim of one account's oldest runnable request, if the account is still
@@ -370,11 +373,9 @@ class QueueStore:
         # is a transaction of its own, holding one account's lock at most: no deadlock.
         while row is None and len(tried) < _CLAIM_TRIES:
             with write_transaction(self._engine) as conn:
-                turn = {"after": self._last_account, "tried": tried}
-                pick = (
-                    conn.execute(self._pick_free, turn).first()
-                    or conn.execute(self._pick, turn).first()
-                )
+                pick = conn.execute(
+                    self._pick, {"after": self._last_account, "tried": tried}
+                ).first()
                 if pick is None:
                     return None
                 if pick.max_in_flight is not None and self._lock_account is not None:
