@@ -152,7 +152,7 @@ class QueueStore:
         self._claims: dict[float, Any] = {}
         self._updates: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self._callback_claims: dict[float, Any] = {}
-        self._pick = self._pick_free_statement()
+        self._pick = self._pick_statement()
         self._lock_account = self._dialect.lock_for_claim(
             select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account"))
         )
@@ -182,114 +182,83 @@ class QueueStore:
     #
     # A claim is fair between accounts (core.ports.QueueStorePort.claim): first the account
     # (``_pick``), then its oldest runnable request (``_claim_statement``), in one write
-    # transaction. Both are driven by the accounts, each probed through
-    # ix_upload_requests_account_id_state_id (a few index seeks per account, whatever the
-    # backlog), never by a scan of the runnable requests: the old claim read every due row
-    # of a 20,000-request backlog to sort it by id. SQLite runs the transaction alone (its
-    # write lock); on PostgreSQL each statement reads a snapshot of its own, and a claim for
-    # an account with a limit locks the account's row between the two, so that the count of
-    # its uploads in flight that the claim checks includes every claim committed before.
+    # transaction; never a scan of the backlog (the old claim read every due row of a
+    # 20,000-request backlog to sort it by id). What the pick asks of an account is either
+    # one probe of ix_upload_requests_account_id_state_id (its oldest queued request) or a
+    # lookup in a set the statement builds once from the few requests running, or retrying
+    # and due, of all accounts: nothing per account that a stale estimate of those few could
+    # turn into a walk over all of them. SQLite runs the transaction alone (its write lock);
+    # on PostgreSQL each statement reads a snapshot of its own, and a claim for an account
+    # with a limit locks the account's row between the two, so that the count of its
+    # uploads in flight that the claim checks includes every claim committed before.
 
     def _pick_statement(self) -> Any:
         """The account whose turn it is. Parameters: after (the account of this store's
-        previous claim), tried (accounts whose claim found nothing in this call)."""
+        previous claim), tried (accounts whose claim found nothing in this call).
+
+        First the shortcut, which the worker's claims nearly always take: the next account
+        in round-robin order (after ``after``, then from the first) with a request to run
+        and no upload in flight, found by walking the accounts in id order and stopping
+        there. It is the account the full rule picks whenever there is one (none has fewer
+        in flight). Else, when every account with work has uploads in flight, the full
+        rule over all of them: a branch of the same statement, read (its CTE computed) only
+        when the shortcut found nothing."""
         now = self._dialect.now()
         r = _T.alias("r")
-
-        # First the enabled accounts with anything waiting or running, by one seek each:
-        # most accounts, most of the time, have neither, and only the others are probed
-        # further. Queued, retrying and running are neighbours in the index's order of
-        # states (canceled, failed, queued, retrying, running, succeeded); a state added in
-        # between costs only a probe. A walk in the index's order, not an EXISTS, which
-        # PostgreSQL may read by a table scan (from the oldest, finished, rows on) when one
-        # account has most rows.
-        busy = (
-            select(_ACCOUNTS.c.id, _ACCOUNTS.c.max_in_flight)
-            .where(
-                _ACCOUNTS.c.enabled.is_(True),
-                select(r.c.state)
-                .where(
-                    r.c.account_id == _ACCOUNTS.c.id,
-                    r.c.state >= _fixed(State.QUEUED),
-                    r.c.state <= _fixed(State.RUNNING),
-                )
-                .order_by(r.c.state, r.c.id)  # the composite index's order: no other fits
-                .limit(1)
-                .scalar_subquery()
-                .is_not(None),
-            )
-            .cte("busy")
-            # Materialized, both: each probe runs once per account, not again in the
-            # WHERE and the ORDER BY of the query that reads it.
-            .prefix_with("MATERIALIZED")
-        )
-
-        # Whether it has a request to run now: a probe per state, in turn, until one finds
-        # one (queued, usually: one probe).
-        runnable = case(
-            *((probe.is_not(None), True) for probe in _oldest_runnable(r, busy.c.id, now)),
-            else_=False,
-        )
-        candidates = (
-            select(
-                busy.c.id, busy.c.max_in_flight, _in_flight(r, busy.c.id, now).label("in_flight")
-            )
-            .where(runnable)
-            .cte("candidates")
-            .prefix_with("MATERIALIZED")
-        )
-        c = candidates.c
-        return (
-            select(c.id, c.max_in_flight)
-            .where(
-                or_(c.max_in_flight.is_(None), c.in_flight < c.max_in_flight),
-                c.id.not_in(bindparam("tried", expanding=True)),
-            )
-            # Fewest uploads in flight first; among equals, round-robin: the accounts after
-            # the one served last, then from the first again.
-            .order_by(c.in_flight, c.id <= bindparam("after"), c.id)
-            .limit(1)
-        )
-
-    def _pick_free_statement(self) -> Any:
-        """The pick, with its shortcut first, which the worker's claims nearly always take:
-        the first
-        account in round-robin order (after ``after``, then from the first) with a request
-        to run now and no upload in flight. That is the account the full pick would find
-        whenever there is one (none has fewer in flight), reached by walking the accounts
-        in order and stopping there: a few accounts probed, not all. Parameters: after,
-        tried."""
-        r = _T.alias("r")
-        now = self._dialect.now()
         a = _ACCOUNTS.c
+        # The accounts with an upload in flight, and with a runnable request other than a
+        # queued one (retrying and due, or running under a lease that ran out).
+        running_live = and_(r.c.state == _fixed(State.RUNNING), r.c.lease_expires_at >= now)
+        flying = select(r.c.account_id).where(running_live)
+        other_runnable = select(r.c.account_id).where(
+            or_(
+                and_(r.c.state == _fixed(State.RETRYING), r.c.not_before <= now),
+                and_(r.c.state == _fixed(State.RUNNING), r.c.lease_expires_at < now),
+            )
+        )
+        may_run = and_(
+            a.enabled.is_(True),
+            a.id.not_in(bindparam("tried", expanding=True)),
+            or_(
+                _oldest(r, a.id, State.QUEUED, r.c.not_before <= now).is_not(None),
+                a.id.in_(other_runnable),
+            ),
+        )
 
-        def first(after: Any) -> Any:
+        def free_from(start: Any) -> Any:
             return (
                 select(a.id, a.max_in_flight)
                 .where(
-                    after,
-                    a.enabled.is_(True),
+                    start,
+                    may_run,
+                    a.id.not_in(flying),
                     or_(a.max_in_flight.is_(None), a.max_in_flight > 0),
-                    a.id.not_in(bindparam("tried", expanding=True)),
-                    # Nothing in flight: one seek for most accounts (nothing running).
-                    _oldest(r, a.id, State.RUNNING, r.c.lease_expires_at >= now).is_(None),
-                    # Something to run: a probe per state until one finds it.
-                    case(
-                        *((probe.is_not(None), 1) for probe in _oldest_runnable(r, a.id, now)),
-                        else_=0,
-                    )
-                    == 1,
                 )
                 .order_by(a.id)
                 .limit(1)
                 .subquery()
             )
 
-        after, before = first(a.id > bindparam("after")), first(a.id <= bindparam("after"))
-        # The full pick last: a branch of the same statement, so that the fallback costs no
-        # round trip; read (its CTEs computed) only when the shortcut found nothing.
-        full = self._pick_statement().subquery()
-        return select(after).union_all(select(before), select(full)).limit(1)
+        counts = (
+            select(r.c.account_id, func.count().label("n"))
+            .where(running_live)
+            .group_by(r.c.account_id)
+            .cte("in_flight")
+        )
+        in_flight = func.coalesce(counts.c.n, 0)
+        # Fewest uploads in flight first; among equals, round-robin: the accounts after
+        # the one served last, then from the first again.
+        fewest = (
+            select(a.id, a.max_in_flight)
+            .select_from(_ACCOUNTS.outerjoin(counts, counts.c.account_id == a.id))
+            .where(may_run, or_(a.max_in_flight.is_(None), in_flight < a.max_in_flight))
+            .order_by(in_flight, a.id <= bindparam("after"), a.id)
+            .limit(1)
+            .subquery()
+        )
+        after = free_from(a.id > bindparam("after"))
+        before = free_from(a.id <= bindparam("after"))
+        return select(after).union_all(select(before), select(fewest)).limit(1)
 
     def _claim_statement(self, lease_seconds: float) -> Any:
         """The claim of one account's oldest runnable request, if the account is still
