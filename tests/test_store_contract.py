@@ -321,7 +321,8 @@ def filtered(stores: Service) -> tuple[Service, int, list[Any]]:
         stores.requests.enqueue(_new(a, n, path, ("b-one", "b-two", "B-one")[n % 3]))
     for n, path in enumerate(FILTER_PATHS[:5]):
         stores.requests.enqueue(_new(b, 100 + n, path, "b-one"))
-    # The oldest requests are claimed first: a's, in order.
+    # Only a's requests are claimed (b's are held while b is disabled), oldest first.
+    stores.accounts.set_enabled(str(b), False)
     for n in range(12):
         claimed = stores.queue.claim("w", 30)
         assert claimed is not None and claimed.account_id == a
@@ -333,6 +334,7 @@ def filtered(stores: Service) -> tuple[Service, int, list[Any]]:
         elif n % 4 == 2:
             stores.queue.retry_later(claimed.id, "w", delay=3600, cause="SlowDown",
                                      max_attempts=5, http_status=503, code="SlowDown")  # fmt: skip
+    stores.accounts.set_enabled(str(b), True)
     rows = list(stores.requests.list_for_account(a, limit=1000, offset=0))
     assert {r.state for r in rows} == {"queued", "running", "retrying", "succeeded", "failed"}
     return stores, a, rows
@@ -656,6 +658,119 @@ def test_concurrent_claims_never_hand_one_request_to_two_workers(stores: Service
     for t in threads:
         t.join(30)
     assert sorted(got) == ids
+
+
+# -- fairness between accounts ---------------------------------------------------------------
+
+
+def _claim(s: Service, owner: str = "w", lease: float = 30) -> tuple[int, int]:
+    """(account, request) of the next claim, which must find one."""
+    claimed = s.queue.claim(owner, lease)
+    assert claimed is not None
+    return claimed.account_id, claimed.id
+
+
+def test_one_accounts_backlog_does_not_hold_back_anothers_upload(stores: Service) -> None:
+    big, small = _account(stores, "big"), _account(stores, "small")
+    backlog = _enqueue(stores, big, 5)
+    (late,) = _enqueue(stores, small)  # queued after the whole backlog
+    # One upload at a time: each claimed request succeeds before the next claim.
+    order = []
+    while (claimed := stores.queue.claim("w", 30)) is not None:
+        order.append(claimed.id)
+        _succeed(stores, claimed.id, "w")
+    assert order == [backlog[0], late, *backlog[1:]]
+
+
+def test_accounts_take_turns_and_the_fewest_in_flight_goes_first(stores: Service) -> None:
+    a, b, c = _account(stores, "a"), _account(stores, "b"), _account(stores, "c")
+    ids = {account: _enqueue(stores, account, 3) for account in (a, b, c)}
+    # Nothing in flight: round-robin, each account's oldest first.
+    turns = []
+    for _ in range(6):
+        account, rid = _claim(stores)
+        turns.append(account)
+        _succeed(stores, rid, "w")
+    assert turns == [a, b, c, a, b, c]
+    # Uploads in flight come first: b's extra request goes before a, whose turn it would
+    # be, because a has an upload in flight and b none.
+    (extra,) = _enqueue(stores, b)
+    assert _claim(stores) == (a, ids[a][2])
+    assert _claim(stores) == (b, ids[b][2])
+    _succeed(stores, ids[b][2], "w")
+    assert _claim(stores) == (c, ids[c][2])
+    assert _claim(stores) == (b, extra)
+    assert stores.queue.claim("w", 30) is None
+
+
+def test_an_accounts_limit_holds_its_work_and_not_the_others(stores: Service) -> None:
+    limited, other = _account(stores, "limited"), _account(stores, "other")
+    assert stores.accounts.find(str(limited)).max_in_flight is None
+    record = stores.accounts.set_max_in_flight(str(limited), 2)
+    assert record.max_in_flight == 2 and record.public()["max_in_flight"] == 2
+    mine = _enqueue(stores, limited, 4)
+    theirs = _enqueue(stores, other, 3)
+    claims = [_claim(stores) for _ in range(5)]
+    assert sorted(claims) == sorted(
+        [(limited, mine[0]), (limited, mine[1]), *((other, rid) for rid in theirs)]
+    )
+    assert stores.queue.claim("w", 30) is None  # two in flight: the rest of it waits
+    assert stores.queue.has_work()
+    _succeed(stores, mine[0], "w")
+    assert _claim(stores) == (limited, mine[2])  # a slot freed: the next one goes
+    assert stores.queue.claim("w", 30) is None
+    # A raised limit lets the rest go at the next claim; none takes every limit away.
+    assert stores.accounts.set_max_in_flight("158/limited", 3).max_in_flight == 3
+    assert _claim(stores) == (limited, mine[3])
+    assert stores.accounts.set_max_in_flight(str(limited), None).max_in_flight is None
+    assert stores.accounts.find(str(limited)).public()["max_in_flight"] is None
+
+
+def test_a_lease_that_ran_out_is_not_in_flight_and_its_takeover_is(stores: Service) -> None:
+    account = _account(stores)
+    stores.accounts.set_max_in_flight(str(account), 1)
+    first, second = _enqueue(stores, account, 2)
+    assert _claim(stores, "w1", 0.001) == (account, first)
+    time.sleep(0.01)  # w1 died: its upload is no longer in flight, and runnable again
+    assert _claim(stores, "w2") == (account, first)  # the oldest runnable: taken over
+    assert stores.queue.claim("w3", 30) is None  # and in flight again: the limit holds
+    _succeed(stores, first, "w2")
+    assert _claim(stores, "w3") == (account, second)
+
+
+def test_a_limit_below_one_is_refused(stores: Service) -> None:
+    account = str(_account(stores))
+    for bad in (0, -1):
+        with pytest.raises(AccountError, match="at least 1"):
+            stores.accounts.set_max_in_flight(account, bad)
+    with pytest.raises(AccountError, match="at most"):
+        stores.accounts.set_max_in_flight(account, 10**9)
+    with pytest.raises(AccountError, match="whole number"):
+        stores.accounts.set_max_in_flight(account, True)  # type: ignore[arg-type]
+    with pytest.raises(AccountError, match="no such account"):
+        stores.accounts.set_max_in_flight("158/nobody", 3)
+    assert stores.accounts.find(account).max_in_flight is None
+
+
+def test_concurrent_claims_keep_every_accounts_limit(stores: Service) -> None:
+    limited, other = _account(stores, "limited"), _account(stores, "other")
+    stores.accounts.set_max_in_flight(str(limited), 3)
+    mine, theirs = _enqueue(stores, limited, 15), _enqueue(stores, other, 15)
+    got: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def work(owner: str) -> None:
+        while (claimed := stores.queue.claim(owner, 30)) is not None:
+            with lock:
+                got.append((claimed.account_id, claimed.id))
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(rid for account, rid in got if account == other) == theirs
+    assert sorted(rid for account, rid in got if account == limited) == mine[:3]
 
 
 # -- callbacks -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 import httpx
 
-from vodpush.core.records import SUCCESS_MESSAGE
+from vodpush.core.records import SUCCESS_MESSAGE, format_time, parse_time, retry_cause
 from vodpush.protocol.signing import sign_request
 from vodpush.webhooks import WebhookVerificationError
 from vodpush.webhooks import verify as verify_callback
@@ -146,6 +146,11 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _as_time(value: Any) -> datetime | None:
+    """``YYYY-MM-DD HH:MM:SS`` (UTC) as an aware datetime; None when absent or ``""``."""
+    return parse_time(value) if isinstance(value, str) else None
+
+
 def _as_mapping(value: Any) -> dict[str, Any]:
     """The reference page shows ``metadata`` as the string ``"{}"`` and PHP encodes an empty
     array as ``[]``: read both as an object."""
@@ -179,7 +184,8 @@ class StatusRecord:
     status: int  # HTTP status of the S3 upload; 0 until there is one
     # Extras beyond the reference page.
     state: str | None = None  # queued, running, retrying, succeeded, failed, canceled
-    next_attempt_at: str | None = None  # when a retrying request is tried next
+    # When a retrying request is tried next (UTC, aware); None in every other state.
+    next_attempt_at: datetime | None = None
     bucket: str | None = None
     attempts: int | None = None
     bytes_done: int | None = None
@@ -212,7 +218,7 @@ class StatusRecord:
             last_updated=_as_str(data.get("last_updated")),
             status=_as_int(data.get("status"), 0) or 0,
             state=_opt_str(data.get("state")),
-            next_attempt_at=_opt_str(data.get("next_attempt_at")),
+            next_attempt_at=_as_time(data.get("next_attempt_at")),
             bucket=_opt_str(data.get("bucket")),
             attempts=_as_int(data.get("attempts")),
             bytes_done=_as_int(data.get("bytes_done")),
@@ -233,8 +239,28 @@ class StatusRecord:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         if out["options"] is None:
             del out["options"]
+        # As vodpush writes it: the time, or "" when not retrying (None: a server without
+        # the extras).
+        if self.next_attempt_at is not None:
+            out["next_attempt_at"] = format_time(self.next_attempt_at.replace(tzinfo=None))
+        elif self.state is not None:
+            out["next_attempt_at"] = ""
         out.update(self.extra)
         return out
+
+    @property
+    def retrying(self) -> bool:
+        """Waiting for its next attempt (at ``next_attempt_at``) after a failure that may
+        pass; ``last_error`` says what it was."""
+        return self.state == "retrying"
+
+    @property
+    def last_error(self) -> str | None:
+        """What went wrong: the cause of the coming retry, or the failure; None when
+        nothing did (so far)."""
+        if self.retrying:
+            return retry_cause(self.message) or self.message
+        return self.message if self.failed else None
 
     @property
     def succeeded(self) -> bool:

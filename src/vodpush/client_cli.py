@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -232,6 +233,11 @@ def upload(
     click.echo(request_id)
 
 
+def _when(at: datetime | None) -> str:
+    """A time of the API as the API writes it (UTC)."""
+    return "" if at is None else at.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _progress_text(record: StatusRecord) -> str:
     if record.bytes_total:
         done = record.bytes_done or 0
@@ -315,7 +321,7 @@ def status(
         table.add_row(
             str(r.id),
             r.state or "",
-            r.next_attempt_at or "",  # only while retrying
+            _when(r.next_attempt_at),  # only while retrying
             r.message,
             r.path,
             destination,
@@ -509,20 +515,30 @@ def follow(
         while True:
             progress.update(
                 task,
-                description=f"{label}: {_short(record.message)}",
+                description=f"{label}: {_short(_headline(record))}",
                 total=record.bytes_total or None,
                 completed=record.bytes_done or 0,
             )
-            progress.refresh()
-            if not live and record.message != shown:
-                console.print(
+            # Off a terminal every new message is a line; on one, the bar shows the state,
+            # and a retry (when, which attempt, the last error: too long for the bar) is
+            # also a line above it, which stays.
+            if record.message != shown and (not live or record.retrying):
+                progress.console.print(
                     f"{label}: {record.message}", markup=False, highlight=False, soft_wrap=True
                 )
-                shown = record.message
+            shown = record.message
+            progress.refresh()
             if record.finished:
                 return record
             sleep(interval)
             record = poll()
+
+
+def _headline(record: StatusRecord) -> str:
+    """The state in a few words, for the progress bar."""
+    if record.retrying and record.next_attempt_at is not None:
+        return f"retrying at {record.next_attempt_at:%H:%M:%S} UTC: {record.last_error}"
+    return record.message
 
 
 def _short(message: str, width: int = 48) -> str:

@@ -109,7 +109,16 @@ def account_list(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(
-        "id", "cdn", "username", "api_key", "enabled", "s3 endpoint", "sse", "buckets", "webhook"
+        "id",
+        "cdn",
+        "username",
+        "api_key",
+        "enabled",
+        "s3 endpoint",
+        "sse",
+        "buckets",
+        "webhook",
+        "max in flight",
     )
     for a in accounts:
         table.add_row(
@@ -122,8 +131,13 @@ def account_list(as_json: bool) -> None:
             a["s3_sse"] or "",
             _buckets_cell(a),
             "own secret" if a["own_webhook_secret"] else "api secret",
+            _limit_cell(a["max_in_flight"]),
         )
     Console().print(table)
+
+
+def _limit_cell(limit: int | None) -> str:
+    return "(no limit)" if limit is None else str(limit)
 
 
 def _buckets_cell(account: dict[str, Any]) -> str:
@@ -243,6 +257,25 @@ def _who(record: AccountRecord) -> str:
         f"account {record.id} ({record.cdn}/{record.username}): {identity}; "
         f"endpoint {s3.endpoint_url or '(default)'}, region {s3.region or '(default)'}"
     )
+
+
+@account.command("set-limit")
+@click.argument("ref")
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=1),
+    help="Uploads of this account at once, across all workers.",
+)
+@click.option("--no-limit", is_flag=True, help="Remove the limit.")
+@user_errors
+def account_set_limit(ref: str, max_in_flight: int | None, no_limit: bool) -> None:
+    """Limit how many uploads of an account run at once, across all workers; the rest
+    wait in the queue while other accounts' uploads go on. Uploads already running beyond
+    a lowered limit finish."""
+    if (max_in_flight is None) == (not no_limit):
+        raise click.UsageError("give --max-in-flight N or --no-limit (one of them)")
+    limit = None if no_limit else max_in_flight
+    print_json(open_service().accounts.set_max_in_flight(ref, limit).public())
 
 
 @account.command("disable")

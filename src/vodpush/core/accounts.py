@@ -19,6 +19,8 @@ USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PATTERN_CHARS = re.compile(r"[A-Za-z0-9._\-*?\[\]]{1,255}")
 _BUCKET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,255}")
 MAX_BUCKET_PATTERNS = 1000
+# The largest limit of uploads in flight an account may be given (far beyond any cluster).
+MAX_IN_FLIGHT_LIMIT = 100_000
 # What is shown in place of a secret (as pydantic shows a SecretStr).
 MASKED = "**********"
 # An IAM role's ARN: any AWS partition, a 12-digit account, an optional path, a name of
@@ -137,6 +139,7 @@ class AccountRecord:
             "allowed_buckets": list(self.allowed_buckets),
             "own_webhook_secret": bool(self.webhook_secret_enc),
             "username_shared": self.username_shared,
+            "max_in_flight": self.max_in_flight,
             "created": format_time(self.created_at),
         }
 
@@ -206,6 +209,20 @@ def check_bucket_pattern(pattern: str) -> None:
         raise AccountError(f"bucket pattern {pattern!r}: '[' without ']'")
     if "[]" in pattern:
         raise AccountError(f"bucket pattern {pattern!r}: empty [] matches nothing")
+
+
+def check_max_in_flight(limit: int | None) -> None:
+    """Refuse a limit of uploads in flight that is not a count (None: no limit)."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise AccountError(f"max_in_flight must be a whole number, not {limit!r}")
+    if limit < 1:
+        raise AccountError(
+            "max_in_flight must be at least 1 (to hold an account's uploads, disable it)"
+        )
+    if limit > MAX_IN_FLIGHT_LIMIT:
+        raise AccountError(f"max_in_flight must be at most {MAX_IN_FLIGHT_LIMIT}")
 
 
 def check_username(username: str) -> None:

@@ -94,6 +94,12 @@ class AccountStorePort(Protocol):
 
     def set_s3(self, ref: str, s3: S3Settings) -> AccountRecord: ...
 
+    def set_max_in_flight(self, ref: str, limit: int | None) -> AccountRecord:
+        """Limit the account's uploads in flight at once, across all workers (None: no
+        limit); AccountError for a limit below 1. Claims from now on keep it; uploads
+        already running beyond a lowered limit go on."""
+        ...
+
     def allow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord: ...
 
     def disallow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord: ...
@@ -201,8 +207,18 @@ class QueueStorePort(Protocol):
     (``owner``) and raises LeaseLost when it no longer holds it."""
 
     def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
-        """The oldest runnable request (queued and due, or running with an expired lease)
-        of an enabled account, leased to ``owner``; its attempts count one more."""
+        """The next request, fair between accounts, leased to ``owner``; its attempts count
+        one more (not when ``owner`` takes back its own lease that ran out). None when no
+        account has a request it may run now.
+
+        A request is runnable when queued or retrying and due, or running under a lease
+        that ran out (its worker died). An account's uploads in flight are its requests
+        running under a live lease. Of the enabled accounts with a runnable request and
+        fewer uploads in flight than their ``max_in_flight`` (None: no limit), the one with
+        the fewest in flight has its turn; among equals, the first by id after the account
+        this store's previous claim served (round-robin, wrapping around). Its oldest
+        runnable request (by id) is claimed. One atomic write: concurrent claims never
+        hand out one request twice, nor take an account past its limit."""
         ...
 
     def heartbeat(

@@ -12,6 +12,7 @@ from vodpush.core.accounts import (
     AccountRecord,
     S3Settings,
     check_bucket_pattern,
+    check_max_in_flight,
     check_s3,
     check_username,
     with_patterns_added,
@@ -172,6 +173,10 @@ class MemoryAccountStore:
             a.s3, a.s3_secret_enc = plain, secret
 
         return self._edit(ref, change)
+
+    def set_max_in_flight(self, ref: str, limit: int | None) -> AccountRecord:
+        check_max_in_flight(limit)
+        return self._edit(ref, lambda a: setattr(a, "max_in_flight", limit))
 
     def allow_buckets(self, ref: str, patterns: list[str]) -> AccountRecord:
         for pattern in patterns:  # before the account is looked up, as a CLI error

@@ -330,19 +330,44 @@ class MemoryQueueStore:
 
     def __init__(self, tables: Tables) -> None:
         self._t = tables
+        # The account of this store's previous claim: the round-robin goes on after it.
+        self._last_account = 0
+
+    def _pick(self, now: datetime) -> RequestRow | None:
+        """The oldest runnable request of the account whose turn it is (the rule of
+        core.ports.QueueStorePort.claim), as the database's two statements find it."""
+        oldest: dict[int, RequestRow] = {}
+        in_flight: dict[int, int] = {}
+        for row in self._t.requests.values():
+            account, lease = row.account_id, row.lease_expires_at
+            running = row.state == State.RUNNING.value and lease is not None
+            if running and lease >= now:  # type: ignore[operator]
+                in_flight[account] = in_flight.get(account, 0) + 1
+            due = (row.state in WAITING_STATES and row.not_before <= now) or (
+                running and lease < now  # type: ignore[operator]
+            )
+            if due and (account not in oldest or row.id < oldest[account].id):
+                oldest[account] = row
+        candidates = [
+            account
+            for account in oldest
+            if self._t.account_enabled(account)
+            and in_flight.get(account, 0) < self._t.max_in_flight(account)
+        ]
+        if not candidates:
+            return None
+        turn = min(
+            candidates,
+            key=lambda a: (in_flight.get(a, 0), a <= self._last_account, a),
+        )
+        self._last_account = turn
+        return oldest[turn]
 
     def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
         now = self._t.now()
         with self._t.lock:
-            for row in sorted(self._t.requests.values(), key=lambda r: r.id):
-                due = (row.state in WAITING_STATES and row.not_before <= now) or (
-                    row.state == State.RUNNING.value
-                    and row.lease_expires_at is not None
-                    and row.lease_expires_at < now
-                )
-                if due and self._t.account_enabled(row.account_id):
-                    break
-            else:
+            row = self._pick(now)
+            if row is None:
                 return None
             # Taking back our own lease (the database was away, not the worker): the
             # attempt goes on. Another worker's: it died or hung.

@@ -124,6 +124,12 @@ class Tables:
         account = self.accounts.get(account_id)
         return account is None or account.enabled
 
+    def max_in_flight(self, account_id: int) -> float:
+        """The account's limit of uploads in flight (infinite: none)."""
+        account = self.accounts.get(account_id)
+        limit = None if account is None else account.max_in_flight
+        return float("inf") if limit is None else limit
+
     def leased(self, request_id: int, owner: str) -> RequestRow:
         """The request ``owner`` holds the lease of (expired or not, as long as nobody took
         it over), else LeaseLost."""

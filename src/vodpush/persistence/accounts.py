@@ -16,6 +16,7 @@ from vodpush.core.accounts import (
     AccountRecord,
     S3Settings,
     check_bucket_pattern,
+    check_max_in_flight,
     check_s3,
     check_username,
     with_patterns_added,
@@ -213,6 +214,12 @@ class AccountStore:
         check_s3(s3)
         account = self.find(ref)
         self._update(account.id, **self._s3_columns(s3))
+        return self.find(str(account.id))
+
+    def set_max_in_flight(self, ref: str, limit: int | None) -> AccountRecord:
+        check_max_in_flight(limit)
+        account = self.find(ref)
+        self._update(account.id, max_in_flight=limit)
         return self.find(str(account.id))
 
     # -- buckets ---------------------------------------------------------------------------

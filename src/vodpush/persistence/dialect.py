@@ -110,6 +110,18 @@ class Dialect:
         """A read whose rows the transaction will then write: lock them."""
         return read.with_for_update()
 
+    def lock_for_claim(self, read: Select[Any]) -> Select[Any] | None:
+        """A read that locks its rows until the transaction ends, so that the statements
+        after it see every change committed by an earlier holder of the lock (each statement
+        reads a snapshot of its own): a claim serialises on its account's row this way. A
+        weak lock (FOR NO KEY UPDATE): an INSERT whose foreign key names the row passes.
+        None where a write transaction holds the whole database anyway."""
+        return read.with_for_update(key_share=True)
+
+    def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The smallest of ``values`` that are not NULL; NULL when all are."""
+        return func.least(*values)
+
     def upsert(
         self, table: Table, values: dict[str, Any], keys: list[Any], update: list[str]
     ) -> Any:
@@ -168,6 +180,7 @@ class Dialect:
 
 
 _SQLITE_BUSY_TIMEOUT = 30.0  # seconds
+_SQLITE_MAX_INTEGER = 2**63 - 1
 # SQLITE_BUSY, SQLITE_LOCKED (primary result codes: "database is locked" and its kin).
 _SQLITE_BUSY_CODES = (5, 6)
 # PostgreSQL SQLSTATEs that pass: besides class 08 (connection exception).
@@ -247,6 +260,15 @@ class _SQLite(Dialect):
     def for_update(self, read: Select[Any]) -> Select[Any]:
         # A write transaction holds the database's write lock from its start (IMMEDIATE).
         return read
+
+    def lock_for_claim(self, read: Select[Any]) -> Select[Any] | None:
+        return None  # the write transaction has the database to itself
+
+    def least(self, *values: ColumnElement[Any]) -> ColumnElement[Any]:
+        # SQLite's min(a, b, ...) is NULL as soon as one value is: NULLs become the largest
+        # integer first, and that integer NULL again at the end.
+        top = literal(_SQLITE_MAX_INTEGER)
+        return func.nullif(func.min(*(func.coalesce(v, top) for v in values)), top)
 
     def now(self, plus_seconds: float | ColumnElement[Any] = 0.0) -> ColumnElement[datetime]:
         # 'now' is UTC in SQLite, to the millisecond. SQLAlchemy stores a DateTime as text

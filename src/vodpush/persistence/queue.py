@@ -29,6 +29,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     not_,
     or_,
     select,
@@ -66,17 +67,71 @@ _P = UploadPart.__table__
 _A = CallbackAttempt.__table__
 _ACCOUNTS = Account.__table__
 # A disabled account's requests and callbacks are held: not claimed, not lost; they go on
-# when it is enabled again. The test is "account_id NOT IN (disabled accounts)", an
-# uncorrelated list both databases read once per statement (via ix_accounts_enabled), and
-# only when some account is disabled at all: SQLite's claim gathers every due row from
-# ix_upload_requests_state_not_before before it sorts them, and reading account_id means
-# a table lookup for each (a correlated EXISTS or a bare NOT IN made a claim over a backlog
-# of 20,000 queued requests 1.7-2.6 times slower; the CASE keeps it at the old cost).
+# when it is enabled again. The claim starts from the enabled accounts (QueueStore.claim);
+# callbacks and the counts test "account_id NOT IN (disabled accounts)", an uncorrelated
+# list both databases read once per statement (via ix_accounts_enabled), and only when some
+# account is disabled at all: a correlated EXISTS or a bare NOT IN made the old claim (which
+# gathered every due row of ix_upload_requests_state_not_before before sorting them) over a
+# backlog of 20,000 queued requests 1.7-2.6 times slower; the CASE keeps it at the old cost.
 _DISABLED = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.enabled.is_(False))
 _ACCOUNT_ENABLED = case(
     (_DISABLED.exists(), _T.c.account_id.not_in(_DISABLED.scalar_subquery())), else_=true()
 )
 _PENDING = CallbackState.PENDING.value
+# Picks of an account per claim on PostgreSQL (see QueueStore.claim).
+_CLAIM_TRIES = 4
+
+
+def _fixed(state: str) -> Any:
+    """A state as a literal of the SQL text, not a parameter: PostgreSQL plans a prepared
+    claim once for all parameters (after five runs), and that plan cannot tell that
+    "state >= $1 AND state <= $2" is one value, nor which indexes suit it."""
+    return literal(str(state), literal_execute=True)
+
+
+def _oldest(r: Any, account: Any, state: State, *where: Any) -> Any:
+    """The id of ``account``'s oldest request in ``state`` meeting ``where``: an ordered
+    walk of ix_upload_requests_account_id_state_id from (account, state). The state is a
+    range of one value, not an equality: PostgreSQL drops a column fixed by an equality from
+    the order, and ordered by id alone it may walk the primary key instead (when one account
+    has most rows), through every request that account ever finished. ``r``: an alias of
+    the requests table."""
+    return (
+        select(r.c.id)
+        .where(r.c.account_id == account, r.c.state >= _fixed(state), r.c.state <= _fixed(state))
+        .where(*where)
+        .order_by(r.c.state, r.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _oldest_runnable(r: Any, account: Any, now: Any) -> Any:
+    """The id of ``account``'s oldest runnable request (NULL: none): queued or retrying and
+    due, or running under a lease that ran out."""
+    return (
+        _oldest(r, account, State.QUEUED, r.c.not_before <= now),
+        _oldest(r, account, State.RETRYING, r.c.not_before <= now),
+        _oldest(r, account, State.RUNNING, r.c.lease_expires_at < now),
+    )
+
+
+def _in_flight(r: Any, account: Any, now: Any) -> Any:
+    """The count of ``account``'s uploads in flight: running under a live lease (one that
+    ran out is runnable again, and taking it over counts like any claim). ``r``: an alias
+    of the requests table."""
+    return (
+        select(func.count())
+        .select_from(r)
+        .where(
+            r.c.account_id == account,
+            r.c.state == _fixed(State.RUNNING),
+            r.c.lease_expires_at >= now,
+        )
+        .scalar_subquery()
+    )
+
+
 # The guard of every change a worker makes to a request: it still holds the lease.
 # Parameters: rid, owner.
 _LEASED = and_(
@@ -109,6 +164,12 @@ class QueueStore:
         self._claims: dict[float, Any] = {}
         self._updates: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self._callback_claims: dict[float, Any] = {}
+        self._pick = self._pick_statement()
+        self._lock_account = self._dialect.lock_for_claim(
+            select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account"))
+        )
+        # The account of this store's previous claim: the round-robin goes on after it.
+        self._last_account = 0
         # Due by the database's clock, as the lease claim_callback sets.
         self._due_callback = (
             select(_T.c.id)
@@ -130,12 +191,117 @@ class QueueStore:
         )
 
     # -- claiming --------------------------------------------------------------------------
+    #
+    # A claim is fair between accounts (core.ports.QueueStorePort.claim): first the account
+    # (``_pick``), then its oldest runnable request (``_claim_statement``), in one write
+    # transaction; never a scan of the backlog (the old claim read every due row of a
+    # 20,000-request backlog to sort it by id). What the pick asks of an account is either
+    # one probe of ix_upload_requests_account_id_state_id (its oldest queued request) or a
+    # lookup in a set the statement builds once from the few requests running, or retrying
+    # and due, of all accounts: nothing per account that a stale estimate of those few could
+    # turn into a walk over all of them. SQLite runs the transaction alone (its write lock);
+    # on PostgreSQL each statement reads a snapshot of its own, and a claim for an account
+    # with a limit locks the account's row between the two, so that the count of its
+    # uploads in flight that the claim checks includes every claim committed before.
+
+    def _pick_statement(self) -> Any:
+        """The account whose turn it is. Parameters: after (the account of this store's
+        previous claim), tried (accounts whose claim found nothing in this call).
+
+        First the shortcut, which the worker's claims nearly always take: the next account
+        in round-robin order (after ``after``, then from the first) with a request to run
+        and no upload in flight, found by walking the accounts in id order and stopping
+        there. It is the account the full rule picks whenever there is one (none has fewer
+        in flight). Else, when every account with work has uploads in flight, the full
+        rule over all of them: a branch of the same statement, read (its CTE computed) only
+        when the shortcut found nothing."""
+        now = self._dialect.now()
+        r = _T.alias("r")
+        a = _ACCOUNTS.c
+        # The accounts with an upload in flight, and with a runnable request other than a
+        # queued one (retrying and due, or running under a lease that ran out).
+        running_live = and_(r.c.state == _fixed(State.RUNNING), r.c.lease_expires_at >= now)
+        flying = select(r.c.account_id).where(running_live)
+        other_runnable = select(r.c.account_id).where(
+            or_(
+                and_(r.c.state == _fixed(State.RETRYING), r.c.not_before <= now),
+                and_(r.c.state == _fixed(State.RUNNING), r.c.lease_expires_at < now),
+            )
+        )
+        may_run = and_(
+            a.enabled.is_(True),
+            a.id.not_in(bindparam("tried", expanding=True)),
+            or_(
+                _oldest(r, a.id, State.QUEUED, r.c.not_before <= now).is_not(None),
+                a.id.in_(other_runnable),
+            ),
+        )
+
+        def free_from(start: Any) -> Any:
+            return (
+                select(a.id, a.max_in_flight)
+                .where(
+                    start,
+                    may_run,
+                    a.id.not_in(flying),
+                    or_(a.max_in_flight.is_(None), a.max_in_flight > 0),
+                )
+                .order_by(a.id)
+                .limit(1)
+                .subquery()
+            )
+
+        counts = (
+            select(r.c.account_id, func.count().label("n"))
+            .where(running_live)
+            .group_by(r.c.account_id)
+            .cte("in_flight")
+        )
+        in_flight = func.coalesce(counts.c.n, 0)
+        # Fewest uploads in flight first; among equals, round-robin: the accounts after
+        # the one served last, then from the first again.
+        fewest = (
+            select(a.id, a.max_in_flight)
+            .select_from(_ACCOUNTS.outerjoin(counts, counts.c.account_id == a.id))
+            .where(may_run, or_(a.max_in_flight.is_(None), in_flight < a.max_in_flight))
+            .order_by(in_flight, a.id <= bindparam("after"), a.id)
+            .limit(1)
+            .subquery()
+        )
+        after = free_from(a.id > bindparam("after"))
+        before = free_from(a.id <= bindparam("after"))
+        return select(after).union_all(select(before), select(fewest)).limit(1)
 
     def _claim_statement(self, lease_seconds: float) -> Any:
+        """The claim of one account's oldest runnable request, if the account is still
+        enabled and under its limit. Parameters: owner, account."""
         now = self._dialect.now()
+        r, probe = _T.alias("r"), _T.alias("p")
+        first = self._dialect.least(*_oldest_runnable(probe, bindparam("account"), now))
         runnable = or_(
-            and_(_T.c.state.in_(WAITING_STATES), _T.c.not_before <= now),
-            and_(_T.c.state == State.RUNNING.value, _T.c.lease_expires_at < now),
+            and_(r.c.state.in_([_fixed(s) for s in WAITING_STATES]), r.c.not_before <= now),
+            and_(r.c.state == _fixed(State.RUNNING), r.c.lease_expires_at < now),
+        )
+        # From the oldest runnable request on, in id order (ix_..._account_id_id): on
+        # PostgreSQL a concurrent claim may hold it, and the next one is taken instead.
+        pick = (
+            select(r.c.id)
+            .where(r.c.account_id == bindparam("account"), r.c.id >= first, runnable)
+            .order_by(r.c.account_id, r.c.id)
+            .limit(1)
+        )
+        pick = self._dialect.skip_locked(pick)
+        allowed = (
+            select(_ACCOUNTS.c.id)
+            .where(
+                _ACCOUNTS.c.id == bindparam("account"),
+                _ACCOUNTS.c.enabled.is_(True),
+                or_(
+                    _ACCOUNTS.c.max_in_flight.is_(None),
+                    _in_flight(r, bindparam("account"), now) < _ACCOUNTS.c.max_in_flight,
+                ),
+            )
+            .exists()
         )
         # A claim of a running request takes over a lease that ran out: its worker died.
         # Unless the lease was the claimer's own: it is alive, its heartbeats could not
@@ -143,11 +309,9 @@ class QueueStore:
         running = _T.c.state == State.RUNNING.value
         own = and_(running, _T.c.lease_owner == bindparam("owner"))
         expired = case((and_(running, _T.c.lease_owner != bindparam("owner")), 1), else_=0)
-        pick = select(_T.c.id).where(runnable, _ACCOUNT_ENABLED).order_by(_T.c.id).limit(1)
-        pick = self._dialect.skip_locked(pick)
         return (
             update(_T)
-            .where(_T.c.id == pick.scalar_subquery())
+            .where(_T.c.id == pick.scalar_subquery(), allowed)
             .values(
                 state=State.RUNNING.value,
                 lease_owner=bindparam("owner"),
@@ -176,17 +340,32 @@ class QueueStore:
         )
 
     def claim(self, owner: str, lease_seconds: float) -> Claimed | None:
-        """Take the oldest runnable request (queued and due, or running with an expired
-        lease) in one statement; None when there is none. Due and expired are judged by
-        the database's clock, which also sets the lease: a worker's own clock, fast or
-        slow, cannot steal a live lease."""
+        """Lease the next request by the fairness rule of core.ports.QueueStorePort.claim
+        (due, expired and in flight judged by the database's clock, which also sets the
+        lease: a worker's own clock, fast or slow, cannot steal a live lease); None when no
+        account has a request it may run now."""
         statement = self._claims.get(lease_seconds)
         if statement is None:
             statement = self._claims[lease_seconds] = self._claim_statement(lease_seconds)
-        with write_transaction(self._engine) as conn:
-            row = conn.execute(statement, {"owner": owner}).first()
+        tried: list[int] = []
+        row = None
+        # Another try only on PostgreSQL, where a concurrent claim can fill the account's
+        # last slot or hold its runnable requests between the pick and the claim. Each try
+        # is a transaction of its own, holding one account's lock at most: no deadlock.
+        while row is None and len(tried) < _CLAIM_TRIES:
+            with write_transaction(self._engine) as conn:
+                pick = conn.execute(
+                    self._pick, {"after": self._last_account, "tried": tried}
+                ).first()
+                if pick is None:
+                    return None
+                if pick.max_in_flight is not None and self._lock_account is not None:
+                    conn.execute(self._lock_account, {"account": pick.id})
+                row = conn.execute(statement, {"owner": owner, "account": pick.id}).first()
+            tried.append(pick.id)
         if row is None:
             return None
+        self._last_account = row.account_id
         return Claimed(
             id=row.id,
             account_id=row.account_id,
