@@ -52,7 +52,7 @@ test: $(STAMP) client-wheel
 	$(BIN)/ruff check src client/src tests bench demo
 	$(BIN)/ruff format --check src client/src tests bench demo
 	$(BIN)/lint-imports
-	VODPUSH_CLIENT_DIST=$(CLIENT_DIST) $(BIN)/pytest
+	VODPUSH_CLIENT_DIST=$(CURDIR)/$(CLIENT_DIST) $(BIN)/pytest
 
 # pip fetches httpx and its dependencies from the package index (or its cache).
 client-wheel: $(STAMP)
@@ -102,4 +102,4 @@ bench-slowloris: $(STAMP)
 	$(BIN)/python bench/slowloris.py --mode headers,body --connections 300 --duration 40
 
 clean:
-	rm -rf $(VENV) .demo build dist src/*.egg-info client/build client/src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) .demo build dist *.egg-info src/*.egg-info client/build client/src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache
