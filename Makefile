@@ -1,5 +1,6 @@
 # vodpush: `make run` starts the service, `make test` checks the layers (import-linter
-# contracts in pyproject.toml) and runs the whole suite, `make fuzz`
+# contracts in pyproject.toml), builds the client's own wheel (`make client-wheel`) and runs
+# the whole suite, `make fuzz`
 # fuzzes the API (FUZZ_SECONDS=120 by default; not part of `make test`), `make soak` runs
 # load and injected faults against PostgreSQL, moto and real processes, then checks the
 # targets of issue 9 (SOAK_SECONDS=600 by default, SOAK_ARGS for more; not part of `make test`).
@@ -12,11 +13,16 @@ STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 DEMO_STAMP := $(VENV)/.installed-demo
 
+# The client distribution (client/pyproject.toml): its wheel, and the wheels of what it
+# needs (httpx and its own), which tests/test_client_dist.py installs with no index into a
+# fresh virtualenv.
+CLIENT_DIST := dist/client
+
 FUZZ_SECONDS ?= 120
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
 
-.PHONY: run demo test test-fast lint format bench bench-status bench-upload bench-accounts bench-slowloris fuzz soak clean
+.PHONY: run demo test test-fast client-wheel lint format bench bench-status bench-upload bench-accounts bench-slowloris fuzz soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,11 +48,16 @@ run: $(SERVE_STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/python demo/run.py
 
-test: $(STAMP)
-	$(BIN)/ruff check src tests bench demo
-	$(BIN)/ruff format --check src tests bench demo
+test: $(STAMP) client-wheel
+	$(BIN)/ruff check src client/src tests bench demo
+	$(BIN)/ruff format --check src client/src tests bench demo
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	VODPUSH_CLIENT_DIST=$(CURDIR)/$(CLIENT_DIST) $(BIN)/pytest
+
+# pip fetches httpx and its dependencies from the package index (or its cache).
+client-wheel: $(STAMP)
+	rm -rf $(CLIENT_DIST) client/build
+	$(BIN)/python -m pip wheel --quiet -w $(CLIENT_DIST) ./client
 
 # The fast tier while changing code: unit and store-contract tests (no database server, no
 # S3 process, no sockets: the suite itself refuses a socket there), in about 15 s.
@@ -55,12 +66,12 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench demo
+	$(BIN)/ruff check src client/src tests bench demo
 	$(BIN)/lint-imports
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests bench demo
-	$(BIN)/ruff format src tests bench demo
+	$(BIN)/ruff check --fix src client/src tests bench demo
+	$(BIN)/ruff format src client/src tests bench demo
 
 bench: bench-status bench-upload bench-accounts
 
@@ -91,4 +102,4 @@ bench-slowloris: $(STAMP)
 	$(BIN)/python bench/slowloris.py --mode headers,body --connections 300 --duration 40
 
 clean:
-	rm -rf $(VENV) .demo build dist src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) .demo build dist *.egg-info src/*.egg-info client/build client/src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache

@@ -5,7 +5,7 @@ Everything runs on loopback: a fresh PostgreSQL database on the shared server (c
 dropped here), a moto S3 server process with versioning on in every bucket (so a second
 write of a key shows as a second version), the fault proxy in front of it, a callback
 receiver, `vodpush serve --no-worker` API processes and `vodpush worker` processes. The
-load generator signs real aws.upload and aws.status calls (vodpush.client) from every
+load generator signs real aws.upload and aws.status calls (vodpush_client) from every
 account; the faults (bench/soak_faults.py) kill, stop and starve the workers, cut S3 and
 the callback receiver, and kill the workers' database connections.
 

@@ -1,6 +1,6 @@
 """The soak's load: signed aws.upload and aws.status calls from every account, arriving at a
 steady rate (Poisson arrivals from a seeded generator), sent by the Python client
-(vodpush.client, which signs as the PHP reference client does and resends an upload's
+(vodpush_client, which signs as the PHP reference client does and resends an upload's
 same signed body when an answer is lost). Each call is timed from the moment it was due, so
 a slow API shows in the latency even when every sender thread is busy waiting on it.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TypeVar
 
-from vodpush.client import ApiError, Client, StatusRecord, TransportError
+from vodpush_client import ApiError, Client, StatusRecord, TransportError
 
 UPLOAD = "aws.upload"
 STATUS_LIST = "aws.status (page)"

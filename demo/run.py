@@ -25,11 +25,11 @@ from pathlib import Path
 import boto3
 import httpx
 
-from vodpush.client import Client
 from vodpush.config import Settings
 from vodpush.core.accounts import S3Settings
 from vodpush.crypto import generate_key
 from vodpush.service import Service
+from vodpush_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

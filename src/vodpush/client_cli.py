@@ -1,7 +1,8 @@
 """``vodpush client``: queue uploads and follow them from the shell, over the HTTP API.
 
-A thin layer over :class:`vodpush.client.Client`; credentials come from flags or from
-``VODPUSH_URL``, ``VODPUSH_CDN``, ``VODPUSH_API_KEY`` and ``VODPUSH_API_SECRET``.
+A thin layer over :class:`vodpush_client.Client`; credentials come from flags or from
+``VODPUSH_URL``, ``VODPUSH_CDN``, ``VODPUSH_API_KEY`` and ``VODPUSH_API_SECRET`` (and the
+timeout from ``VODPUSH_TIMEOUT``), the variables ``Client.from_env()`` reads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vodpush.client import (
+from vodpush.core.options import API_ACLS, STORAGE_CLASSES
+from vodpush_client import (
     ApiError,
     ApiWarning,
     CallbackHistory,
@@ -25,7 +27,6 @@ from vodpush.client import (
     StatusRecord,
     disposition_header,
 )
-from vodpush.core.options import API_ACLS, STORAGE_CLASSES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -83,6 +84,8 @@ def _credential_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--timeout",
+            envvar="VODPUSH_TIMEOUT",
+            show_envvar=True,
             type=click.FloatRange(min=0.1),
             default=10.0,
             show_default=True,
@@ -326,7 +329,7 @@ def status(
             r.path,
             destination,
             _progress_text(r),
-            r.last_updated,
+            _when(r.last_updated),
         )
     for column in table.columns:
         column.overflow = "fold"
@@ -389,7 +392,7 @@ def callbacks(request_id: int, as_json: bool, **kwargs: Any) -> None:
     for a in history.attempts:
         # Errors may hold the receiver's text: never let rich read it as markup.
         table.add_row(
-            a.at,
+            _when(a.at),
             "ok" if a.ok else "failed",
             "" if a.http_status is None else str(a.http_status),
             a.error or "",
@@ -413,13 +416,12 @@ def _callback_summary(history: CallbackHistory) -> str:
         f"  attempts: {history.callback_attempts} of this delivery, {history.total} in all"
     )
     if history.next_attempt_at:
-        lines.append(f"  next attempt: {history.next_attempt_at} UTC")
+        lines.append(f"  next attempt: {_when(history.next_attempt_at)} UTC")
     if history.callback_error:
         lines.append(f"  last error: {history.callback_error}")
     if history.redeliveries:
-        lines.append(
-            f"  redeliveries: {history.redeliveries}, the last at {history.last_redelivered} UTC"
-        )
+        last = _when(history.last_redelivered)
+        lines.append(f"  redeliveries: {history.redeliveries}, the last at {last} UTC")
     return "\n".join(lines)
 
 
@@ -430,7 +432,7 @@ def redeliver(request_id: int, **kwargs: Any) -> None:
     """Send the callback of finished request ID again, as a new message (new webhook-id)."""
     with _api(kwargs) as api:
         done = api.redeliver(request_id)
-    when = f", due {done.next_attempt_at} UTC" if done.next_attempt_at else ""
+    when = f", due {_when(done.next_attempt_at)} UTC" if done.next_attempt_at else ""
     click.echo(
         f"request {done.id}: callback {done.callback_state} (webhook-id {done.webhook_id}{when})"
     )

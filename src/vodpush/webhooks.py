@@ -1,29 +1,26 @@
-"""Standard Webhooks (https://www.standardwebhooks.com) signing and verification.
+"""Standard Webhooks (https://www.standardwebhooks.com): the server's signing side.
 
-The server signs every callback with the account's API secret; receivers verify it with
-:func:`verify`, or with any Standard Webhooks library given :func:`standard_webhooks_secret`::
-
-    from standardwebhooks.webhooks import Webhook
-    Webhook(standard_webhooks_secret(api_secret)).verify(body, headers)
-
-The HMAC key is the UTF-8 encoding of the API secret string, so the receiver needs nothing
-beyond the credentials it already uses to call the API. An account may instead have its
-own webhook secret (``vodpush account rotate-webhook-secret``), given in the ``whsec_...``
-form: every function here taking ``api_secret`` takes that form too (its key is the
-base64-decoded part), so a webhook relay can verify callbacks without API access.
+The HMAC, the key forms (the API secret, or an account's own ``whsec_...`` webhook secret)
+and verification live once, in the client distribution (:mod:`vodpush_client.webhooks`),
+which receivers install; they are re-exported here. What only a sender needs is here: the
+three headers of a delivery (:func:`sign`) and a fresh delivery id (:func:`new_message_id`).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import math
 import re
-import time
 import uuid
-from collections.abc import Mapping
+
+from vodpush_client.webhooks import (
+    HEADER_ID,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    WebhookVerificationError,
+    signature,
+    standard_webhooks_secret,
+    verify,
+)
 
 __all__ = [
     "HEADER_ID",
@@ -37,55 +34,14 @@ __all__ = [
     "verify",
 ]
 
-HEADER_ID = "webhook-id"
-HEADER_TIMESTAMP = "webhook-timestamp"
-HEADER_SIGNATURE = "webhook-signature"
-
-_SIGNATURE_VERSION = "v1"
 # A message id travels in an HTTP header and inside the signed text: keep it to visible
 # ASCII without spaces so it can neither split headers nor be read two ways.
 _MESSAGE_ID = re.compile(r"[!-~]{1,256}")
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
-
-
-class WebhookVerificationError(Exception):
-    """The webhook could not be verified; the message says why."""
-
-
-_WHSEC = "whsec_"
-
-
-def _key(api_secret: str) -> bytes:
-    if not api_secret:
-        raise ValueError("the API secret used as webhook key may not be empty")
-    # API secrets are hex, so a whsec_ prefix can only be a webhook secret's.
-    if api_secret.startswith(_WHSEC):
-        try:
-            key = base64.b64decode(api_secret[len(_WHSEC) :], validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError("a whsec_ webhook secret must be followed by base64") from exc
-        if not key:
-            raise ValueError("the webhook secret may not be empty")
-        return key
-    return api_secret.encode("utf-8")
-
-
-def standard_webhooks_secret(api_secret: str) -> str:
-    """The ``whsec_...`` form of an API secret (a webhook secret is returned as it is), for
-    Standard Webhooks libraries."""
-    return _WHSEC + base64.b64encode(_key(api_secret)).decode("ascii")
 
 
 def new_message_id() -> str:
     """A fresh delivery id; every retry of one delivery must reuse it."""
     return f"msg_{uuid.uuid4().hex}"
-
-
-def signature(api_secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """``v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>``."""
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_key(api_secret), signed, hashlib.sha256).digest()
-    return f"{_SIGNATURE_VERSION},{base64.b64encode(digest).decode('ascii')}"
 
 
 def sign(api_secret: str, msg_id: str, timestamp: float, body: bytes) -> dict[str, str]:
@@ -100,57 +56,3 @@ def sign(api_secret: str, msg_id: str, timestamp: float, body: bytes) -> dict[st
         HEADER_TIMESTAMP: str(seconds),
         HEADER_SIGNATURE: signature(api_secret, msg_id, seconds, body),
     }
-
-
-def verify(
-    api_secret: str,
-    headers: Mapping[str, str],
-    body: bytes,
-    *,
-    tolerance: int = 300,
-    now: float | None = None,
-) -> None:
-    """Check a received webhook; raise :class:`WebhookVerificationError` if it fails.
-
-    ``headers`` may be any mapping (a dict, httpx or Starlette headers); names are matched
-    case-insensitively. ``body`` must be the raw bytes as received, not re-encoded JSON.
-    The timestamp must lie within ``tolerance`` seconds of ``now`` (replay protection).
-    """
-    lowered = {name.lower(): value for name, value in headers.items()}
-    missing = [h for h in (HEADER_ID, HEADER_TIMESTAMP, HEADER_SIGNATURE) if not lowered.get(h)]
-    if missing:
-        raise WebhookVerificationError(f"missing header(s): {', '.join(missing)}")
-    msg_id = lowered[HEADER_ID]
-    timestamp_text = lowered[HEADER_TIMESTAMP].strip()
-
-    if not _TIMESTAMP.fullmatch(timestamp_text):
-        raise WebhookVerificationError(
-            f"{HEADER_TIMESTAMP} must be an integer number of unix seconds"
-        )
-    timestamp = int(timestamp_text)
-    current = time.time() if now is None else now
-    if timestamp < current - tolerance:
-        raise WebhookVerificationError(
-            f"timestamp too old: {current - timestamp:.0f} s ago, tolerance is {tolerance} s"
-        )
-    if timestamp > current + tolerance:
-        raise WebhookVerificationError(
-            f"timestamp too new: {timestamp - current:.0f} s ahead, tolerance is {tolerance} s"
-        )
-
-    expected = base64.b64decode(signature(api_secret, msg_id, timestamp, body).split(",", 1)[1])
-    # Senders may list several signatures (e.g. during key rotation); any v1 match is enough.
-    # Entries of other versions or malformed entries are skipped, never fatal.
-    matched = False
-    for entry in lowered[HEADER_SIGNATURE].split():
-        version, _, encoded = entry.partition(",")
-        if version != _SIGNATURE_VERSION:
-            continue
-        try:
-            candidate = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        # Constant-time, and no early exit, so timing says nothing about which entry matched.
-        matched |= hmac.compare_digest(expected, candidate)
-    if not matched:
-        raise WebhookVerificationError("no matching signature (wrong secret or altered body?)")

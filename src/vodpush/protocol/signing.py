@@ -1,4 +1,5 @@
-"""Request signing, shared by the server (verification) and the client (signing).
+"""Verifying signed requests (the server's side; signing itself, the HMAC and PHP's JSON
+encoding live once, in the client distribution: :mod:`vodpush_client.signing`).
 
 A request is signed by computing base64(HMAC-SHA256(secret, json_text_without_signature)),
 then adding ``signature`` as the last member of the object and encoding again. Every client
@@ -26,8 +27,33 @@ from functools import cached_property
 from typing import Any
 
 from vodpush.protocol.payload import MAX_INT_DIGITS, check_payload, field_name, parse_int
+from vodpush_client.signing import (
+    SIGNATURE_FIELD,
+    compute_signature,
+    hmac_sha256,
+    php_json_encode,
+    sign_request,
+)
 
-SIGNATURE_FIELD = "signature"
+__all__ = [
+    "DEFAULT_FALLBACK_MAX_CHARS",
+    "DIGEST_SIZE",
+    "MAX_SIGNATURE_CHARS",
+    "SIGNATURE_FIELD",
+    "DuplicateKeyError",
+    "FallbackDeferred",
+    "MalformedRequest",
+    "MissingSignature",
+    "SignedRequest",
+    "compute_signature",
+    "decode_signature",
+    "loads_strict",
+    "php_json_encode",
+    "sign_request",
+    "split_signed_request",
+    "verify",
+]
+
 DIGEST_SIZE = hashlib.sha256().digest_size
 # A signature is 44 characters; a little white space is tolerated, anything this long is not
 # a signature and is refused before any work (nor can it reach a database column).
@@ -66,14 +92,6 @@ def loads_strict(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_refuse_duplicates, parse_int=parse_int)
 
 
-def compute_signature(secret: str, message: str | bytes) -> str:
-    """base64(HMAC-SHA256(secret, message)), the value of the ``signature`` member."""
-    if isinstance(message, str):
-        message = message.encode("utf-8")
-    digest = hmac.new(secret.encode("utf-8"), message, hashlib.sha256).digest()
-    return base64.b64encode(digest).decode("ascii")
-
-
 def decode_signature(value: str) -> bytes | None:
     """The digest a signature names, or None when it is not one.
 
@@ -95,11 +113,6 @@ def decode_signature(value: str) -> bytes | None:
         return None
     canonical = base64.b64encode(raw).decode("ascii")
     return raw if cleaned in (canonical, canonical.rstrip("=")) else None
-
-
-def php_json_encode(obj: Any) -> str:
-    """What PHP's ``json_encode`` produces: compact, ASCII only, ``/`` escaped as ``\\/``."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).replace("/", "\\/")
 
 
 def _reencodings(obj: dict[str, Any]) -> Iterator[str]:
@@ -201,10 +214,9 @@ def verify(
     expected = signed.digest
     if expected is None:
         return False
-    key = secret.encode("utf-8")
 
     def signs(text: str) -> bool:
-        digest = hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()
+        digest = hmac_sha256(secret, text)
         # Each comparison is constant-time; stopping at a match only tells which encoding
         # the client used, nothing about the secret.
         return hmac.compare_digest(digest, expected)
@@ -222,12 +234,3 @@ def verify(
             if signs(text):
                 return True
     return False
-
-
-def sign_request(payload: dict[str, Any], secret: str) -> str:
-    """Encode and sign a request the way the PHP reference client does; returns the text of
-    the ``json`` form field (signature last)."""
-    unsigned = {k: v for k, v in payload.items() if k != SIGNATURE_FIELD}
-    text = php_json_encode(unsigned)
-    signature = compute_signature(secret, text)
-    return php_json_encode({**unsigned, SIGNATURE_FIELD: signature})

@@ -1,0 +1,3 @@
+"""The version of the vodpush-client distribution (read by its pyproject.toml)."""
+
+__version__ = "0.1.0"
