@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/vodpush serve
 
+# pytest runs the suite on TEST_WORKERS processes (pytest-xdist; each has its own moto
+# server and PostgreSQL template): most of the suite's time is spent waiting on worker
+# processes, leases, timeouts and the network, not on the CPU. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The fast tier while changing code: unit and store-contract tests (no database server, no
 # S3 process, no sockets: the suite itself refuses a socket there), in about 15 s.
