@@ -248,6 +248,16 @@ def bucket(s3: MotoServer) -> str:
 
 
 @pytest.fixture
+def versioned_bucket(s3: MotoServer, bucket: str) -> str:
+    """A bucket with versioning on: every PUT or completed multipart upload of a key adds a
+    version, so S3 itself counts the uploads."""
+    s3_client(s3).put_bucket_versioning(
+        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
+    return bucket
+
+
+@pytest.fixture
 def s3_account(service: Service, account: Creds, s3: MotoServer) -> Creds:
     """The default account, uploading to the moto server with AES256 encryption."""
     service.accounts.set_s3(account.api_key, s3.settings(sse="AES256"))
