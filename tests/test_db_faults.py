@@ -324,19 +324,24 @@ def test_sqlite_locked_past_the_busy_timeout_mid_upload_still_succeeds(
     log = tmp_path / "worker.log"
     # The worker waits 1 s for the write lock (``?timeout=``), then meets "database is locked".
     env = worker_env(service, VODPUSH_DATABASE_URL=f"{service.settings.database_url}?timeout=1")
+
+    def locked() -> list[dict[str, Any]]:
+        return [e for e in store_events(log) if "locked" in str(e.get("error", ""))]
+
     with running_worker(env, log) as worker:
         wait_for(lambda: parts_stored(service, rid) >= 2, 60, "two stored parts")
         holder = sqlite3.connect(database, isolation_level=None)
         try:
-            holder.execute("BEGIN IMMEDIATE")  # another program writes, for 4 s
-            time.sleep(4)
+            # Another program writes, until the worker has waited out its busy timeout
+            # against it and said so.
+            holder.execute("BEGIN IMMEDIATE")
+            wait_for(locked, 60, "the lock to reach the worker")
             assert worker.poll() is None
         finally:
             holder.execute("COMMIT")
             holder.close()
         assert worker.wait(120) == 0
-    locked = [e for e in store_events(log) if "locked" in str(e.get("error", ""))]
-    assert locked, "the lock never reached the worker"
+    assert locked(), "the lock never reached the worker"
     assert_clean_success(service, store, rid, "busy.mp4", data, log)
 
 
