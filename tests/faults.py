@@ -113,5 +113,5 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.02)
+        time.sleep(0.01)
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")

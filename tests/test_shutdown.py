@@ -72,7 +72,8 @@ def put_in_flight(endpoint: FaultyEndpoint, mode: str, service: Service, rid: in
     wait_for(lambda: parts_stored(service, rid) >= 1, 60, "a stored part")
     endpoint.set_mode(mode)
     if mode == "blackhole":
-        wait_for(lambda: endpoint.swallowed > 0, 60, "a part sent into the hole")
+        # The next call's request goes into the hole, or (sent just before) its answer does.
+        wait_for(lambda: endpoint.swallowed or endpoint.withheld, 60, "a call caught in the hole")
     elif mode == "trickle":
         wait_for(lambda: endpoint.trickled > 0, 60, "an answer trickling back")
 
