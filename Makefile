@@ -48,11 +48,16 @@ run: $(SERVE_STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/python demo/run.py
 
+# pytest runs the suite on TEST_WORKERS processes (pytest-xdist; each has its own moto
+# server and PostgreSQL template): most of the suite's time is spent waiting on worker
+# processes, leases, timeouts and the network, not on the CPU. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
+
 test: $(STAMP) client-wheel
 	$(BIN)/ruff check src client/src tests bench demo
 	$(BIN)/ruff format --check src client/src tests bench demo
 	$(BIN)/lint-imports
-	VODPUSH_CLIENT_DIST=$(CURDIR)/$(CLIENT_DIST) $(BIN)/pytest
+	VODPUSH_CLIENT_DIST=$(CURDIR)/$(CLIENT_DIST) $(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 # pip fetches httpx and its dependencies from the package index (or its cache).
 client-wheel: $(STAMP)

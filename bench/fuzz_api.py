@@ -570,8 +570,15 @@ def _service(database_url: str | None) -> Iterator[tuple[Service, Account]]:
             service.close()
 
 
-def run(seconds: float, *, database_url: str | None = None, seed_: int | None = None) -> Report:
-    """Fuzz for ``seconds`` and return the figures."""
+def run(
+    seconds: float,
+    *,
+    database_url: str | None = None,
+    seed_: int | None = None,
+    min_inputs: int = 0,
+) -> Report:
+    """Fuzz for ``seconds`` (and on, until ``min_inputs`` were tried: a loaded machine may
+    generate few in that time) and return the figures."""
     report = Report()
     watch = LogWatch()
     root = logging.getLogger()
@@ -601,7 +608,7 @@ def run(seconds: float, *, database_url: str | None = None, seed_: int | None = 
             )
             @given(bodies(account))
             def one(case: tuple[str, str, bytes, dict[str, str]]) -> None:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline and report.tried >= min_inputs:
                     return
                 kind, path, body, headers = case
                 report.tried += 1
@@ -631,7 +638,7 @@ def run(seconds: float, *, database_url: str | None = None, seed_: int | None = 
                     _sample(report, f"0004 for {body[:300]!r}")
 
             round_ = 0
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline or report.tried < min_inputs:
                 account.now = int(time.time())
                 runner = one if seed_ is None else seed(seed_ + round_)(one)
                 runner()

@@ -34,9 +34,11 @@ class FaultyEndpoint:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
-        # Bytes a client sent into the hole, and answer bytes trickled back: a test waits on
-        # them to know a call is stuck in flight.
+        # Bytes a client sent into the hole, answer bytes the hole kept from it (the request
+        # had gone through before the hole opened), and answer bytes trickled back: a test
+        # waits on them to know a call is stuck in flight.
         self.swallowed = 0
+        self.withheld = 0
         self.trickled = 0
 
     def start(self) -> FaultyEndpoint:
@@ -118,6 +120,8 @@ class FaultyEndpoint:
     def _answers(self, upstream: socket.socket, client: socket.socket) -> None:
         try:
             while data := upstream.recv(65536):
+                if self.mode == "blackhole":
+                    self.withheld += len(data)
                 while data and self.mode in ("trickle", "blackhole"):
                     if self.mode == "trickle":
                         client.sendall(data[:1])
@@ -173,7 +177,7 @@ class HangingReceiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:

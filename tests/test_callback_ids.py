@@ -56,7 +56,7 @@ class ScriptedReceiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
 
     def ids(self) -> list[str]:
         return [headers["webhook-id"] for headers, _ in self.received]

@@ -661,7 +661,7 @@ def test_the_readme_receiver_verifies_a_real_callback() -> None:
             pass
 
     server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/hook"
     try:
         entry = record(state="succeeded", message="Successfully Uploaded to AWS", status=200)

@@ -14,7 +14,6 @@ import hashlib
 import http.server
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -28,8 +27,8 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from tests.conftest import IN_CI, PG_ADMIN_URL, MiB, s3_client
-from tests.test_faults import log_events, queue_file, start_worker, worker_env
+from tests.conftest import IN_CI, PG_ADMIN_URL, MiB, free_port, s3_client
+from tests.faults import log_events, queue_file, start_worker, wait_for, worker_env
 from vodpush.config import Settings
 from vodpush.core.requests import NewRequest, StoreUnavailable
 from vodpush.crypto import generate_key
@@ -60,15 +59,6 @@ def parts_stored(service: Service, request_id: int) -> int:
         return count()
     except Exception:  # refused or killed by the fault: not known now
         return -1
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def request_rows(service: Service) -> list[Any]:
@@ -219,12 +209,6 @@ def _pg_bindir() -> str | None:
     return str(Path(initdb).parent) if initdb else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Cluster:
     """A throwaway PostgreSQL server of this test's own, in a temporary directory, on a
     free loopback port (trust auth): it may be stopped and started at will."""
@@ -235,7 +219,7 @@ class Cluster:
         self.data = self.root / "data"
         self.sockets = self.root / "sockets"
         self.sockets.mkdir()
-        self.port = _free_port()
+        self.port = free_port()
         self.log = self.root / "server.log"
         # The server refuses to run as root: as root, run it as the postgres user.
         self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -340,19 +324,24 @@ def test_sqlite_locked_past_the_busy_timeout_mid_upload_still_succeeds(
     log = tmp_path / "worker.log"
     # The worker waits 1 s for the write lock (``?timeout=``), then meets "database is locked".
     env = worker_env(service, VODPUSH_DATABASE_URL=f"{service.settings.database_url}?timeout=1")
+
+    def locked() -> list[dict[str, Any]]:
+        return [e for e in store_events(log) if "locked" in str(e.get("error", ""))]
+
     with running_worker(env, log) as worker:
         wait_for(lambda: parts_stored(service, rid) >= 2, 60, "two stored parts")
         holder = sqlite3.connect(database, isolation_level=None)
         try:
-            holder.execute("BEGIN IMMEDIATE")  # another program writes, for 4 s
-            time.sleep(4)
+            # Another program writes, until the worker has waited out its busy timeout
+            # against it and said so.
+            holder.execute("BEGIN IMMEDIATE")
+            wait_for(locked, 60, "the lock to reach the worker")
             assert worker.poll() is None
         finally:
             holder.execute("COMMIT")
             holder.close()
         assert worker.wait(120) == 0
-    locked = [e for e in store_events(log) if "locked" in str(e.get("error", ""))]
-    assert locked, "the lock never reached the worker"
+    assert locked(), "the lock never reached the worker"
     assert_clean_success(service, store, rid, "busy.mp4", data, log)
 
 
@@ -381,7 +370,7 @@ class Receiver(http.server.ThreadingHTTPServer):
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
 
     @property
     def url(self) -> str:

@@ -7,107 +7,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from tests.conftest import MiB, s3_client
+from tests.faults import (  # others import them from here too
+    log_events,
+    parts_stored,
+    queue_file,
+    request_row,
+    start_worker,
+    wait_for,
+    worker_env,
+)
 from tests.s3server import TcpProxy
 from tests.test_worker import Receiver
 from vodpush.config import Settings
-from vodpush.core.requests import NewRequest
 from vodpush.core.retry import shortest_retry_span
-from vodpush.persistence.models import UploadPart, UploadRequest
+from vodpush.persistence.models import UploadRequest
 from vodpush.service import Service
 from vodpush.worker.runner import Worker
 
 pytestmark = pytest.mark.slow
-
-
-def worker_env(service: Service, **extra: str) -> dict[str, str]:
-    s = service.settings
-    env = {
-        **os.environ,
-        "VODPUSH_DATABASE_URL": s.database_url,
-        "VODPUSH_SECRET_KEY": s.secret_key.get_secret_value(),
-        "VODPUSH_SESTORE_ROOT": str(s.sestore_root),
-        "VODPUSH_POLL_INTERVAL": "0.1",
-        "VODPUSH_LEASE_SECONDS": "5",
-        "VODPUSH_MULTIPART_THRESHOLD": str(5 * MiB),
-        "VODPUSH_MULTIPART_CHUNKSIZE": str(5 * MiB),
-        "VODPUSH_PART_CONCURRENCY": "1",
-        "VODPUSH_RETRY_BASE_DELAY": "0.2",
-        "VODPUSH_RETRY_WINDOW": "0",
-        "VODPUSH_LOG_LEVEL": "info",
-    }
-    env.update(extra)
-    return env
-
-
-def start_worker(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vodpush", "worker", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-
-
-def log_events(log: Path, action: str) -> list[dict]:
-    events = []
-    for line in log.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("action") == action:
-            events.append(entry)
-    return events
-
-
-def queue_file(
-    service: Service, account, root: Path, name: str, size: int, bucket: str, callback: str = ""
-):
-    path = root / "sestore1" / account.username / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = os.urandom(size)
-    path.write_bytes(data)
-    queued = service.requests.enqueue(
-        NewRequest(
-            account_id=account.id,
-            cdn_id=account.cdn,
-            path=f"sestore1/{account.username}/{name}",
-            destination_path=name,
-            bucket=bucket,
-            acl="private",
-            metadata={},
-            callback=callback,
-            signature=f"test-{name}-{time.time()}",
-        )
-    )
-    return queued.id, data
-
-
-def parts_stored(service: Service, request_id: int) -> int:
-    with service.engine.connect() as conn:
-        return conn.execute(
-            select(func.count()).where(UploadPart.request_id == request_id)
-        ).scalar_one()
-
-
-def request_row(service: Service, request_id: int):
-    with service.engine.connect() as conn:
-        return conn.execute(
-            select(UploadRequest.__table__).where(UploadRequest.id == request_id)
-        ).first()
 
 
 def states(service: Service, ids, where: str) -> dict[str, int]:
@@ -121,15 +49,6 @@ def states(service: Service, ids, where: str) -> dict[str, int]:
             )
         ).all()
     return {state: count for state, count in rows}
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_sigkill_mid_upload_resumes_from_completed_parts(

@@ -33,9 +33,9 @@ from standardwebhooks.webhooks import Webhook
 
 from tests import netns
 from tests.conftest import IN_CI, Creds, LiveServer, MiB, s3_client
+from tests.faults import wait_for, worker_env
 from tests.s3server import MotoServer
 from tests.test_callback_ids import ScriptedReceiver
-from tests.test_faults import worker_env
 from tests.wire import call
 from vodpush.api.app import create_app
 from vodpush.config import Settings
@@ -48,15 +48,6 @@ from vodpush.webhooks import standard_webhooks_secret
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.integration]
 
 SIZE = 40 * MiB  # eight 5 MiB parts
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def part_request(number: int) -> re.Pattern[bytes]:

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Creds, run_cli, s3_client
-from tests.s3server import MotoServer, TcpProxy
-from tests.test_faults import (
+from tests.faults import (
     log_events,
     parts_stored,
     queue_file,
@@ -26,6 +25,7 @@ from tests.test_faults import (
     wait_for,
     worker_env,
 )
+from tests.s3server import MotoServer, TcpProxy
 from vodpush.core.checkpoint import MultipartCheckpoint
 from vodpush.service import Service
 from vodpush.worker.runner import Worker

@@ -29,8 +29,8 @@ import pytest
 from sqlalchemy import Engine, update
 
 from tests.conftest import MiB, s3_client
+from tests.faults import log_events, queue_file, request_row, start_worker, worker_env
 from tests.s3server import Intercept, MotoServer, TcpProxy, s3_error
-from tests.test_faults import log_events, queue_file, request_row, start_worker, worker_env
 from vodpush.core.checkpoint import MemoryLedger
 from vodpush.persistence.models import UploadRequest
 from vodpush.service import Service
@@ -54,11 +54,8 @@ def open_uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def vbucket(s3: MotoServer, bucket: str) -> str:
-    s3_client(s3).put_bucket_versioning(
-        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
-    )
-    return bucket
+def vbucket(versioned_bucket: str) -> str:
+    return versioned_bucket
 
 
 @pytest.fixture

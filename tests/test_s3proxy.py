@@ -33,7 +33,7 @@ class _Sink(BaseHTTPRequestHandler):
 @pytest.fixture
 def proxy() -> Iterator[ModalProxy]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     proxy = ModalProxy(server.server_address[1], seed=1).start()
     yield proxy
     proxy.stop()

@@ -21,16 +21,16 @@ import httpx
 import pytest
 
 from tests.conftest import MiB, free_port, s3_client
-from tests.s3faults import FaultyEndpoint, HangingReceiver
-from tests.test_faults import (
+from tests.faults import (
     log_events,
     parts_stored,
+    queue_file,
     request_row,
     start_worker,
     wait_for,
     worker_env,
 )
-from vodpush.core.requests import NewRequest
+from tests.s3faults import FaultyEndpoint, HangingReceiver
 from vodpush.service import Service
 from vodpush.worker.runner import Worker
 
@@ -42,45 +42,12 @@ WAIT = max(BOUND, float(os.environ.get("VODPUSH_TEST_SHUTDOWN_WAIT", "0")))
 
 
 @pytest.fixture
-def versioned_bucket(s3: Any) -> str:
-    name = f"shutdown-{int(time.time() * 1000)}-{os.getpid()}"
-    client = s3_client(s3)
-    client.create_bucket(Bucket=name)
-    # With versioning on, every PUT or completed upload of a key adds a version: S3 counts
-    # the uploads for us.
-    client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-    return name
-
-
-@pytest.fixture
 def endpoint(service: Service, account: Any, s3: Any) -> Any:
     """The account's S3 endpoint: moto behind a FaultyEndpoint the test switches."""
     faulty = FaultyEndpoint(s3.port).start()
     service.accounts.set_s3(account.api_key, s3.settings(endpoint_url=faulty.url))
     yield faulty
     faulty.stop()
-
-
-def enqueue(
-    service: Service, account: Any, root: Path, name: str, size: int, bucket: str, callback=""
-) -> tuple[int, bytes]:
-    path = root / "sestore1" / account.username / name
-    data = os.urandom(size)
-    path.write_bytes(data)
-    queued = service.requests.enqueue(
-        NewRequest(
-            account_id=account.id,
-            cdn_id=account.cdn,
-            path=f"sestore1/{account.username}/{name}",
-            destination_path=name,
-            bucket=bucket,
-            acl="private",
-            metadata={},
-            callback=callback,
-            signature=f"shutdown-{name}-{time.time()}",
-        )
-    )
-    return queued.id, data
 
 
 def sigterm_and_time(proc: subprocess.Popen, log: Path, what: str) -> float:
@@ -105,7 +72,8 @@ def put_in_flight(endpoint: FaultyEndpoint, mode: str, service: Service, rid: in
     wait_for(lambda: parts_stored(service, rid) >= 1, 60, "a stored part")
     endpoint.set_mode(mode)
     if mode == "blackhole":
-        wait_for(lambda: endpoint.swallowed > 0, 60, "a part sent into the hole")
+        # The next call's request goes into the hole, or (sent just before) its answer does.
+        wait_for(lambda: endpoint.swallowed or endpoint.withheld, 60, "a call caught in the hole")
     elif mode == "trickle":
         wait_for(lambda: endpoint.trickled > 0, 60, "an answer trickling back")
 
@@ -140,7 +108,7 @@ def test_sigterm_exits_within_the_bound_whatever_s3_does(
     mode, service, account, s3, endpoint, versioned_bucket, sestore_root, tmp_path
 ):
     key = f"{mode}.mp4"
-    rid, data = enqueue(service, account, sestore_root, key, 25 * MiB, versioned_bucket)
+    rid, data = queue_file(service, account, sestore_root, key, 25 * MiB, versioned_bucket)
     env = worker_env(service, VODPUSH_SHUTDOWN_GRACE=str(GRACE))
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
@@ -162,7 +130,7 @@ def test_serve_exits_within_the_bound_with_s3_blackholed(
     service, account, s3, endpoint, versioned_bucket, sestore_root, tmp_path
 ):
     """`vodpush serve`: the API and the embedded worker both stop in time."""
-    rid, data = enqueue(service, account, sestore_root, "served.mp4", 25 * MiB, versioned_bucket)
+    rid, data = queue_file(service, account, sestore_root, "served.mp4", 25 * MiB, versioned_bucket)
     env = worker_env(service, VODPUSH_SHUTDOWN_GRACE=str(GRACE))
     port = free_port()
     log = tmp_path / "serve.log"
@@ -196,7 +164,7 @@ def test_a_hung_callback_receiver_does_not_hold_the_exit(
     receiver = HangingReceiver().start()
     try:
         receiver.hang.set()
-        rid, _ = enqueue(
+        rid, _ = queue_file(
             service, account, sestore_root, "cb.mp4", 1000, versioned_bucket, receiver.url
         )
         env = worker_env(
@@ -239,7 +207,7 @@ def test_a_handed_back_request_is_never_completed_by_the_old_worker(
     once: the old upload thread carries on, and the lease guard stops it before it records
     a part or completes the upload."""
     service.settings.part_concurrency = 1
-    rid, data = enqueue(service, account, sestore_root, "guard.mp4", 30 * MiB, versioned_bucket)
+    rid, data = queue_file(service, account, sestore_root, "guard.mp4", 30 * MiB, versioned_bucket)
     worker = Worker(service)
     thread = threading.Thread(target=worker.run)
     thread.start()

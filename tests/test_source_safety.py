@@ -66,6 +66,7 @@ def settings(settings: Any, follow_symlinks: bool) -> Any:
             "retry_base_delay": 0.05,
             "retry_max_delay": 0.3,
             "sestore_follow_symlinks": follow_symlinks,
+            "rate_limit": 0,  # the race submits as fast as it can, from one account
         }
     )
 
@@ -421,17 +422,18 @@ def test_malformed_paths_are_refused_naming_the_path_without_a_traceback(
 
 # The customer's side of the race, as its own process (SFTP server, rsync): the name flips
 # between a symlink out and a regular file (a hard link to inside bytes), each flip one
-# atomic rename, as fast as it can, and ends as the regular file.
+# atomic rename, as fast as it can, until the stop file appears (or the time is up), and
+# ends as the regular file.
 FLIPPER = textwrap.dedent(
     """
     import os, sys, time
-    name, inside, seconds, *targets = sys.argv[1:]
+    name, inside, stop, seconds, *targets = sys.argv[1:]
     tmp_file, tmp_link = name + ".flip-file", name + ".flip-link"
     flips = 0
     os.symlink(targets[0], tmp_link)
     os.link(inside, tmp_file)
     end = time.monotonic() + float(seconds)
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (flips % 200 == 0 and os.path.exists(stop)):
         os.replace(tmp_link, name)
         # Each state lasts one syscall: preparing the next entry of the other kind.
         os.symlink(targets[flips // 2 % len(targets)], tmp_link)
@@ -441,7 +443,11 @@ FLIPPER = textwrap.dedent(
     print(flips)
     """
 )
+# The race runs at least this long, and on until a submit has met the symlink (on a loaded
+# machine the flipper may be descheduled for long stretches, in either state): at most
+# RACE_LIMIT seconds.
 RACE_SECONDS = 3.0
+RACE_LIMIT = 30.0
 
 
 def test_file_flipped_with_a_symlink_while_uploads_run_never_leaks(
@@ -461,27 +467,37 @@ def test_file_flipped_with_a_symlink_while_uploads_run_never_leaks(
     worker = Worker(service)
     worker_thread = threading.Thread(target=worker.run)
     worker_thread.start()
+    stop = tree.root / "stop-flipping"
+    argv = [str(name), str(inside), str(stop), str(RACE_LIMIT), *targets]
     flipper = subprocess.Popen(
-        [sys.executable, "-c", FLIPPER, str(name), str(inside), str(RACE_SECONDS), *targets],
+        [sys.executable, "-c", FLIPPER, *argv],
         stdout=subprocess.PIPE,
         text=True,
     )
     answers: list[dict] = []
     lock = threading.Lock()
+    met_the_link = threading.Event()
 
     def submitter() -> None:
-        # Many uploads of that name, each a distinct request (its own key).
+        # Many uploads of that name, each a distinct request (its own key); paced, so that
+        # the worker keeps up with them.
         while flipper.poll() is None:
             answer = submit(live_server, s3_account, "sestore1/jb/race.mp4", bucket)
             with lock:
                 answers.append(answer)
+            if answer["status"] == "failure":
+                met_the_link.set()
+            time.sleep(0.02)
 
     try:
         submitters = [threading.Thread(target=submitter) for _ in range(3)]
         for thread in submitters:
             thread.start()
+        time.sleep(RACE_SECONDS)
+        met_the_link.wait(RACE_LIMIT - RACE_SECONDS)
+        stop.touch()
         for thread in submitters:
-            thread.join(RACE_SECONDS + 30)
+            thread.join(RACE_LIMIT + 30)
         flips = int(flipper.communicate(timeout=30)[0])
         # Every request settles: uploaded, or failed for good.
         deadline = time.monotonic() + 60

@@ -39,10 +39,9 @@ S3_SECRET = "s3-secret!value"
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
     """A Service on one kind of store, fresh and empty."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'vodpush.db'}"
+    url = f"sqlite:///{tmp_path / 'unused.db'}"  # the in-memory stores open no database
+    if request.param != "memory":
+        url = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
     settings = Settings(
         database_url=url,
         sestore_root=tmp_path,
