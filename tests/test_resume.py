@@ -176,6 +176,8 @@ def test_worker_killed_after_complete_multipart_next_worker_claims_the_object(
     assert (row.attempts, row.lease_expiries) == (2, 1)
     assert row.sha256 == hashlib.sha256(data).hexdigest()
     assert row.multipart_json is None  # dropped with the record of success
+    # The upload S3 completed is gone there: not recorded as an orphan for the reaper.
+    assert service.orphans.count() == 0
     # Exactly one object version: the one the killed worker's upload made, named as the result.
     assert [v["VersionId"] for v in versions(client, vbucket, "m.mp4")] == [stored["VersionId"]]
     results = json.loads(row.results_json)

@@ -1428,6 +1428,16 @@ def test_an_outcome_records_an_unaborted_checkpoint_as_an_orphan(stores: Service
     ledger.clear()
     stores.queue.fail(clean, "w", message="no", http_status=403, code="AccessDenied",
                       has_callback=False)  # fmt: skip
+    # The multipart upload S3 completed into the object is gone at S3: not an orphan.
+    (completed,) = _enqueue(stores, account)
+    assert stores.queue.claim("w", 30) is not None
+    stores.ledger(completed, "w", empty=True).begin(
+        MultipartCheckpoint("up-completed", 5, 12, 99, True)
+    )
+    stores.queue.succeed(completed, "w", results={"ETag": '"x"'}, http_status=200,
+                         sha256="ab" * 32, size=10, has_callback=False,
+                         completed_upload="up-completed")  # fmt: skip
+    assert stores.ledger(completed, "w").load() is None
     assert [(o.request_id, o.upload_id) for o in stores.orphans.list()] == [
         (failed, "up-failed"),
         (done, "up-left"),

@@ -241,7 +241,12 @@ class QueueStorePort(Protocol):
         sha256: str,
         size: int,
         has_callback: bool,
-    ) -> None: ...
+        completed_upload: str | None = None,
+    ) -> None:
+        """The upload is stored: succeeded, its checkpoint dropped. A checkpoint of another
+        upload than ``completed_upload`` (the multipart upload S3 completed into the
+        object) is recorded as an orphan in the same write, as by ``fail``."""
+        ...
 
     def fail(
         self,

@@ -401,13 +401,14 @@ class MemoryQueueStore:
         owner: str,
         *,
         drop_parts: bool = False,
+        completed_upload: str | None = None,
         event: Event | None = None,
         **values: Any,
     ) -> RequestRow:
         with self._t.lock:
             row = self._t.leased(request_id, owner)
-            if drop_parts:
-                self._t.record_checkpoint(row)  # before the values drop it
+            if drop_parts:  # before the values drop it
+                self._t.record_checkpoint(row, completed=completed_upload)
             _assign(row, values)
             if drop_parts:
                 row.parts.clear()
@@ -440,11 +441,13 @@ class MemoryQueueStore:
         sha256: str,
         size: int,
         has_callback: bool,
+        completed_upload: str | None = None,
     ) -> None:
         self._change(
             request_id,
             owner,
             drop_parts=True,
+            completed_upload=completed_upload,
             event=Event.SUCCEEDED,
             **outcomes.succeeded(
                 results=results,

@@ -154,7 +154,9 @@ class Tables:
         )
         self.next_event += 1
 
-    def record_checkpoint(self, row: RequestRow, *, after_lease: bool = False) -> None:
+    def record_checkpoint(
+        self, row: RequestRow, *, after_lease: bool = False, completed: str | None = None
+    ) -> None:
         """The database's record_checkpoint: the upload of ``row``'s checkpoint, if any,
         becomes an orphan due now (``after_lease``: when the row's lease, if any, runs
         out), once per account, bucket and upload id. Call with the lock held, before the
@@ -162,6 +164,8 @@ class Tables:
         if not row.multipart_json:
             return
         upload_id = str(json.loads(row.multipart_json)["upload_id"])
+        if upload_id == completed:  # S3 completed it into the object: nothing to abort
+            return
         for orphan in self.orphans.values():
             if (orphan.account_id, orphan.bucket, orphan.upload_id) == (
                 row.account_id,

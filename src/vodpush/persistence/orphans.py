@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, String, bindparam, delete, func, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from vodpush.core.orphans import Orphan
@@ -21,7 +21,11 @@ _RECORDED = ["account_id", "request_id", "bucket", "key", "upload_id", "created_
 
 @functools.cache
 def record_checkpoint(
-    db: dialect.Dialect, leased: ColumnElement[bool], *, after_lease: bool = False
+    db: dialect.Dialect,
+    leased: ColumnElement[bool],
+    *,
+    after_lease: bool = False,
+    except_completed: bool = False,
 ) -> Any:
     """INSERT the upload of the checkpoint on the request ``leased`` selects (parameters
     rid, owner), if it has one, as an orphan due now; nothing if it is recorded already.
@@ -31,7 +35,10 @@ def record_checkpoint(
     ``after_lease`` (a cancel, which takes the request from a worker that may still be
     sending parts): due when the request's lease runs out, if it has one, so that no
     reaper aborts the upload under the worker's parts in flight. That worker aborts it
-    itself as soon as they are done (Reaper.reap_request); if it died, the reaper does."""
+    itself as soon as they are done (Reaper.reap_request); if it died, the reaper does.
+
+    ``except_completed`` (a success): not the upload of parameter ``completed``, which S3
+    completed into the object (it is gone at S3: there is nothing to abort)."""
     now = db.now()
     due = func.coalesce(_T.c.lease_expires_at, now) if after_lease else now
     rows = select(
@@ -43,6 +50,9 @@ def record_checkpoint(
         now,
         due,
     ).where(leased, _T.c.multipart_json.is_not(None))
+    if except_completed:
+        upload_id = db.json_text(_T.c.multipart_json, "upload_id")
+        rows = rows.where(upload_id != bindparam("completed", type_=String))
     return db.insert_new(_O, _RECORDED, rows, keys=[_O.c.account_id, _O.c.bucket, _O.c.upload_id])
 
 

@@ -403,16 +403,22 @@ class QueueStore:
         owner: str,
         *,
         drop_parts: bool = False,
+        completed_upload: str | None = None,
         event: Event | None = None,
         **values: Any,
     ) -> None:
         """Update our leased request; with ``drop_parts`` also forget its multipart ledger,
-        in the same transaction, recording a checkpoint still there as an orphan (the
-        caller sets multipart_json to NULL); with ``event`` add that step to its history.
+        in the same transaction, recording a checkpoint still there as an orphan unless
+        its upload is ``completed_upload`` (the caller sets multipart_json to NULL); with
+        ``event`` add that step to its history.
         Values are plain values, ``_DbNow`` (the database's time), or SQL expressions (then
         the statement is not cached)."""
         with write_transaction(self._engine) as conn:
-            if drop_parts:
+            if drop_parts and completed_upload is not None:
+                lease = {"rid": request_id, "owner": owner, "completed": completed_upload}
+                statement = record_checkpoint(self._dialect, _LEASED, except_completed=True)
+                conn.execute(statement, lease)
+            elif drop_parts:
                 lease = {"rid": request_id, "owner": owner}
                 conn.execute(record_checkpoint(self._dialect, _LEASED), lease)
             self._write(conn, request_id, owner, values)
@@ -462,11 +468,13 @@ class QueueStore:
         sha256: str,
         size: int,
         has_callback: bool,
+        completed_upload: str | None = None,
     ) -> None:
         self._change(
             request_id,
             owner,
             drop_parts=True,
+            completed_upload=completed_upload,
             event=Event.SUCCEEDED,
             **outcomes.succeeded(
                 results=results,

@@ -68,3 +68,6 @@ class UploadResult:
     size: int
     parts_sent: int  # parts (or puts) sent by this call
     parts_total: int
+    # The multipart upload S3 completed into this object (None: a single PUT): gone at S3,
+    # so dropping its checkpoint with the success must not record it as an orphan.
+    completed_upload_id: str | None = None

@@ -145,7 +145,7 @@ class Multipart:
         )
         # The checkpoint stays: the caller drops it with the record of success (see above).
         self._log("multipart upload completed", "s3.multipart.complete", parts=self.total)
-        return build_result(
+        result = build_result(
             self.client,
             self.job,
             response,
@@ -154,6 +154,7 @@ class Multipart:
             sent=self._sent,
             total=self.total,
         )
+        return replace(result, completed_upload_id=checkpoint.upload_id)
 
     def _expected_etag(self, digests: list[_DonePart]) -> str:
         md5s = [d.md5 for d in digests if d.md5 is not None]
@@ -306,7 +307,7 @@ class Multipart:
             version_id=stored.get("VersionId"),
             parts=checkpoint.part_count,
         )
-        return build_result(
+        result = build_result(
             self.client,
             self.job,
             stored,
@@ -315,6 +316,7 @@ class Multipart:
             sent=sent,
             total=checkpoint.part_count,
         )
+        return replace(result, completed_upload_id=checkpoint.upload_id)
 
     def _drop(self, checkpoint: MultipartCheckpoint, why: str) -> None:
         self._log(

@@ -715,6 +715,7 @@ class Worker:
                 sha256=result.sha256,
                 size=result.size,
                 has_callback=bool(request.callback),
+                completed_upload=result.completed_upload_id,
             ),
             extra,
         )
