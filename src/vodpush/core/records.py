@@ -3,8 +3,7 @@ callback. Documented fields keep their names and types; extras are added after t
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -50,27 +49,6 @@ def retrying_message(*, at: datetime, attempt: int, max_attempts: int, cause: st
     """The message of a request waiting for its next attempt: when (UTC, the store's
     clock), which attempt that will be, and what went wrong last."""
     return f"Retrying at {format_time(at)} UTC (attempt {attempt} of {max_attempts}): {cause}"
-
-
-_RETRYING = re.compile(r"Retrying at [^()]* UTC \(attempt \d+ of \d+\): (?P<cause>.*)", re.DOTALL)
-
-
-def retry_cause(message: str) -> str | None:
-    """What went wrong last, from a message of ``retrying_message``; None for another."""
-    found = _RETRYING.fullmatch(message)
-    return found["cause"] if found else None
-
-
-def parse_time(value: str) -> datetime | None:
-    """A time of ``format_time`` (``YYYY-MM-DD HH:MM:SS``, UTC; ISO 8601 too) as an aware
-    datetime; None for "" or anything else."""
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def render(row: Any) -> dict[str, Any]:
