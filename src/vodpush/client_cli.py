@@ -248,30 +248,45 @@ def _progress_text(record: StatusRecord) -> str:
     return ""
 
 
+def status_filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The aws.status filters as options (parameters states, bucket, path_prefix,
+    created_from, created_to), the same in `vodpush client status` and the operator's
+    `vodpush request list`."""
+    options = [
+        click.option(
+            "--state",
+            "states",
+            multiple=True,
+            metavar="STATE",
+            help="Only requests in this state (queued, running, retrying, succeeded, failed, "
+            "canceled); repeat for several.",
+        ),
+        click.option("--bucket", help="Only requests to this bucket."),
+        click.option(
+            "--path-prefix", help="Only requests whose source path starts with this, exactly."
+        ),
+        click.option(
+            "--created-from",
+            metavar="TIME",
+            help="Only requests queued at or after TIME: 'YYYY-MM-DD HH:MM:SS' (UTC) or unix "
+            "seconds.",
+        ),
+        click.option(
+            "--created-to",
+            metavar="TIME",
+            help="Only requests queued at or before TIME (its whole second), as --created-from.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @client.command()
 @click.option("--id", "request_id", type=click.IntRange(min=1), help="Only this request.")
 @click.option("--limit", type=click.IntRange(min=1), default=25, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
-    "--state",
-    "states",
-    multiple=True,
-    metavar="STATE",
-    help="Only requests in this state (queued, running, retrying, succeeded, failed, "
-    "canceled); repeat for several.",
-)
-@click.option("--bucket", help="Only requests to this bucket.")
-@click.option("--path-prefix", help="Only requests whose source path starts with this, exactly.")
-@click.option(
-    "--created-from",
-    metavar="TIME",
-    help="Only requests queued at or after TIME: 'YYYY-MM-DD HH:MM:SS' (UTC) or unix seconds.",
-)
-@click.option(
-    "--created-to",
-    metavar="TIME",
-    help="Only requests queued at or before TIME (its whole second), as --created-from.",
-)
+@status_filter_options
 @click.option(
     "--after-id",
     type=click.IntRange(min=1),

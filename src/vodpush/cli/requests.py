@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from vodpush.cli.common import open_service, print_json, user_errors
+from vodpush.client_cli import status_filter_options
 from vodpush.operations import (
     Changed,
     OperationContext,
@@ -29,21 +30,7 @@ def request_group() -> None:
 @click.option("--limit", type=int, help="At most this many (default 25), newest first.")
 @click.option("--offset", type=int, help="Skip this many of the newest first.")
 @click.option("--id", "request_id", type=int, help="Only the request with this id.")
-@click.option(
-    "--state",
-    "states",
-    multiple=True,
-    help="Only requests in this state (queued, running, retrying, succeeded, failed, "
-    "canceled); repeat for several.",
-)
-@click.option("--bucket", help="Only requests to this bucket.")
-@click.option("--path-prefix", help="Only requests whose source path starts with this, exactly.")
-@click.option(
-    "--created-from",
-    metavar="TIME",
-    help="Queued at or after TIME: 'YYYY-MM-DD HH:MM:SS' (UTC) or unix seconds.",
-)
-@click.option("--created-to", metavar="TIME", help="Queued at or before TIME (its whole second).")
+@status_filter_options
 @click.option("--after-id", type=int, help="Only requests below this id (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Print the aws.status records as JSON.")
 @user_errors

@@ -414,13 +414,12 @@ class QueueStore:
         Values are plain values, ``_DbNow`` (the database's time), or SQL expressions (then
         the statement is not cached)."""
         with write_transaction(self._engine) as conn:
-            if drop_parts and completed_upload is not None:
+            if drop_parts:
                 lease = {"rid": request_id, "owner": owner, "completed": completed_upload}
-                statement = record_checkpoint(self._dialect, _LEASED, except_completed=True)
+                statement = record_checkpoint(
+                    self._dialect, _LEASED, except_completed=completed_upload is not None
+                )
                 conn.execute(statement, lease)
-            elif drop_parts:
-                lease = {"rid": request_id, "owner": owner}
-                conn.execute(record_checkpoint(self._dialect, _LEASED), lease)
             self._write(conn, request_id, owner, values)
             if drop_parts:
                 conn.execute(delete(_P).where(_P.c.request_id == request_id))
